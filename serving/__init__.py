@@ -1,0 +1,1 @@
+"""Stateful step-by-step serving of recurrent models: loads model_store artifacts only."""

@@ -1,0 +1,1 @@
+"""Offline training and export of the rnnserve model zoo (never imported by serving)."""
