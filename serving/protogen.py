@@ -1,10 +1,10 @@
-"""Compile every ``.proto`` under ``protos/`` into ``serving/_proto/`` (``python -m serving.protogen``).
+"""Compile every ``.proto`` under ``protos/`` into ``serving/_proto/`` (``make protos``).
 
 Output paths are package-qualified: ``protos/rnnserve/v1/x.proto`` becomes
 ``serving/_proto/rnnserve/v1/x_pb2.py`` and the generated files import each other as
 ``from serving._proto.rnnserve.v1 import x_pb2``. The generated code is committed; a test
-regenerates into a temporary folder and fails on any drift. grpcio-tools is pinned (1.80) because its
-output is stamped with its version and must match protobuf 6.x (tritonclient needs protobuf<7).
+regenerates into a temporary folder and fails on any drift. grpcio-tools is pinned (1.80) because
+its output is stamped with its version and must match protobuf 6.x (tritonclient needs protobuf<7).
 """
 
 from __future__ import annotations
