@@ -1,0 +1,601 @@
+"""The Open Inference Protocol (KServe v2 gRPC) over the Engine, with Triton's sequence extension.
+
+A thin adapter: it turns ``inference.*`` messages into Engine calls and back, validates inputs
+with ``serving.codec`` and answers errors through ``serving.errors.grpc_status``. docs/oip.md
+describes the wire contract; the short version:
+
+* request parameter ``sequence_id`` (int64, uint64 or string; 0 / "" = none) with
+  ``sequence_start`` / ``sequence_end`` steps an Engine session ``oip:<model>:<sequence_id>``:
+  start opens it with fresh state (restarting it if open), every request runs its time steps,
+  end closes it after a successful step.
+* no ``sequence_id`` = stateless: streamable models run the rows from fresh state through the step
+  graph (outputs per time step, exactly like a one-request sequence); non-streamable
+  (bidirectional) models run the sequence graph via ``Engine.predict``.
+* ``ModelStreamInfer`` answers one reply per request, in request order; a bad request gets a
+  reply with ``error_message`` and the stream goes on. Requests of different sequences run
+  concurrently (so the scheduler batches them); requests of one sequence run in arrival order.
+
+Why a private descriptor pool: ``tritonclient`` registers the same full names
+(``inference.ModelInferRequest``, ...) from its own ``grpc_service.proto`` in protobuf's default
+pool, and two files defining one symbol cannot share a pool. Importing our generated
+``grpc_service_pb2`` next to tritonclient (tests, a gateway embedding both) would fail with
+"duplicate symbol", so this module builds its message classes from the generated file's
+serialized descriptor in a pool of its own and never imports that module.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from serving import codec
+from serving.backends import LoadedModel, OnnxBackend, TorchScriptBackend
+from serving.errors import (
+    InvalidInput,
+    NotStreamable,
+    RnnServeError,
+    SessionExpired,
+    SessionNotFound,
+    grpc_status,
+)
+from serving.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+SERVER_NAME = "rnnserve"
+EXTENSIONS = ("sequence",)
+INPUT_ALIAS = "INPUT"  # Triton examples' customary name; accepted besides the manifest's name
+TEXT_INPUT = "text"  # BYTES, one UTF-8 string: char models only
+OUTPUT_Y = "y"  # FP32 raw head output
+OUTPUT_PROBS = "probabilities"  # FP32, classifiers and char models
+OUTPUT_LABEL = "label"  # BYTES, the most likely label / next character
+MAX_IN_FLIGHT_PER_STREAM = 1024  # unanswered requests one stream may hold before we stop reading
+
+_GENERATED = Path(__file__).parent / "_proto" / "inference" / "grpc_service_pb2.py"
+
+
+# ---- messages in a private pool ------------------------------------------------------------
+
+
+def _serialized_descriptor(generated: Path = _GENERATED) -> bytes:
+    """The FileDescriptorProto bytes protoc embedded in the generated module (read, not run)."""
+    for node in ast.walk(ast.parse(generated.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "AddSerializedFile":
+            return ast.literal_eval(node.args[0])
+    raise ImportError(f"{generated}: no serialized descriptor; run `make protos`")
+
+
+def _load_messages() -> tuple[SimpleNamespace, descriptor_pool.DescriptorPool]:
+    pool = descriptor_pool.DescriptorPool()
+    file = pool.Add(descriptor_pb2.FileDescriptorProto.FromString(_serialized_descriptor()))
+    classes = {
+        name: message_factory.GetMessageClass(descriptor)
+        for name, descriptor in file.message_types_by_name.items()
+    }
+    return SimpleNamespace(**classes), pool
+
+
+pb, DESCRIPTOR_POOL = _load_messages()
+
+
+# ---- requests -> arrays --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequenceControl:
+    """Triton's sequence parameters of one request; ``sequence_id`` None = stateless."""
+
+    sequence_id: int | str | None
+    start: bool
+    end: bool
+
+
+def sequence_control(request: Any) -> SequenceControl:
+    params = request.parameters
+    seq: int | str | None = None
+    if "sequence_id" in params:
+        p = params["sequence_id"]
+        kind = p.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param", "string_param"):
+            raise InvalidInput(
+                f"parameter sequence_id must be an integer or a string, got {kind}",
+                field="sequence_id",
+            )
+        seq = getattr(p, kind) or None  # 0 and "" mean "no sequence", as in Triton
+    return SequenceControl(
+        seq, _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
+    )
+
+
+def _bool_param(params: Any, name: str) -> bool:
+    if name not in params:
+        return False
+    p = params[name]
+    if p.WhichOneof("parameter_choice") != "bool_param":
+        raise InvalidInput(f"parameter {name} must be a bool", field=name)
+    return p.bool_param
+
+
+def parse_version(text: str) -> int | None:
+    """'' = latest; otherwise a positive integer."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise InvalidInput(
+            f"model_version must be a positive integer, got {text!r}", field="version"
+        )
+    return int(text)
+
+
+def expected_inputs(m: Manifest) -> str:
+    """Human words for what this model takes (used in error messages)."""
+    if m.input.kind == "features":
+        return f"{m.input.name!r} FP32 [1, T, {m.input.features}]"
+    return f"{m.input.name!r} INT64 [1, T] or {TEXT_INPUT!r} BYTES [1] (one UTF-8 string)"
+
+
+def decode_rows(m: Manifest, request: Any) -> list[np.ndarray]:
+    """The request's one input tensor → one validated array per batch row: (T, F) or (T,)."""
+    tensor, raw = _the_input(m, request)
+    if tensor.datatype == "BYTES":
+        return [codec.decode_text(m, _one_text(m, tensor, raw))]
+    if m.input.kind == "features":
+        arr = _numeric(tensor, raw, {"FP32": "<f4"}, rank=3, what=expected_inputs(m))
+        return [codec.decode_features(m, row) for row in _rows(arr)]
+    arr = _numeric(tensor, raw, {"INT64": "<i8", "INT32": "<i4"}, rank=2, what=expected_inputs(m))
+    return [codec.decode_tokens(m, row) for row in _rows(arr)]
+
+
+def _rows(arr: np.ndarray) -> np.ndarray:
+    if arr.shape[0] == 0:
+        raise InvalidInput("empty input: the batch dimension is 0", field="inputs")
+    return arr
+
+
+def _the_input(m: Manifest, request: Any) -> tuple[Any, bytes | None]:
+    if len(request.inputs) != 1:
+        raise InvalidInput(
+            f"{m.name} takes exactly one input tensor, {expected_inputs(m)}; "
+            f"got {len(request.inputs)}",
+            field="inputs",
+        )
+    tensor = request.inputs[0]
+    names = {m.input.name, INPUT_ALIAS} | ({TEXT_INPUT} if m.input.kind == "tokens" else set())
+    if tensor.name not in names:
+        raise InvalidInput(
+            f"{m.name} has no input {tensor.name!r}; send {expected_inputs(m)}", field="inputs"
+        )
+    if tensor.datatype == "BYTES" and m.input.kind != "tokens":
+        raise InvalidInput(f"{m.name} takes numbers, not text: send {expected_inputs(m)}")
+    raw = None
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != len(request.inputs):
+            raise InvalidInput(
+                f"{len(request.raw_input_contents)} raw_input_contents for "
+                f"{len(request.inputs)} inputs: send one per input",
+                field="raw_input_contents",
+            )
+        raw = request.raw_input_contents[0]
+    return tensor, raw
+
+
+_CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": "int_contents"}
+
+
+def _numeric(
+    tensor: Any, raw: bytes | None, dtypes: dict[str, str], rank: int, what: str
+) -> np.ndarray:
+    """Values of a numeric tensor shaped as declared, checking datatype, rank and count."""
+    if tensor.datatype not in dtypes:
+        raise InvalidInput(
+            f"input {tensor.name!r} has datatype {tensor.datatype or '(empty)'}; send {what}",
+            field="inputs",
+        )
+    shape = [int(d) for d in tensor.shape]
+    if len(shape) != rank or min(shape) < 0:
+        raise InvalidInput(f"input {tensor.name!r} has shape {shape}; send {what}", field="inputs")
+    count = int(np.prod(shape))
+    dtype = np.dtype(dtypes[tensor.datatype])
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"raw_input_contents holds {len(raw)} bytes; shape {shape} of "
+                f"{tensor.datatype} needs {count * dtype.itemsize}",
+                field="raw_input_contents",
+            )
+        values = np.frombuffer(raw, dtype=dtype)
+    else:
+        field = _CONTENTS_FIELD[tensor.datatype]
+        values = np.asarray(getattr(tensor.contents, field), dtype=dtype)
+        if values.size != count:
+            raise InvalidInput(
+                f"contents.{field} holds {values.size} values; shape {shape} needs {count}",
+                field="inputs",
+            )
+    return values.reshape(shape)
+
+
+def _one_text(m: Manifest, tensor: Any, raw: bytes | None) -> str:
+    """A BYTES input holding exactly one UTF-8 string (shape [1] or [1, 1])."""
+    items = _bytes_elements(raw) if raw is not None else list(tensor.contents.bytes_contents)
+    if [int(d) for d in tensor.shape] not in ([1], [1, 1]) or len(items) != 1:
+        raise InvalidInput(
+            f"input {tensor.name!r} must hold one string (shape [1]); got shape "
+            f"{list(tensor.shape)} with {len(items)} elements",
+            field="inputs",
+        )
+    try:
+        return items[0].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"input {tensor.name!r} is not UTF-8: {e}", field="inputs") from e
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """Triton's BYTES wire form: each element is a little-endian uint32 length, then the bytes."""
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise InvalidInput("BYTES raw_input_contents ends inside a length prefix")
+        (n,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + n > len(raw):
+            raise InvalidInput("BYTES raw_input_contents is shorter than its length prefix")
+        items.append(bytes(raw[at + 4 : at + 4 + n]))
+        at += 4 + n
+    return items
+
+
+# ---- arrays -> responses -------------------------------------------------------------------
+
+
+def output_names(m: Manifest) -> list[str]:
+    if m.output.kind == "regression":
+        return [OUTPUT_Y]
+    return [OUTPUT_Y, OUTPUT_PROBS, OUTPUT_LABEL]
+
+
+def requested_outputs(request: Any, m: Manifest) -> list[str]:
+    """The outputs the request names (every output when it names none), checked up front."""
+    wanted = [o.name for o in request.outputs] or output_names(m)
+    unknown = [n for n in wanted if n not in output_names(m)]
+    if unknown:
+        raise InvalidInput(
+            f"{m.name} has no output {unknown[0]!r}; it has: {', '.join(output_names(m))}",
+            field="outputs",
+        )
+    return wanted
+
+
+def infer_response(request: Any, m: Manifest, y: np.ndarray, wanted: list[str]) -> Any:
+    """y (B, T, O) per time step or (B, O) per sequence → ModelInferResponse, raw form."""
+    response = pb.ModelInferResponse(model_name=m.name, model_version=str(m.version), id=request.id)
+    for name in wanted:
+        datatype, shape, data = _output_tensor(m, name, y)
+        response.outputs.add(name=name, datatype=datatype, shape=shape)
+        response.raw_output_contents.append(data)
+    return response
+
+
+def _output_tensor(m: Manifest, name: str, y: np.ndarray) -> tuple[str, list[int], bytes]:
+    if name == OUTPUT_Y:
+        return "FP32", list(y.shape), y.astype("<f4").tobytes()
+    p = codec.probabilities(m, y)
+    if name == OUTPUT_PROBS:
+        return "FP32", list(p.shape), p.astype("<f4").tobytes()
+    labels = np.asarray(m.labels, dtype=object)[p.argmax(axis=-1)]
+    return "BYTES", list(labels.shape), _serialize_bytes(labels.reshape(-1))
+
+
+def _serialize_bytes(items: Iterable[str]) -> bytes:
+    parts = []
+    for s in items:
+        b = s.encode("utf-8")
+        parts += [struct.pack("<I", len(b)), b]
+    return b"".join(parts)
+
+
+def _platform(model: LoadedModel) -> str:
+    """Triton's platform names for what actually runs the model."""
+    if isinstance(model.backend, OnnxBackend):
+        return "onnxruntime_onnx"
+    if isinstance(model.backend, TorchScriptBackend):
+        return "pytorch_libtorch"
+    return SERVER_NAME
+
+
+def model_metadata(model: LoadedModel, versions: list[int]) -> Any:
+    """Tensor signatures with -1 for dynamic dims (batch B, time T)."""
+    m = model.manifest
+    response = pb.ModelMetadataResponse(
+        name=m.name, versions=[str(v) for v in versions], platform=_platform(model)
+    )
+    if m.input.kind == "features":
+        response.inputs.add(name=m.input.name, datatype="FP32", shape=[-1, -1, m.input.features])
+    else:
+        response.inputs.add(name=m.input.name, datatype="INT64", shape=[-1, -1])
+    per_step = [-1, -1] if m.streamable else [-1]  # step outputs are (B, T, .); sequence (B, .)
+    response.outputs.add(name=OUTPUT_Y, datatype="FP32", shape=[*per_step, m.output.size])
+    if m.output.kind != "regression":
+        k = 2 if m.output.activation == "sigmoid" else m.output.size
+        response.outputs.add(name=OUTPUT_PROBS, datatype="FP32", shape=[*per_step, k])
+        response.outputs.add(name=OUTPUT_LABEL, datatype="BYTES", shape=per_step)
+    return response
+
+
+# ---- the servicer --------------------------------------------------------------------------
+
+
+def session_id_for(model: str, sequence_id: int | str) -> str:
+    return f"oip:{model}:{sequence_id}"
+
+
+class GRPCInferenceService:
+    """``inference.GRPCInferenceService`` over one Engine (see the module docstring)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    # -- health and metadata --
+    async def ServerLive(self, request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> Any:
+        # The Engine loads every model before the server starts, so a running server is ready
+        # unless it is draining for shutdown.
+        return pb.ServerReadyResponse(ready=not getattr(self.engine, "stopping", False))
+
+    async def ServerMetadata(self, request: Any, context: Any) -> Any:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=_server_version(), extensions=list(EXTENSIONS)
+        )
+
+    async def ModelReady(self, request: Any, context: Any) -> Any:
+        try:
+            self.engine.model(request.name, parse_version(request.version))
+        except InvalidInput as e:
+            await _abort(context, e)
+        except RnnServeError:  # unknown model or version: not ready (as Triton answers)
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request: Any, context: Any) -> Any:
+        try:
+            model = self.engine.model(request.name, parse_version(request.version))
+            versions = sorted(
+                lm.manifest.version
+                for lm in self.engine.models()
+                if lm.manifest.name == model.manifest.name
+            )
+            return model_metadata(model, versions)
+        except Exception as e:
+            await _abort(context, e)
+
+    # -- inference --
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        try:
+            return await self.infer(request)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        """Replies in request order; a reply's error never ends the stream."""
+        replies: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
+        reader = asyncio.create_task(self._read_stream(requests, replies))
+        try:
+            while (task := await replies.get()) is not None:
+                yield await task
+        finally:
+            reader.cancel()  # in-flight steps finish on their own: their sessions stay usable
+
+    async def _read_stream(self, requests: AsyncIterator[Any], replies: asyncio.Queue) -> None:
+        """Start one task per request; chain the tasks of one sequence so they keep their order."""
+        last_of_sequence: dict[tuple[str, int | str], asyncio.Task] = {}
+        try:
+            async for request in requests:
+                key = _sequence_key(request)
+                before = last_of_sequence.get(key) if key else None
+                task = asyncio.create_task(self._stream_reply(request, before))
+                if key:
+                    last_of_sequence[key] = task
+                    task.add_done_callback(lambda t, k=key: _forget(last_of_sequence, k, t))
+                await replies.put(task)
+        except Exception as e:  # the client went away mid-stream; answer what was asked
+            log.debug("ModelStreamInfer: request stream ended: %r", e)
+        finally:
+            await replies.put(None)
+
+    async def _stream_reply(self, request: Any, before: asyncio.Task | None) -> Any:
+        if before is not None:
+            await asyncio.wait([before])  # the previous step of this sequence comes first
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.infer(request))
+        except Exception as e:
+            code, message = _status(e)
+            return pb.ModelStreamInferResponse(
+                error_message=f"[{code.name}] {message}",
+                infer_response=pb.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                ),
+            )
+
+    async def infer(self, request: Any) -> Any:
+        """One ModelInferRequest → ModelInferResponse; raises RnnServeError for the client."""
+        control = sequence_control(request)
+        if control.sequence_id is None:
+            model = self.engine.model(request.model_name, parse_version(request.model_version))
+        else:
+            model = self._sequence_model(request, control)
+        m = model.manifest
+        wanted = requested_outputs(request, m)
+        rows = decode_rows(m, request)
+        if control.sequence_id is None:
+            y = await self._stateless(model, rows)
+        else:
+            y = await self._sequence_step(model, control, rows)
+        return infer_response(request, m, y, wanted)
+
+    async def _stateless(self, model: LoadedModel, rows: list[np.ndarray]) -> np.ndarray:
+        m = model.manifest
+        if not m.streamable:
+            return await self.engine.predict(m.name, m.version, rows)  # (B, O)
+        ys = await asyncio.gather(*(self._fresh_steps(m, row) for row in rows))
+        return np.stack(ys)  # (B, T, O)
+
+    async def _fresh_steps(self, m: Manifest, row: np.ndarray) -> np.ndarray:
+        """One row from the initial state, through a throwaway session (batched like any step)."""
+        info = self.engine.open_session(m.name, m.version)
+        try:
+            return (await self.engine.step(info.session_id, row)).y  # (T, O)
+        finally:
+            self.engine.close_session(info.session_id)
+
+    def _sequence_model(self, request: Any, control: SequenceControl) -> LoadedModel:
+        """The model a sequence step runs on: the request's, or the open sequence's version."""
+        version = parse_version(request.model_version)
+        model = self.engine.model(request.model_name, version)
+        if not model.manifest.streamable:
+            raise NotStreamable(
+                f"{model.manifest.name} reads whole sequences (bidirectional), so it has no "
+                "stateful sequences: send the request without sequence_id for a stateless "
+                "inference of the whole sequence"
+            )
+        if control.start:
+            return model
+        info = self._open_sequence(request.model_name, control.sequence_id)
+        if version is not None and version != info.version:
+            raise InvalidInput(
+                f"sequence {control.sequence_id!r} runs on {info.model} version {info.version}, "
+                f"not {version}",
+                field="version",
+            )
+        return self.engine.model(info.model, info.version)
+
+    def _open_sequence(self, model: str, sequence_id: int | str) -> Any:
+        """The session of an open sequence, with OIP words for 'never started' and 'expired'."""
+        try:
+            return self.engine.session(session_id_for(model, sequence_id))
+        except SessionExpired as e:
+            raise SessionExpired(
+                f"sequence {sequence_id!r} of model {model!r} idled past the session TTL and "
+                "expired; start it again with sequence_start=true"
+            ) from e
+        except SessionNotFound as e:
+            raise SessionNotFound(
+                f"sequence {sequence_id!r} of model {model!r} is not open (never started, or "
+                "already ended): its first request must carry sequence_start=true"
+            ) from e
+
+    async def _sequence_step(
+        self, model: LoadedModel, control: SequenceControl, rows: list[np.ndarray]
+    ) -> np.ndarray:
+        m = model.manifest
+        if len(rows) != 1:
+            raise InvalidInput(
+                f"a sequence request carries one row (batch 1), got {len(rows)}: send "
+                f"{expected_inputs(m)}",
+                field="inputs",
+            )
+        sid = session_id_for(m.name, control.sequence_id)
+        if control.start:
+            self._start(m, sid)
+        try:
+            result = await self.engine.step(sid, rows[0], step_index=None)
+        except BaseException:
+            if control.start:  # all or nothing: a failed first step leaves no sequence behind
+                _close_quietly(self.engine, sid)
+            raise
+        if control.end:  # ends exactly this sequence, after its last step
+            _close_quietly(self.engine, sid)
+        return result.y[None]  # (1, T, O)
+
+    def _start(self, m: Manifest, sid: str) -> None:
+        """Open with fresh state; a start on an open sequence restarts it (as Triton does)."""
+        _close_quietly(self.engine, sid)
+        self.engine.open_session(m.name, m.version, session_id=sid)
+
+
+def _sequence_key(request: Any) -> tuple[str, int | str] | None:
+    try:
+        seq = sequence_control(request).sequence_id
+    except InvalidInput:
+        return None  # answered with an error by infer(); needs no ordering
+    return (request.model_name, seq) if seq is not None else None
+
+
+def _forget(chains: dict, key: Any, task: asyncio.Task) -> None:
+    if chains.get(key) is task:
+        del chains[key]
+
+
+def _close_quietly(engine: Any, session_id: str) -> None:
+    with contextlib.suppress(SessionNotFound, SessionExpired):
+        engine.close_session(session_id)
+
+
+def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(e, RnnServeError):
+        return grpc_status(e), str(e)
+    log.exception("OIP: unexpected error", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__}); see the server log"
+
+
+async def _abort(context: Any, e: BaseException) -> None:
+    code, message = _status(e)
+    await context.abort(code, message)
+
+
+def _server_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rnnserve")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+# ---- registration --------------------------------------------------------------------------
+
+_UNARY = {
+    "ServerLive": ("ServerLiveRequest", "ServerLiveResponse"),
+    "ServerReady": ("ServerReadyRequest", "ServerReadyResponse"),
+    "ModelReady": ("ModelReadyRequest", "ModelReadyResponse"),
+    "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse"),
+    "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
+    "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
+}
+
+
+def add_to_server(server: grpc.aio.Server, engine: Any) -> GRPCInferenceService:
+    """Serve ``inference.GRPCInferenceService`` for ``engine`` on a grpc.aio server."""
+    servicer = GRPCInferenceService(engine)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=getattr(pb, req).FromString,
+            response_serializer=getattr(pb, resp).SerializeToString,
+        )
+        for name, (req, resp) in _UNARY.items()
+    }
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=pb.ModelInferRequest.FromString,
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    return servicer
