@@ -1,0 +1,459 @@
+"""The serving core: one ``Engine`` behind every transport (our gRPC API, OIP, TorchServe handler).
+
+Transports decode messages with ``serving.codec``, call these methods and map ``serving.errors``
+exceptions with ``errors.grpc_status`` / ``errors.http_status``. Everything that decides behaviour
+(validation, step ordering, batching, expiry) lives here, so every API answers alike.
+
+A step's life: ``step()`` finds the session (expired/unknown are told apart), takes the session's
+gate (calls on one session are serialized in arrival order), checks ``step_index``, hands the step
+to its model's ``StepScheduler`` and waits (shielded) for the batch. The scheduler stores the new
+state; a done-callback then records the reply (for retries), advances the index and releases the
+gate. Because that bookkeeping hangs on the future rather than on the caller, a client that cancels
+mid-step leaves a consistent session: the step either happened (its reply is cached for a retry of
+the same index) or it did not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+from serving import codec
+from serving.backends import BACKENDS, LoadedModel, load_model
+from serving.errors import (
+    ArtifactError,
+    InvalidInput,
+    ModelNotFound,
+    NotStreamable,
+    PayloadTooLarge,
+    StepOutOfOrder,
+    Unavailable,
+    VersionNotFound,
+)
+from serving.manifest import Manifest, list_models, list_versions
+from serving.scheduler import StepScheduler
+from serving.sessions import Session, SessionStore, StatePool, acquire, release
+
+log = logging.getLogger(__name__)
+
+MAX_PREDICT_ROWS = 4096
+MAX_GENERATE_TOKENS = 4096
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    store: Path
+    backend: Literal["onnx", "torchscript"] = "onnx"
+    threads: int = 1  # intra-op threads per backend call
+    session_ttl_s: float = 600.0  # idle time before a session expires
+    max_sessions: int = 100_000  # over all models; beyond: CapacityExhausted
+    max_batch_size: int = 256  # steps of distinct sessions in one backend call
+    max_queue_delay_ms: float = 0.0  # optional wait for a fuller batch; 0 = never wait
+    max_steps_per_request: int = 1024  # time steps in one Step
+    model_backends: Mapping[str, str] = field(default_factory=dict)  # per-model backend override
+    sweep_interval_s: float | None = None  # expiry sweep period; default min(ttl / 2, 30 s)
+    executor_threads: int | None = None  # worker threads for backend calls; default max(2, cpus)
+
+    def __post_init__(self) -> None:
+        for name, kind in {"*": self.backend, **self.model_backends}.items():
+            if kind not in BACKENDS:
+                raise ValueError(f"backend for {name} must be one of {BACKENDS}, got {kind!r}")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.max_steps_per_request < 1:
+            raise ValueError(
+                f"max_steps_per_request must be >= 1, got {self.max_steps_per_request}"
+            )
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str  # >= 128 bits of randomness, url-safe text
+    model: str
+    version: int
+    expires_at: float  # unix time of the idle deadline (refreshed by every call)
+    next_step_index: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step_index: int  # the index this reply answers
+    y: np.ndarray  # (T, O) head outputs, one row per time step sent
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated token (char models) or forecast value (regression), already fed back."""
+
+    step_index: int  # the session step that consumed it
+    token: int | None  # char models
+    value: np.ndarray | None  # regression: (F,) the value fed back as the next input
+    y: np.ndarray  # (O,) the model's output after consuming it
+
+
+class EngineObserver(Protocol):
+    """Hooks for metrics; ``serving.metrics.Metrics`` implements them."""
+
+    def on_batch(self, model: str, size: int) -> None: ...
+    def on_step(self, model: str, seconds: float) -> None: ...
+    def on_eviction(self, model: str, reason: str) -> None: ...
+
+
+class _NoObserver:
+    def on_batch(self, model: str, size: int) -> None:
+        pass
+
+    def on_step(self, model: str, seconds: float) -> None:
+        pass
+
+    def on_eviction(self, model: str, reason: str) -> None:
+        pass
+
+
+@dataclass
+class ModelRuntime:
+    """One loaded model version with its state pool and scheduler (streamable models only)."""
+
+    loaded: LoadedModel
+    pool: StatePool | None = None
+    scheduler: StepScheduler | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.loaded.manifest
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
+        self.config = config
+        self.observer: EngineObserver = observer or _NoObserver()
+        self._runtimes: dict[str, ModelRuntime] = {}  # "name:version"
+        self._latest: dict[str, int] = {}
+        self._load_all()
+        self.sessions = SessionStore(
+            config.session_ttl_s, config.max_sessions, on_evict=self._evicted
+        )
+        threads = config.executor_threads or max(2, os.cpu_count() or 1)
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="rnnserve-infer")
+        self._sweeper: asyncio.Task[None] | None = None
+        self._inflight = 0  # predicts + steps not yet answered, for graceful stop
+        self.stopping = False
+
+    # ---- loading ---------------------------------------------------------------------------------
+    def _load_all(self) -> None:
+        store = Path(self.config.store)
+        names = list_models(store)
+        if not names:
+            raise ArtifactError(f"no models in store {store} (expected <store>/<name>/<version>/)")
+        for name in names:
+            kind = self.config.model_backends.get(name, self.config.backend)
+            for version in list_versions(store, name):
+                loaded = load_model(store, name, version, kind, self.config.threads)  # type: ignore[arg-type]
+                self._runtimes[loaded.key] = ModelRuntime(loaded)
+                log.info("loaded %s (%s, %s)", loaded.key, kind, loaded.path)
+            self._latest[name] = list_versions(store, name)[-1]
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        for key, rt in self._runtimes.items():
+            if not rt.manifest.streamable:
+                continue
+            rt.pool = StatePool(rt.manifest.state)
+            rt.scheduler = StepScheduler(
+                key,
+                rt.loaded.backend,
+                rt.pool,
+                self._executor,
+                cfg.max_batch_size,
+                cfg.max_queue_delay_ms / 1000.0,
+                on_batch=lambda size, name=rt.manifest.name: self.observer.on_batch(name, size),
+            )
+            rt.scheduler.start()
+        interval = cfg.sweep_interval_s or min(cfg.session_ttl_s / 2, 30.0)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(interval))
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """Refuse new work, finish in-flight steps (up to ``grace_s``), then stop the schedulers."""
+        self.stopping = True
+        deadline = time.monotonic() + grace_s
+        while self._inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        schedulers = [rt.scheduler.stop() for rt in self._runtimes.values() if rt.scheduler]
+        await asyncio.wait_for(asyncio.gather(*schedulers), max(0.1, deadline - time.monotonic()))
+        if self._sweeper:
+            self._sweeper.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _sweep_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.sessions.sweep()
+
+    def _evicted(self, sess: Session, reason: str) -> None:
+        self.observer.on_eviction(sess.key.rsplit(":", 1)[0], reason)
+
+    # ---- models ----------------------------------------------------------------------------------
+    def models(self) -> list[LoadedModel]:
+        return [rt.loaded for rt in self._runtimes.values()]
+
+    def model(self, name: str, version: int | None = None) -> LoadedModel:
+        return self._runtime(name, version).loaded
+
+    def versions(self, name: str) -> list[int]:
+        self._runtime(name)
+        return sorted(
+            rt.manifest.version for rt in self._runtimes.values() if rt.manifest.name == name
+        )
+
+    def live_sessions(self, name: str) -> int:
+        return sum(
+            self.sessions.count(k) for k, rt in self._runtimes.items() if rt.manifest.name == name
+        )
+
+    def _runtime(self, name: str, version: int | None = None) -> ModelRuntime:
+        if name not in self._latest:
+            known = ", ".join(sorted(self._latest))
+            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+        version = version or self._latest[name]  # None or 0: latest
+        rt = self._runtimes.get(f"{name}:{version}")
+        if rt is None:
+            have = ", ".join(str(v) for v in self.versions(name))
+            raise VersionNotFound(f"model {name!r} has no version {version}; loaded: {have}")
+        return rt
+
+    # ---- sessions --------------------------------------------------------------------------------
+    def open_session(
+        self, model: str, version: int | None = None, session_id: str | None = None
+    ) -> SessionInfo:
+        self._check_running()
+        rt = self._runtime(model, version)
+        if not rt.manifest.streamable or rt.pool is None:
+            raise self._not_streamable(rt.manifest)
+        sess = self.sessions.open(rt.loaded.key, rt.pool, session_id)
+        return self._info(sess)
+
+    def session(self, session_id: str) -> SessionInfo:
+        return self._info(self.sessions.get(session_id))
+
+    def close_session(self, session_id: str) -> None:
+        self.sessions.close(session_id)
+
+    def reset_session(self, session_id: str) -> SessionInfo:
+        """State back to initial and index 0; waits for nothing: an in-flight step is not undone."""
+        sess = self.sessions.get(session_id)
+        if sess.busy:
+            raise StepOutOfOrder(
+                f"session {session_id!r} has a step in flight; reset after it answers",
+                expected=sess.next_index,
+            )
+        sess.pool.reset(sess.slot)
+        sess.next_index = 0
+        sess.last = None
+        return self._info(sess)
+
+    def _info(self, sess: Session) -> SessionInfo:
+        name, version = sess.key.rsplit(":", 1)
+        expires_at = time.time() + self.sessions.expires_in(sess)
+        return SessionInfo(sess.id, name, int(version), expires_at, sess.next_index)
+
+    def session_manifest(self, session_id: str) -> Manifest:
+        return self._runtimes[self.sessions.get(session_id).key].manifest
+
+    # ---- stepping --------------------------------------------------------------------------------
+    async def step(
+        self, session_id: str, inputs: np.ndarray, step_index: int | None = None
+    ) -> StepResult:
+        self._check_running()
+        started = time.perf_counter()
+        sess = self.sessions.get(session_id)
+        rt = self._runtimes[sess.key]
+        x = self._checked_input(rt.manifest, inputs)
+        if step_index is not None and step_index < 0:
+            raise InvalidInput(f"step_index must be >= 0, got {step_index}", field="step_index")
+        self._inflight += 1
+        try:
+            await acquire(sess)
+            result = await self._step_owned(rt, sess, x, step_index)
+        finally:
+            self._inflight -= 1
+        self.observer.on_step(rt.manifest.name, time.perf_counter() - started)
+        return result
+
+    async def _step_owned(
+        self, rt: ModelRuntime, sess: Session, x: np.ndarray, step_index: int | None
+    ) -> StepResult:
+        """Runs with the session's gate held; the gate is released when the step completes."""
+        try:
+            index = self._index_to_run(sess, step_index)
+            if isinstance(index, StepResult):
+                release(sess)
+                return index
+            if sess.closed:
+                raise self._gone(sess)
+            assert rt.scheduler is not None
+            fut = rt.scheduler.submit(sess, x)
+        except BaseException:
+            release(sess)
+            raise
+        fut.add_done_callback(lambda f: self._commit(sess, index, f))
+        y = await asyncio.shield(fut)
+        return StepResult(index, y)
+
+    def _index_to_run(self, sess: Session, step_index: int | None) -> int | StepResult:
+        """The index to run now, or the cached reply for a retry of the last step."""
+        expected = sess.next_index
+        if step_index is None or step_index == expected:
+            return expected
+        if step_index == expected - 1 and sess.last is not None:
+            return sess.last
+        raise StepOutOfOrder(
+            f"step_index {step_index} is out of order for session {sess.id!r}: expected "
+            f"{expected}" + (f" (or {expected - 1} to retry the last step)" if expected else ""),
+            expected=expected,
+        )
+
+    @staticmethod
+    def _commit(sess: Session, index: int, fut: asyncio.Future[np.ndarray]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            sess.last = StepResult(index, fut.result())
+            sess.next_index = index + 1
+        release(sess)
+
+    def _gone(self, sess: Session) -> Exception:
+        from serving.errors import SessionNotFound
+
+        return SessionNotFound(f"session {sess.id!r} was closed while this call waited")
+
+    def _checked_input(self, m: Manifest, x: np.ndarray) -> np.ndarray:
+        """Guards the batch: one malformed row must fail alone, never the batch it would join."""
+        limit = min(self.config.max_steps_per_request, m.input.max_steps)
+        x = np.asarray(x)
+        if m.input.kind == "tokens":
+            if x.ndim != 1 or x.dtype.kind not in "iu":
+                raise InvalidInput(
+                    f"{m.name} takes token ids shaped (T,), got {x.dtype}{list(x.shape)}", "tokens"
+                )
+            return codec.decode_tokens(m, x, limit)
+        if x.ndim != 2 or x.dtype.kind != "f":
+            raise InvalidInput(
+                f"{m.name} takes float features shaped (T, F), got {x.dtype}{list(x.shape)}",
+                "inputs",
+            )
+        return codec.decode_features(m, x, max_steps=limit)
+
+    # ---- stateless -------------------------------------------------------------------------------
+    async def predict(self, model: str, version: int | None, rows: list[np.ndarray]) -> np.ndarray:
+        """Whole sequences through the sequence graph (every model) → y (B, O)."""
+        self._check_running()
+        rt = self._runtime(model, version)
+        m = rt.manifest
+        if not rows:
+            raise InvalidInput("Predict needs at least one input sequence", field="inputs")
+        if len(rows) > MAX_PREDICT_ROWS:
+            raise PayloadTooLarge(
+                f"{len(rows)} sequences in one Predict; at most {MAX_PREDICT_ROWS}", "inputs"
+            )
+        checked = [self._checked_input(m, r) for r in rows]
+        x, lengths = codec.batch_sequences(checked)  # (B, T_max, ...), (B,)
+        self._inflight += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                self._executor, rt.loaded.backend.sequence, x, lengths
+            )
+        finally:
+            self._inflight -= 1
+
+    # ---- generation ------------------------------------------------------------------------------
+    async def generate(
+        self,
+        session_id: str,
+        prompt: np.ndarray | None = None,
+        max_tokens: int = 32,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> AsyncIterator[Generated]:
+        """Char models: sample tokens; regression: feed each prediction back as the next input.
+
+        Every generated token/value is stepped through the session, so afterwards the session's
+        state has consumed the prompt and everything generated, and Steps continue from there.
+        """
+        m = self.session_manifest(session_id)
+        self._check_generate(m, max_tokens, temperature, top_k)
+        if prompt is not None:
+            y = (await self.step(session_id, prompt)).y[-1]
+        else:
+            y = self._last_output(session_id)
+        rng = np.random.default_rng(seed)
+        for _ in range(max_tokens):
+            if m.output.kind == "next_token":
+                token = sample_token(codec.probabilities(m, y), temperature, top_k, rng)
+                res = await self.step(session_id, np.array([token], dtype=np.int64))
+                yield Generated(res.step_index, token, None, res.y[0])
+            else:
+                value = y.astype(np.float32).reshape(-1)  # (F,)
+                res = await self.step(session_id, value.reshape(1, -1))
+                yield Generated(res.step_index, None, value, res.y[0])
+            y = res.y[0]
+
+    def _check_generate(self, m: Manifest, max_tokens: int, temperature: float, top_k: int) -> None:
+        if m.output.kind == "classification":
+            raise InvalidInput(
+                f"{m.name} is a classifier; Generate needs a char or regression model"
+            )
+        if m.output.kind == "regression" and m.output.size != (m.input.features or 0):
+            raise InvalidInput(
+                f"{m.name} outputs {m.output.size} values for {m.input.features} input features, "
+                "so its predictions cannot be fed back"
+            )
+        if not 1 <= max_tokens <= MAX_GENERATE_TOKENS:
+            raise InvalidInput(
+                f"max_tokens must be in 1..{MAX_GENERATE_TOKENS}, got {max_tokens}", "max_tokens"
+            )
+        if not (np.isfinite(temperature) and temperature >= 0):
+            raise InvalidInput(
+                f"temperature must be finite and >= 0, got {temperature}", "temperature"
+            )
+        if top_k < 0 or top_k > m.output.size:
+            raise InvalidInput(f"top_k must be in 0..{m.output.size}, got {top_k}", "top_k")
+
+    def _last_output(self, session_id: str) -> np.ndarray:
+        sess = self.sessions.get(session_id)
+        if sess.last is None:
+            raise InvalidInput("a fresh session needs a prompt to generate from", field="prompt")
+        return sess.last.y[-1]
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self.stopping:
+            raise Unavailable("server is shutting down; retry on another instance")
+
+    @staticmethod
+    def _not_streamable(m: Manifest) -> NotStreamable:
+        return NotStreamable(
+            f"{m.name} is not streamable (it reads whole sequences, e.g. bidirectional): "
+            "use Predict with the whole sequence instead of sessions/Step"
+        )
+
+
+def sample_token(p: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
+    """A token id from probabilities ``p`` (K,): temperature 0 = argmax, top_k 0 = all tokens."""
+    if temperature == 0:
+        return int(np.argmax(p))
+    logits = np.log(np.maximum(p.astype(np.float64), 1e-30)) / temperature
+    if 0 < top_k < len(p):
+        cutoff = np.partition(logits, -top_k)[-top_k]
+        logits = np.where(logits >= cutoff, logits, -np.inf)
+    z = np.exp(logits - logits.max())
+    return int(rng.choice(len(p), p=z / z.sum()))
