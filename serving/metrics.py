@@ -1,0 +1,98 @@
+"""Prometheus metrics for the gRPC server, on their own registry (several servers per process work).
+
+Names: ``rnnserve_requests_total{method,code}``, ``rnnserve_errors_total{method,code}``,
+``rnnserve_step_latency_seconds{model}`` (engine time per Step, queueing included),
+``rnnserve_batch_size{model}`` (sessions per backend call), ``rnnserve_live_sessions{model}``,
+``rnnserve_session_evictions_total{model}`` (expired by the idle TTL) and
+``rnnserve_sessions_closed_total{model}``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from serving.engine import Engine
+
+LATENCY_BUCKETS = (
+    *(b * 1e-4 for b in (1, 2, 5)),
+    *(b * 1e-3 for b in (1, 2, 5, 10, 20, 50, 100, 200, 500)),
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "rnnserve_requests", "RPCs by method and status code", ["method", "code"], registry=r
+        )
+        self.errors = Counter(
+            "rnnserve_errors", "failed RPCs and StepMany entries", ["method", "code"], registry=r
+        )
+        self.step_latency = Histogram(
+            "rnnserve_step_latency_seconds",
+            "engine time of one step call (queueing + batch)",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "rnnserve_batch_size",
+            "sessions per backend call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.live_sessions = Gauge("rnnserve_live_sessions", "open sessions", ["model"], registry=r)
+        self.evictions = Counter(
+            "rnnserve_session_evictions", "sessions expired by the idle TTL", ["model"], registry=r
+        )
+        self.closed = Counter(
+            "rnnserve_sessions_closed", "sessions closed by clients", ["model"], registry=r
+        )
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- engine hooks (EngineObserver) -----------------------------------------------------------
+    def on_batch(self, model: str, size: int) -> None:
+        self.batch_size.labels(model).observe(size)
+
+    def on_step(self, model: str, seconds: float) -> None:
+        self.step_latency.labels(model).observe(seconds)
+
+    def on_eviction(self, model: str, reason: str) -> None:
+        (self.evictions if reason == "expired" else self.closed).labels(model).inc()
+
+    # ---- transport hooks -------------------------------------------------------------------------
+    def on_request(self, method: str, code: str) -> None:
+        self.requests.labels(method, code).inc()
+        if code != "OK":
+            self.errors.labels(method, code).inc()
+
+    def bind(self, engine: Engine) -> None:
+        """Live-session gauges read the engine at scrape time."""
+        for name in {m.manifest.name for m in engine.models()}:
+            self.live_sessions.labels(name).set_function(
+                lambda name=name: engine.live_sessions(name)
+            )
+
+    # ---- HTTP endpoint ---------------------------------------------------------------------------
+    def serve(self, port: int, address: str = "127.0.0.1") -> int:
+        """Start the /metrics HTTP endpoint in a thread; returns the bound port (0 = any free)."""
+        self._http, self._thread = start_http_server(port, address, registry=self.registry)
+        return int(self._http.server_address[1])
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,306 @@
+"""The gRPC server: our API and OIP over one Engine, with health, reflection and metrics.
+
+``await create_server(config)`` → ``(server, port)``: the seam tests and ``rnnserve serve`` use. It
+loads every model (refusing corrupt artifacts), binds the port (``127.0.0.1:0`` = any free port) and
+registers the servicers; ``await server.start()`` starts serving, ``await server.stop(grace)`` stops
+gracefully (health → NOT_SERVING, no new RPCs, in-flight steps finish, then the engine stops).
+
+Other transports plug in as hooks ``add_to_server(grpc_server, engine) -> service names | None``;
+``serving.oip_api.add_to_server`` is registered by default when that module exists. ``ServerThread``
+runs a server on its own event loop in a background thread, for synchronous callers and tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving import grpc_api
+from serving.backends import BACKENDS
+from serving.engine import Engine, EngineConfig
+from serving.errors import ArtifactError
+from serving.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ServicerHook = Callable[[grpc.aio.Server, Engine], "Iterable[str] | str | None"]
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_METRICS_PORT = 9090
+OIP_MODULE = "serving.oip_api"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    engine: EngineConfig
+    address: str = DEFAULT_ADDRESS
+    metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no metrics endpoint; 0: any free port
+    metrics_address: str = "127.0.0.1"
+    max_message_bytes: int = 4 * 1024 * 1024  # larger messages fail with RESOURCE_EXHAUSTED
+    grace_s: float = 10.0  # how long stop() lets in-flight RPCs finish
+    extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
+
+
+class RnnServer:
+    """The running parts; create with ``create_server``."""
+
+    def __init__(self, config: ServerConfig, engine: Engine, metrics: Metrics) -> None:
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+                *config.extra_options,
+            ]
+        )
+        self.health = health.aio.HealthServicer()
+        self.service_names: list[str] = []
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.engine.start()
+        await self.grpc.start()
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(
+                self.config.metrics_port, self.config.metrics_address
+            )
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, stop the engine."""
+        if self._stopped.is_set():
+            return
+        grace = self.config.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.grpc.stop(grace)
+        await self.engine.stop(grace)
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait_for_termination(self) -> None:
+        await self._stopped.wait()
+
+    async def _set_health(self, status: Any) -> None:
+        await self.health.set("", status)
+        for name in [*self.service_names, *sorted({m.manifest.name for m in self.engine.models()})]:
+            await self.health.set(name, status)
+
+
+def default_hooks() -> list[ServicerHook]:
+    """The OIP servicer, when its module is there (it is developed alongside this one)."""
+    if importlib.util.find_spec(OIP_MODULE) is None:
+        return []
+    return [importlib.import_module(OIP_MODULE).add_to_server]
+
+
+async def create_server(
+    config: ServerConfig, extra_servicers: Sequence[ServicerHook] | None = None
+) -> tuple[RnnServer, int]:
+    """Load models and wire every servicer; returns the server (not started) and its bound port.
+
+    ``extra_servicers`` replaces ``default_hooks()`` (the OIP servicer); ``[]`` = our API only.
+    Must be awaited inside the event loop that will run the server. Raises ArtifactError on a
+    corrupt store and RuntimeError when the address cannot be bound.
+    """
+    metrics = Metrics()
+    engine = Engine(config.engine, observer=metrics)
+    metrics.bind(engine)
+    server = RnnServer(config, engine, metrics)
+    hooks = default_hooks() if extra_servicers is None else list(extra_servicers)
+    names = [grpc_api.add_to_server(server.grpc, engine, metrics)]
+    for hook in hooks:
+        names.extend(_as_names(hook(server.grpc, engine)))
+    server.service_names = names
+    health_pb2_grpc.add_HealthServicer_to_server(server.health, server.grpc)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server.grpc,
+    )
+    server.port = server.grpc.add_insecure_port(config.address)
+    if not server.port:
+        raise RuntimeError(f"cannot bind {config.address}")
+    return server, server.port
+
+
+def _as_names(returned: Iterable[str] | str | None) -> list[str]:
+    if returned is None:
+        return []
+    return [returned] if isinstance(returned, str) else list(returned)
+
+
+class ServerThread:
+    """A server on its own loop in a daemon thread: ``with ServerThread(cfg) as s: s.address``."""
+
+    def __init__(
+        self, config: ServerConfig, extra_servicers: Sequence[ServicerHook] | None = None
+    ) -> None:
+        self.config = config
+        self._extra = extra_servicers
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: RnnServer | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, name="rnnserve-server", daemon=True)
+
+    @property
+    def address(self) -> str:
+        host = self.config.address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    @property
+    def engine(self) -> Engine:
+        assert self.server is not None
+        return self.server.engine
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def call(self, coro: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the server's loop (e.g. to inspect or stop it) and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if self.server is not None and self._thread.is_alive():
+            self.call(self.server.stop(grace_s), timeout=(grace_s or self.config.grace_s) + 30)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._serve())
+        finally:
+            self._loop.close()
+
+    async def _serve(self) -> None:
+        try:
+            self.server, self.port = await create_server(self.config, self._extra)
+            await self.server.start()
+        except BaseException as e:
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        await self.server.wait_for_termination()
+
+
+# ---- `rnnserve serve` -------------------------------------------------------------------------
+
+
+# (flag, environment variable, type, default, help); the environment overrides the default and a
+# flag overrides both, so containers configure through the environment and people through flags.
+SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
+    ("--store", "RNNSERVE_STORE", Path, "model_store", "model store folder"),
+    ("--address", "RNNSERVE_ADDRESS", str, DEFAULT_ADDRESS, "host:port to listen on"),
+    ("--metrics-port", "RNNSERVE_METRICS_PORT", int, DEFAULT_METRICS_PORT,
+     "Prometheus /metrics port (0 = any free port, -1 = off)"),
+    ("--metrics-address", "RNNSERVE_METRICS_ADDRESS", str, "127.0.0.1", "metrics bind address"),
+    ("--backend", "RNNSERVE_BACKEND", str, "onnx", f"inference backend: {' or '.join(BACKENDS)}"),
+    ("--threads", "RNNSERVE_THREADS", int, 1, "intra-op threads per backend call"),
+    ("--session-ttl", "RNNSERVE_SESSION_TTL", float, 600.0, "idle seconds before expiry"),
+    ("--max-sessions", "RNNSERVE_MAX_SESSIONS", int, 100_000, "open sessions over all models"),
+    ("--max-batch", "RNNSERVE_MAX_BATCH", int, 256, "sessions per backend call"),
+    ("--max-queue-delay-ms", "RNNSERVE_MAX_QUEUE_DELAY_MS", float, 0.0,
+     "wait up to this long for a fuller batch (0 = never wait)"),
+    ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
+]  # fmt: skip
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve every model in the store over gRPC (our API + OIP), with health and metrics",
+        description="Each flag defaults to its environment variable, shown as [VAR, default].",
+    )
+    for flag, env, kind, default, text in SERVE_OPTIONS:
+        p.add_argument(
+            flag,
+            type=kind,
+            default=kind(os.environ.get(env, default)),
+            help=f"{text} [{env}, {default}]",
+        )
+    p.set_defaults(func=serve_command)
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    engine = EngineConfig(
+        store=args.store,
+        backend=args.backend,
+        threads=args.threads,
+        session_ttl_s=args.session_ttl,
+        max_sessions=args.max_sessions,
+        max_batch_size=args.max_batch,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+    )
+    return ServerConfig(
+        engine=engine,
+        address=args.address,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        metrics_address=args.metrics_address,
+        grace_s=args.grace,
+    )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        print(f"rnnserve serve: {e}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_serve_until_signal(config))
+    except ArtifactError as e:
+        print(f"rnnserve serve: refusing to start: {e}", file=sys.stderr)
+        return 3
+    except RuntimeError as e:
+        print(f"rnnserve serve: {e}", file=sys.stderr)
+        return 4
+
+
+async def _serve_until_signal(config: ServerConfig) -> int:
+    server, port = await create_server(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+    host = config.address.rsplit(":", 1)[0]
+    metrics = f", metrics on {config.metrics_address}:{server.metrics_port}/metrics"
+    names = sorted({m.key for m in server.engine.models()})
+    print(
+        f"rnnserve: serving {len(names)} model versions ({', '.join(names)}) on {host}:{port}"
+        + (metrics if server.metrics_port is not None else ""),
+        flush=True,
+    )
+    await server.wait_for_termination()
+    print("rnnserve: stopped", flush=True)
+    return 0
