@@ -21,12 +21,13 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -38,7 +39,7 @@ from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-ServicerHook = Callable[[grpc.aio.Server, Engine], "Iterable[str] | str | None"]
+ServicerHook = Callable[[grpc.aio.Server, Engine], object]  # may return service name(s)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9090
 OIP_MODULE = "serving.oip_api"
@@ -109,7 +110,13 @@ def default_hooks() -> list[ServicerHook]:
     """The OIP servicer, when its module is there (it is developed alongside this one)."""
     if importlib.util.find_spec(OIP_MODULE) is None:
         return []
-    return [importlib.import_module(OIP_MODULE).add_to_server]
+    oip = importlib.import_module(OIP_MODULE)
+
+    def add_oip(server: grpc.aio.Server, engine: Engine) -> list[str]:
+        oip.add_to_server(server, engine)
+        return [oip.SERVICE_NAME]
+
+    return [add_oip]
 
 
 async def create_server(
@@ -145,10 +152,23 @@ async def create_server(
     return server, server.port
 
 
-def _as_names(returned: Iterable[str] | str | None) -> list[str]:
-    if returned is None:
-        return []
-    return [returned] if isinstance(returned, str) else list(returned)
+def _as_names(returned: object) -> list[str]:
+    """A hook may return a service name, several, or anything else (ignored)."""
+    if isinstance(returned, str):
+        return [returned]
+    if isinstance(returned, list | tuple) and all(isinstance(n, str) for n in returned):
+        return list(returned)
+    return []
+
+
+def _describable(service: str) -> bool:
+    """Reflection can only describe services whose descriptors are in the default pool (the OIP
+    servicer keeps its own pool so tritonclient's identical proto names can share the process)."""
+    try:
+        descriptor_pool.Default().FindServiceByName(service)
+    except KeyError:
+        return False
+    return True
 
 
 class ServerThread:
