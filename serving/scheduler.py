@@ -128,19 +128,23 @@ class StepScheduler:
                 return
 
     def _take_batch(self) -> list[PendingStep]:
-        """Up to max_batch_size steps of distinct sessions, all with the first step's T (FIFO)."""
+        """Up to max_batch_size steps of distinct sessions, all with the first step's T (FIFO).
+
+        A session whose step is left behind has its later steps left behind too, so a session's
+        steps never overtake each other (the engine's gate already sends one at a time).
+        """
         steps = self._queue[0].x.shape[0]
         batch: list[PendingStep] = []
         seen: set[int] = set()
         rest: deque[PendingStep] = deque()
         while self._queue:
             p = self._queue.popleft()
-            fits = len(batch) < self.max_batch_size and p.x.shape[0] == steps
-            if fits and id(p.session) not in seen:
-                seen.add(id(p.session))
+            key = id(p.session)
+            if key not in seen and len(batch) < self.max_batch_size and p.x.shape[0] == steps:
                 batch.append(p)
             else:
                 rest.append(p)
+            seen.add(key)
         self._queue = rest
         return batch
 

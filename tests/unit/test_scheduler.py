@@ -1,0 +1,208 @@
+"""StepScheduler: batching rules and exact outputs, with a small real RNN written in NumPy.
+
+The backend is a genuine (tiny) Elman RNN computed in NumPy, so outputs of batched runs can be
+compared with running each session alone; it also records every batch the scheduler formed.
+"""
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.errors import RnnServeError, Unavailable
+from serving.manifest import StateSpec
+from serving.scheduler import StepScheduler
+from serving.sessions import Session, StatePool
+
+F, H, OUT = 3, 5, 2
+
+
+class NumpyElman:
+    """h_t = tanh(x_t W + h_{t-1} U), y_t = h_t V; states [(1, B, H)]."""
+
+    def __init__(self, seed: int = 0, fail_when_batch_has: int | None = None) -> None:
+        rng = np.random.default_rng(seed)
+        self.w = rng.normal(size=(F, H)).astype(np.float32)
+        self.u = rng.normal(size=(H, H)).astype(np.float32) * 0.5
+        self.v = rng.normal(size=(H, OUT)).astype(np.float32)
+        self.calls: list[tuple[int, int, list[int]]] = []  # (B, T, slots seen via marker)
+        self.fail_when_batch_has = fail_when_batch_has
+
+    def step(self, x, states):
+        b, t, _ = x.shape
+        if self.fail_when_batch_has is not None and b == self.fail_when_batch_has:
+            raise RuntimeError("backend exploded")
+        self.calls.append((b, t, []))
+        h = states[0][0]  # (B, H)
+        ys = []
+        for i in range(t):
+            h = np.tanh(x[:, i] @ self.w + h @ self.u)
+            ys.append(h @ self.v)
+        return np.stack(ys, axis=1), [h[None]]  # (B, T, OUT), [(1, B, H)]
+
+
+def reference(model: NumpyElman, chunks: list[np.ndarray]) -> np.ndarray:
+    x = np.concatenate(chunks)[None]  # (1, T_total, F)
+    y, _ = model.step(x, [np.zeros((1, 1, H), np.float32)])
+    return y[0]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def make(model, **kw):
+    pool = StatePool([StateSpec("h", 1, H)], initial_capacity=4)
+    executor = ThreadPoolExecutor(2)
+    sched = StepScheduler("m:1", model, pool, executor, **kw)
+    sched.start()
+    return sched, pool, executor
+
+
+def session(pool: StatePool, i: int) -> Session:
+    return Session(f"s{i}", "m:1", pool, 0.0)
+
+
+def test_many_sessions_with_mixed_lengths_match_running_each_alone():
+    model = NumpyElman()
+    rng = np.random.default_rng(1)
+    n_sessions, n_steps = 60, 6
+    chunks = {
+        i: [
+            rng.normal(size=(int(rng.integers(1, 4)), F)).astype(np.float32) for _ in range(n_steps)
+        ]
+        for i in range(n_sessions)
+    }
+
+    async def main():
+        sched, pool, ex = await make(model, max_batch_size=16)
+        sessions = [session(pool, i) for i in range(n_sessions)]
+
+        async def drive(i):
+            ys = []
+            for x in chunks[i]:
+                await asyncio.sleep(rng.random() * 0.001)
+                ys.append(await sched.submit(sessions[i], x))
+            return np.concatenate(ys)
+
+        outs = await asyncio.gather(*(drive(i) for i in range(n_sessions)))
+        await sched.stop()
+        ex.shutdown()
+        return outs, sched
+
+    outs, sched = run(main())
+    for i, y in enumerate(outs):
+        np.testing.assert_allclose(y, reference(model, chunks[i]), atol=1e-6)
+    assert sched.rows == n_sessions * n_steps
+    assert sched.batches < sched.rows / 2, "steps of different sessions should share calls"
+    assert max(b for b, _, _ in model.calls) <= 16
+
+
+def test_a_batch_never_holds_two_steps_of_one_session_or_two_lengths():
+    model = NumpyElman()
+
+    async def main():
+        sched, pool, ex = await make(model)
+        a, b = session(pool, 0), session(pool, 1)
+        x1 = np.ones((1, F), np.float32)
+        x2 = np.ones((2, F), np.float32)
+        # queued together while the loop has not run yet: a twice, and a T=2 step of b
+        futs = [sched.submit(a, x1), sched.submit(a, x1), sched.submit(b, x2), sched.submit(b, x1)]
+        ys = await asyncio.gather(*futs)
+        await sched.stop()
+        ex.shutdown()
+        return ys
+
+    ys = run(main())
+    # a's second step waits for the next batch; b's T=2 step cannot join a T=1 batch, and b's
+    # later T=1 step must not overtake it
+    assert [(bsz, t) for bsz, t, _ in model.calls] == [(1, 1), (1, 1), (1, 2), (1, 1)]
+    ones = np.ones((3, F), np.float32)
+    np.testing.assert_allclose(np.concatenate(ys[:2]), reference(model, [ones[:2]]), atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(ys[2:]), reference(model, [ones]), atol=1e-6)
+
+
+def test_a_lone_session_does_not_wait_for_a_timer():
+    model = NumpyElman()
+
+    async def main():
+        sched, pool, ex = await make(model, max_queue_delay_s=0.0)
+        s = session(pool, 0)
+        await sched.submit(s, np.ones((1, F), np.float32))  # warm the executor thread
+        started = time.perf_counter()
+        for _ in range(20):
+            await sched.submit(s, np.ones((1, F), np.float32))
+        per_step = (time.perf_counter() - started) / 20
+        await sched.stop()
+        ex.shutdown()
+        return per_step
+
+    assert run(main()) < 0.005  # a thread hop, not a batching window
+
+
+def test_queue_delay_gathers_a_fuller_batch():
+    model = NumpyElman()
+
+    async def main():
+        sched, pool, ex = await make(model, max_queue_delay_s=0.05, max_batch_size=8)
+        sessions = [session(pool, i) for i in range(5)]
+        futs = []
+        for s in sessions:  # arrive 5 ms apart, all within the 50 ms window
+            futs.append(sched.submit(s, np.ones((1, F), np.float32)))
+            await asyncio.sleep(0.005)
+        await asyncio.gather(*futs)
+        await sched.stop()
+        ex.shutdown()
+
+    run(main())
+    assert [b for b, _, _ in model.calls] == [5]
+
+
+def test_a_failing_batch_fails_its_steps_and_the_loop_keeps_serving():
+    model = NumpyElman(fail_when_batch_has=2)
+
+    async def main():
+        sched, pool, ex = await make(model)
+        a, b = session(pool, 0), session(pool, 1)
+        x = np.ones((1, F), np.float32)
+        before = pool.gather(np.array([a.slot, b.slot]))[0].copy()
+        results = await asyncio.gather(
+            sched.submit(a, x), sched.submit(b, x), return_exceptions=True
+        )
+        after_fail = pool.gather(np.array([a.slot, b.slot]))[0]
+        y = await sched.submit(a, x)  # B=1 works
+        await sched.stop()
+        with pytest.raises(Unavailable):
+            sched.submit(a, x)
+        ex.shutdown()
+        return results, before, after_fail, y
+
+    results, before, after_fail, y = run(main())
+    assert all(isinstance(r, RnnServeError) and "exploded" in str(r) for r in results)
+    np.testing.assert_array_equal(before, after_fail)  # no state moved on failure
+    np.testing.assert_allclose(y, reference(model, [np.ones((1, F), np.float32)]), atol=1e-6)
+
+
+def test_stop_runs_everything_already_queued():
+    model = NumpyElman()
+
+    async def main():
+        sched, pool, ex = await make(model, max_batch_size=1)
+        futs = [sched.submit(session(pool, i), np.ones((1, F), np.float32)) for i in range(4)]
+        await sched.stop()
+        ex.shutdown()
+        return futs
+
+    futs = run(main())
+    assert all(f.done() and f.exception() is None for f in futs)
+    assert len(model.calls) == 4
+
+
+def test_bad_settings_are_refused_with_the_value():
+    pool = StatePool([StateSpec("h", 1, H)])
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1, got 0"):
+        StepScheduler("m", NumpyElman(), pool, None, max_batch_size=0)
+    with pytest.raises(ValueError, match="max_queue_delay"):
+        StepScheduler("m", NumpyElman(), pool, None, max_queue_delay_s=-1)
