@@ -1,0 +1,187 @@
+"""``rnnserve client models|model|step|generate|forecast|predict``: the API from a shell.
+
+Examples::
+
+    rnnserve client models
+    rnnserve client step --model sum_sign_lstm --values '[[0.5], [-0.2], [0.9]]'
+    rnnserve client generate --model char --prompt 'def ' --max-tokens 60 --temperature 0.8 --seed 1
+    rnnserve client forecast --model sine --values '0,0.3,0.56,0.78,0.93' --steps 50 --plot sine.png
+    rnnserve client predict --model seq_bilstm --values '[[0.1], [0.4]]' --values '[[0.9]]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from serving.client import Client
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("client", help="call a running rnnserve gRPC server")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
+        help=f"server host:port [RNNSERVE_ADDRESS, {DEFAULT_ADDRESS}]",
+    )
+    p.set_defaults(func=client_command)
+    sub = p.add_subparsers(dest="client_command", metavar="ACTION", required=True)
+    sub.add_parser("models", help="list the loaded models").set_defaults(action=_models)
+
+    m = sub.add_parser("model", help="one model's manifest")
+    m.add_argument("name")
+    m.set_defaults(action=_model)
+
+    s = sub.add_parser("step", help="open a session, send the steps, print each output")
+    _model_arg(s)
+    s.add_argument("--values", help="features as JSON [[f..], ...] or comma-separated scalars")
+    s.add_argument("--text", help="char models: text, one step per character")
+    s.add_argument("--one-call", action="store_true", help="send all steps in one Step call")
+    s.set_defaults(action=_step)
+
+    g = sub.add_parser("generate", help="char models: text from a prompt")
+    _model_arg(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = sample among all characters")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(action=_generate)
+
+    f = sub.add_parser("forecast", help="regression models (sine): forecast by feeding back")
+    _model_arg(f)
+    f.add_argument("--values", required=True, help="the history: comma-separated or JSON")
+    f.add_argument("--steps", type=int, default=50, help="values to forecast")
+    f.add_argument("--plot", help="write a PNG of history + forecast here")
+    f.set_defaults(action=_forecast)
+
+    r = sub.add_parser("predict", help="whole sequences, stateless (every model)")
+    _model_arg(r)
+    r.add_argument("--values", action="append", default=[], help="one sequence (repeatable)")
+    r.add_argument("--text", action="append", default=[], help="one text sequence (repeatable)")
+    r.set_defaults(action=_predict)
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--version", type=int, default=0, help="0 = latest")
+
+
+def parse_values(text: str) -> list[Any]:
+    """JSON (``[[0.1], [0.2]]`` or ``[0.1, 0.2]``) or comma-separated scalars → a list."""
+    text = text.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _features(values: list[Any]) -> list[list[float]]:
+    """Scalars become 1-feature steps, so ``0.1,0.2`` means two steps."""
+    return [v if isinstance(v, list) else [v] for v in values]
+
+
+def _print(message: Any) -> None:
+    print(
+        json.dumps(
+            MessageToDict(
+                message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+            ),
+            indent=1,
+        )
+    )
+
+
+def _models(c: Client, args: argparse.Namespace) -> None:
+    for m in c.models():
+        kind = "streamable" if m.streamable else "Predict only"
+        print(f"{m.name}\tv{m.version}\t{m.input.kind}->{m.output.kind}\t{kind}\t{m.task}")
+
+
+def _model(c: Client, args: argparse.Namespace) -> None:
+    info = c.model(args.name)
+    info.ClearField("manifest_json")
+    _print(info)
+
+
+def _step(c: Client, args: argparse.Namespace) -> None:
+    if (args.values is None) == (args.text is None):
+        raise SystemExit("give exactly one of --values or --text")
+    with c.session(args.model, args.version) as s:
+        if args.text is not None:
+            chunks = [args.text] if args.one_call else list(args.text)
+            replies = [s.step(text=t) for t in chunks]
+        else:
+            steps = _features(parse_values(args.values))
+            chunks = [steps] if args.one_call else [[row] for row in steps]
+            replies = [s.step(chunk) for chunk in chunks]
+    for reply in replies:
+        _print(reply)
+
+
+def _generate(c: Client, args: argparse.Namespace) -> None:
+    with c.session(args.model, args.version) as s:
+        events = s.generate(
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
+        sys.stdout.write(args.prompt)
+        for g in events:
+            sys.stdout.write(g.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def _forecast(c: Client, args: argparse.Namespace) -> None:
+    history = _features(parse_values(args.values))
+    with c.session(args.model, args.version) as s:
+        forecast = [list(g.value) for g in s.generate(history, max_tokens=args.steps)]
+    print(json.dumps({"history": history, "forecast": forecast}))
+    if args.plot:
+        plot_forecast(history, forecast, args.plot, args.model)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def plot_forecast(history: list[list[float]], forecast: list[list[float]], path: str, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3))
+    n = len(history)
+    ax.plot(range(n), [h[0] for h in history], "o-", label="history (sent)")
+    ax.plot(range(n, n + len(forecast)), [f[0] for f in forecast], ".-", label="forecast")
+    ax.set_xlabel("step")
+    ax.set_title(f"{title}: forecast by feeding predictions back")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _predict(c: Client, args: argparse.Namespace) -> None:
+    inputs: list[Any] = [*args.text, *(_features(parse_values(v)) for v in args.values)]
+    if not inputs:
+        raise SystemExit("give at least one --values or --text sequence")
+    _print(c.predict(args.model, inputs, version=args.version))
+
+
+def client_command(args: argparse.Namespace) -> int:
+    with Client(args.address) as c:
+        try:
+            args.action(c, args)
+        except grpc.RpcError as e:
+            print(f"rnnserve client: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    return 0
