@@ -161,7 +161,7 @@ def java_command(props: dict[str, str], store: Path, models: list[str], run: Pat
         str(config),
         "-s",
         str(archive_dir(store)),
-        "--no-config-snapshots",
+        "--no-config-snapshot",
         "--models",
         *models,
     ]
@@ -194,7 +194,8 @@ def start(
     try:
         wait_until_ready(local_url(props["management_address"]), names, proc, timeout_s)
     except BaseException:
-        stop_frontend(psutil.Process(proc.pid))
+        stop_session(proc.pid)
+        proc.wait()
         print(tail(run / "logs" / "console.log"), file=sys.stderr)
         raise
     print(
@@ -263,17 +264,17 @@ def session_members(sid: int) -> list[psutil.Process]:
     return members
 
 
-def stop_frontend(frontend: psutil.Process, grace_s: float = 30.0) -> None:
-    """SIGTERM the JVM (its shutdown hook stops the workers), then end whatever is left."""
-    sid = frontend.pid  # started with start_new_session: the frontend leads its own session
-    try:
+def stop_session(pid: int, grace_s: float = 30.0) -> None:
+    """SIGTERM the frontend (its shutdown hook stops the workers), then end whatever is left in
+    its session. ``pid`` leads the session: start used start_new_session (or exec'd into it)."""
+    with contextlib.suppress(psutil.Error):
+        frontend = psutil.Process(pid)
         frontend.terminate()
-        frontend.wait(grace_s)
-    except psutil.TimeoutExpired:
-        frontend.kill()
-    except psutil.NoSuchProcess:
-        pass
-    leftovers = [p for p in session_members(sid) if p.pid != os.getpid()]
+        try:
+            frontend.wait(grace_s)
+        except psutil.TimeoutExpired:
+            frontend.kill()
+    leftovers = [p for p in session_members(pid) if p.pid != os.getpid()]
     for p in leftovers:
         _quietly(p.terminate)
     _, alive = psutil.wait_procs(leftovers, timeout=5)
@@ -291,7 +292,7 @@ def stop(store: Path) -> int:
     pid_file = run_dir(store) / PID_FILE
     frontend = running_frontend(store)
     if frontend is not None:
-        stop_frontend(frontend)
+        stop_session(frontend.pid)
         print(f"TorchServe stopped (pid {frontend.pid})")
     elif pid_file.is_file():  # the frontend died: end workers it may have left behind
         orphans = [p for p in session_members(_read_pid(pid_file)) if _is_torchserve(p)]
