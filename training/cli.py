@@ -1,0 +1,124 @@
+"""``rnnserve train`` and ``rnnserve export`` (also ``python -m training``).
+
+Every failure the user can cause ends as one line on stderr and a non-zero exit status, and never
+leaves a half-written version folder behind (see ``training.export``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from serving.errors import RnnServeError
+from serving.manifest import list_versions, resolve
+from training import zoo
+from training.export import Artifact, ExportError, export, load_checkpoint
+from training.train import TrainingError, train
+
+EXIT_ERROR = 2  # bad input or a broken artifact
+EXIT_BAR_MISSED = 1  # trained and exported, but a model missed its quality bar
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``["lr=0.1", "epochs=3"]`` -> ``{"lr": 0.1, "epochs": 3}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key] = float(value) if any(c in value for c in ".eE") else int(value)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnserve", description="train and export the model zoo")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train models and export each into a new store version")
+    t.add_argument("names", nargs="*", metavar="NAME", help=f"models: {', '.join(zoo.ZOO)}")
+    t.add_argument("--all", action="store_true", help="the whole zoo")
+    t.add_argument("--quick", action="store_true", help="small, fast runs with a lower bar")
+    t.add_argument("--store", type=Path, default=Path("model_store"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="retrain models already in the store")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a hyperparameter, e.g. --set lr=0.001",
+    )
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: these small models gain little from more)",
+    )
+    e = sub.add_parser("export", help="re-export the latest version from its weights.pt")
+    e.add_argument("name")
+    e.add_argument("--store", type=Path, default=Path("model_store"))
+    return p
+
+
+def train_command(args: argparse.Namespace) -> int:
+    if not args.all and not args.names:
+        raise ValueError("name at least one model, or pass --all")
+    specs = [zoo.get(n) for n in (list(zoo.ZOO) if args.all else args.names)]
+    overrides = parse_overrides(args.set)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return train_specs(specs, overrides, args)
+    finally:
+        torch.set_num_threads(threads)  # the caller may be a test process that goes on
+
+
+def train_specs(specs: list[zoo.ModelSpec], overrides: dict[str, Any], args) -> int:
+    missed = []
+    for spec in specs:
+        if list_versions(args.store, spec.name) and not args.force:
+            print(f"{spec.name}: already in {args.store} (--force retrains), skipped")
+            continue
+        spec = spec.with_overrides(overrides, args.quick) if overrides else spec
+        began = time.perf_counter()
+        trained = train(spec, seed=args.seed, quick=args.quick, progress=not args.no_progress)
+        folder = export(Artifact.from_trained(trained), args.store)
+        m = trained.metrics
+        verdict = "passed" if m["passed"] else "MISSED"
+        print(
+            f"{spec.name}: {spec.bar.metric} {m[spec.bar.metric]:.4g} ({m['bar']}: {verdict}) "
+            f"-> {folder} in {time.perf_counter() - began:.1f} s"
+        )
+        if not m["passed"]:
+            missed.append(spec.name)
+    if missed:
+        print(f"error: quality bar missed by {', '.join(missed)}", file=sys.stderr)
+        return EXIT_BAR_MISSED
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    spec = zoo.get(args.name)
+    source = resolve(args.store, spec.name)
+    folder = export(load_checkpoint(source, spec), args.store)
+    print(f"{spec.name}: re-exported {source} -> {folder}")
+    return 0
+
+
+def one_line(e: BaseException) -> str:
+    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(str(text).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return train_command(args) if args.command == "train" else export_command(args)
+    except (KeyError, ValueError, OSError, TrainingError, ExportError, RnnServeError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
