@@ -354,7 +354,7 @@ class GRPCInferenceService:
     async def ServerReady(self, request: Any, context: Any) -> Any:
         # The Engine loads every model before the server starts, so a running server is ready
         # unless it is draining for shutdown.
-        return pb.ServerReadyResponse(ready=not getattr(self.engine, "stopping", False))
+        return pb.ServerReadyResponse(ready=not self.engine.stopping)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
         return pb.ServerMetadataResponse(
