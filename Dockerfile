@@ -64,4 +64,5 @@ EXPOSE 50051 9090 8080 8082
 # Default role: the gRPC service. docker-compose.yml sets each service's own command and healthcheck.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["rnnserve", "health", "--address", "127.0.0.1:50051"]
-CMD ["rnnserve", "serve", "--store", "/models", "--address", "0.0.0.0:50051", "--metrics-port", "9090"]
+CMD ["rnnserve", "serve", "--store", "/models", "--address", "0.0.0.0:50051", \
+     "--metrics-port", "9090", "--metrics-address", "0.0.0.0"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import importlib.resources
 import json
+import os
 import re
 import shlex
 import shutil
@@ -354,8 +355,10 @@ def test_every_command_is_an_rnnserve_subcommand_that_parses() -> None:
 def test_serve_command_matches_the_published_ports() -> None:
     args = parse_with_our_cli(services()["grpc"]["command"])
     container_ports = {p.container_port for p in published_ports("grpc")}
-    assert int(str(args.address).rsplit(":", 1)[1]) in container_ports
-    assert int(args.metrics_port) in container_ports
+    host, port = str(args.address).rsplit(":", 1)
+    # 127.0.0.1 inside a container would be unreachable through the published ports.
+    assert (host, args.metrics_address) == ("0.0.0.0", "0.0.0.0")
+    assert {int(port), int(args.metrics_port)} == container_ports
     assert str(args.store) == "/models"
 
 
@@ -363,11 +366,28 @@ def test_dockerfile_default_command_is_the_compose_grpc_command() -> None:
     assert exec_form(final_stage().last("CMD")) == services()["grpc"]["command"]
 
 
-def test_environment_variables_are_ones_our_cli_reads() -> None:
-    sources = "\n".join(p.read_text() for p in (ROOT / "serving").rglob("*.py"))
-    for name in services()["grpc"].get("environment", {}):
-        assert name.startswith("RNNSERVE_"), name
-        assert f'"{name}"' in sources, f"{name} is set in compose but nothing in serving/ reads it"
+def parse_serve_with_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Any:
+    """`rnnserve serve` parsed in exactly this RNNSERVE_* environment (the parser reads it)."""
+    for name in [n for n in os.environ if n.startswith("RNNSERVE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return parse_with_our_cli(["rnnserve", "serve"])
+
+
+def test_grpc_environment_defaults_are_the_cli_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = services()["grpc"]["environment"]
+    assert all(name.startswith("RNNSERVE_") for name in environment)
+    defaults = parse_serve_with_environment(monkeypatch, {})
+    assert parse_serve_with_environment(monkeypatch, environment) == defaults
+
+
+def test_every_grpc_environment_variable_is_read_by_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = services()["grpc"]["environment"]
+    defaults = parse_serve_with_environment(monkeypatch, environment)
+    for name, value in environment.items():
+        changed = parse_serve_with_environment(monkeypatch, {**environment, name: value + "1"})
+        assert changed != defaults, f"{name} is set in compose but `rnnserve serve` ignores it"
 
 
 def test_torchserve_command_reads_the_mounted_config() -> None:
