@@ -112,6 +112,8 @@ def write_version(artifact: Artifact, folder: Path, version: int) -> None:
     torch.save(model.state_dict(), folder / "weights.pt")
     graph = export_graph(model)
     graphs = write_graphs(artifact, graph, folder)
+    if model.training or graph.training:
+        raise ExportError("the model left eval mode during export")
     parity = check_parity(artifact, model, folder)
     plots = write_plots(artifact.spec, artifact.history, artifact.metrics, folder)
     metrics = {**artifact.metrics, "history": artifact.history}
@@ -158,9 +160,10 @@ def write_graphs(artifact: Artifact, graph: nn.Module, folder: Path) -> dict[str
         zeros = [torch.zeros(state_layers(arch), 2, arch.hidden) for _ in states]
         axes = {name: {0: "batch", 1: "steps"}, "y": {0: "batch", 1: "steps"}}
         axes.update({s: {1: "batch"} for s in [*states, *outs[1:]]})
-        onnx_export(
-            StepAsForward(graph), (x, *zeros), [name, *states], outs, folder / "step.onnx", axes
-        )
+        # eval() matters: the exporter restores the wrapper's mode afterwards, recursively, and a
+        # fresh module is in training mode (dropout would switch on in the shared layers)
+        step = StepAsForward(graph).eval()
+        onnx_export(step, (x, *zeros), [name, *states], outs, folder / "step.onnx", axes)
         graphs["step"] = GraphSpec("step.onnx", "model.pt", "step", [name, *states], outs)
     return graphs
 

@@ -201,8 +201,10 @@ ZOO_LIST: list[ModelSpec] = [
         task="hello",
         task_args=dict(text="hello", target="elloh"),
         arch=Arch(cell="rnn", input_kind="onehot", input_size=4, hidden=8, output_size=4),
-        hyper=Hyper(lr=0.1, epochs=300, patience=300, clip=5.0),
-        quick=Hyper(lr=0.1, epochs=150, patience=150, clip=5.0),
+        # weight decay keeps the recurrence tame: unconstrained, this tiny RNN becomes chaotic on
+        # unseen strings and float32 rounding (ORT vs torch) grows past the parity tolerance
+        hyper=Hyper(lr=0.05, weight_decay=1e-2, epochs=300, patience=300, clip=5.0),
+        quick=Hyper(lr=0.05, weight_decay=1e-2, epochs=150, patience=150, clip=5.0),
         bar=Bar("exact_steps", full=1.0, quick=1.0),
         output_kind="next_token",
         activation="softmax",
