@@ -1,0 +1,353 @@
+"""Engine (the transport-agnostic core) against the quick zoo and the eager PyTorch reference."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from serving.engine import Engine, EngineConfig
+from serving.errors import (
+    ArtifactError,
+    CapacityExhausted,
+    InvalidInput,
+    ModelNotFound,
+    NotStreamable,
+    SessionExpired,
+    SessionNotFound,
+    StepOutOfOrder,
+    VersionNotFound,
+)
+from serving.manifest import load_manifest
+from training.reference import load_eager
+
+TOL = 1e-5
+
+
+@asynccontextmanager
+async def running(store: Path, **kw):
+    engine = Engine(EngineConfig(store=store, **kw))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop(1.0)
+
+
+class Reference:
+    """Eager PyTorch models, one sequence at a time."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def model(self, name: str) -> torch.nn.Module:
+        if name not in self._models:
+            self._models[name] = load_eager(self.store / name / "1")
+        return self._models[name]
+
+    def run(self, name: str, chunks: list[np.ndarray]) -> np.ndarray:
+        """Every chunk's outputs, concatenated: (T_total, O)."""
+        x = torch.from_numpy(np.concatenate(chunks)[None])  # (1, T, F) or (1, T)
+        m = self.model(name)
+        with torch.inference_mode():
+            y = m.step(x, *m.init_states(1))[0]
+        return y[0].numpy()
+
+    def sequence(self, name: str, rows: list[np.ndarray]) -> np.ndarray:
+        m = self.model(name)
+        with torch.inference_mode():
+            return np.concatenate(
+                [
+                    m.sequence(torch.from_numpy(r[None]), torch.tensor([len(r)])).numpy()
+                    for r in rows
+                ]
+            )
+
+
+@pytest.fixture(scope="module")
+def ref(quick_store: Path) -> Reference:
+    return Reference(quick_store)
+
+
+def features(rng: np.random.Generator, steps: int, f: int = 1) -> np.ndarray:
+    return rng.normal(size=(steps, f)).astype(np.float32)
+
+
+def tokens(engine: Engine, model: str, rng: np.random.Generator, steps: int) -> np.ndarray:
+    vocab = engine.model(model).manifest.input.vocab
+    return rng.integers(0, len(vocab), size=steps).astype(np.int64)
+
+
+def chunk_for(engine: Engine, model: str, rng: np.random.Generator, steps: int) -> np.ndarray:
+    m = engine.model(model).manifest
+    if m.input.kind == "tokens":
+        return tokens(engine, model, rng, steps)
+    return features(rng, steps, m.input.features)
+
+
+# ---- ordering and idempotency ------------------------------------------------------------------
+
+
+def test_step_index_retry_gap_and_replay(quick_store, ref):
+    rng = np.random.default_rng(0)
+    xs = [features(rng, 2), features(rng, 1), features(rng, 3)]
+
+    async def main():
+        async with running(quick_store) as e:
+            sid = e.open_session("sum_sign_lstm").session_id
+            first = await e.step(sid, xs[0], 0)
+            retry = await e.step(sid, xs[0], 0)  # lost reply: same answer, state not advanced
+            assert retry.step_index == 0 and np.array_equal(retry.y, first.y)
+            second = await e.step(sid, xs[1], 1)
+            with pytest.raises(StepOutOfOrder, match="expected 2") as gap:
+                await e.step(sid, xs[2], 5)
+            assert gap.value.expected == 2
+            with pytest.raises(StepOutOfOrder) as replay:
+                await e.step(sid, xs[0], 0)  # older than the last: not a retry
+            assert replay.value.expected == 2
+            third = await e.step(sid, xs[2])  # None = "the next one"
+            assert third.step_index == 2 and e.session(sid).next_step_index == 3
+            return np.concatenate([first.y, second.y, third.y])
+
+    np.testing.assert_allclose(asyncio.run(main()), ref.run("sum_sign_lstm", xs), atol=TOL)
+
+
+def test_concurrent_calls_on_one_session_are_serialized_in_order(quick_store, ref):
+    rng = np.random.default_rng(1)
+    xs = [features(rng, 1) for _ in range(20)]
+
+    async def main():
+        async with running(quick_store) as e:
+            sid = e.open_session("sum_sign_lstm").session_id
+            results = await asyncio.gather(*(e.step(sid, x, i) for i, x in enumerate(xs)))
+            return np.concatenate([r.y for r in results])
+
+    np.testing.assert_allclose(asyncio.run(main()), ref.run("sum_sign_lstm", xs), atol=TOL)
+
+
+# ---- the invariant at the core ------------------------------------------------------------------
+
+
+def streamable_models(store: Path) -> list[str]:
+    """Every streamable model of the zoo (all but the bidirectional one)."""
+    names = [p.parent.parent.name for p in sorted(store.glob("*/1/manifest.json"))]
+    return [n for n in names if load_manifest(store / n / "1", verify=False).streamable]
+
+
+def test_hundreds_of_interleaved_sessions_equal_the_offline_run(quick_store, ref):
+    rng = np.random.default_rng(2)
+
+    async def main():
+        async with running(quick_store, max_batch_size=64) as e:
+            plan = {}
+            models = streamable_models(quick_store)
+            assert len(models) >= 8
+            for i in range(240):
+                model = models[i % len(models)]
+                chunks = [chunk_for(e, model, rng, int(rng.integers(1, 4))) for _ in range(4)]
+                plan[e.open_session(model).session_id] = (model, chunks)
+
+            async def drive(sid):
+                ys = []
+                for k, x in enumerate(plan[sid][1]):
+                    await asyncio.sleep(random.random() * 0.003)
+                    ys.append((await e.step(sid, x, k)).y)
+                return sid, np.concatenate(ys)
+
+            outs = dict(await asyncio.gather(*(drive(s) for s in plan)))
+            batched = sum(
+                rt.scheduler.rows / rt.scheduler.batches
+                for rt in e._runtimes.values()
+                if rt.scheduler
+            )
+            return plan, outs, batched
+
+    plan, outs, mean_rows = asyncio.run(main())
+    for sid, (model, chunks) in plan.items():
+        np.testing.assert_allclose(outs[sid], ref.run(model, chunks), atol=TOL, err_msg=model)
+    assert mean_rows > 1.5, "steps of concurrent sessions should share backend calls"
+
+
+def test_both_backends_give_the_same_results(quick_store):
+    rng = np.random.default_rng(3)
+    xs = {m: [chunk_for_static(quick_store, m, rng) for _ in range(3)] for m in ["seq_gru", "char"]}
+
+    async def run(backend):
+        rng4 = np.random.default_rng(4)
+        async with running(quick_store, backend=backend) as e:
+            out = {}
+            for model, chunks in xs.items():
+                sid = e.open_session(model).session_id
+                out[model] = np.concatenate([(await e.step(sid, x)).y for x in chunks])
+            f = e.model("seq_bilstm").manifest.input.features
+            out["predict"] = await e.predict("seq_bilstm", None, [features(rng4, 5, f)])
+            return out
+
+    onnx, ts = asyncio.run(run("onnx")), asyncio.run(run("torchscript"))
+    for key in onnx:
+        np.testing.assert_allclose(onnx[key], ts[key], atol=TOL, err_msg=key)
+
+
+def chunk_for_static(
+    store: Path, model: str, rng: np.random.Generator, steps: int = 3
+) -> np.ndarray:
+    m = load_manifest(store / model / "1", verify=False)
+    if m.input.kind == "tokens":
+        return rng.integers(0, len(m.input.vocab), size=steps).astype(np.int64)
+    return features(rng, steps, m.input.features)
+
+
+# ---- Predict -------------------------------------------------------------------------------------
+
+
+def test_predict_variable_lengths_every_model_kind_incl_bidirectional(quick_store, ref):
+    rng = np.random.default_rng(5)
+    models = ("seq_bilstm", "seq_lstm", "sum_sign_lstm", "char")
+    rows = {m: [chunk_for_static(quick_store, m, rng, n) for n in (1, 7, 3, 12)] for m in models}
+
+    async def main():
+        async with running(quick_store) as e:
+            with pytest.raises(NotStreamable, match="use Predict"):
+                e.open_session("seq_bilstm")
+            return {m: await e.predict(m, None, rows[m]) for m in models}
+
+    for model, y in asyncio.run(main()).items():
+        np.testing.assert_allclose(y, ref.sequence(model, rows[model]), atol=TOL, err_msg=model)
+
+
+# ---- Generate -----------------------------------------------------------------------------------
+
+
+def test_generate_is_reproducible_and_steps_continue_from_it(quick_store, ref):
+    async def main():
+        async with running(quick_store) as e:
+            m = e.model("char").manifest
+            index = {c: i for i, c in enumerate(m.input.vocab)}
+            prompt = np.array([index[c] for c in "def "], dtype=np.int64)
+            texts, last = [], None
+            for _ in range(2):
+                sid = e.open_session("char").session_id
+                gen = [
+                    g async for g in e.generate(sid, prompt, 12, temperature=0.9, top_k=5, seed=7)
+                ]
+                texts.append([g.token for g in gen])
+                nxt = await e.step(sid, prompt[:2])  # Steps continue where Generate left off
+                last = (gen, nxt)
+            return texts, prompt, last
+
+    texts, prompt, (gen, nxt) = asyncio.run(main())
+    assert texts[0] == texts[1] and len(texts[0]) == 12
+    tokens = np.array(texts[0], dtype=np.int64)
+    expected = ref.run("char", [prompt, tokens, prompt[:2]])
+    got = np.concatenate([np.stack([g.y for g in gen]), nxt.y])
+    np.testing.assert_allclose(got, expected[len(prompt) :], atol=TOL)
+
+
+def test_sine_forecast_feeds_predictions_back(quick_store, ref):
+    history = np.sin(np.linspace(0, 2, 8, dtype=np.float32)).reshape(-1, 1)
+
+    async def main():
+        async with running(quick_store) as e:
+            sid = e.open_session("sine").session_id
+            return [g async for g in e.generate(sid, history, max_tokens=5)]
+
+    gen = asyncio.run(main())
+    m = ref.model("sine")
+    x = torch.from_numpy(history[None])
+    with torch.inference_mode():
+        y, *states = m.step(x, *m.init_states(1))
+        fed = []
+        for _ in range(5):
+            value = y[:, -1:]  # (1, 1, 1): the prediction becomes the next input
+            fed.append(float(value))
+            y, *states = m.step(value, *states)
+    np.testing.assert_allclose([float(g.value[0]) for g in gen], fed, atol=TOL)
+
+
+# ---- lifecycle, errors --------------------------------------------------------------------------
+
+
+def test_cancelled_caller_leaves_a_consistent_session(quick_store, ref):
+    rng = np.random.default_rng(6)
+    xs = [features(rng, 2) for _ in range(3)]
+
+    async def main():
+        async with running(quick_store) as e:
+            sid = e.open_session("sum_sign_lstm").session_id
+            a = await e.step(sid, xs[0], 0)
+            task = asyncio.create_task(e.step(sid, xs[1], 1))
+            await asyncio.sleep(0)  # submitted, not answered
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            b = await e.step(sid, xs[1], 1)  # ran anyway → cached; or not → runs now
+            c = await e.step(sid, xs[2], 2)
+            return np.concatenate([a.y, b.y, c.y])
+
+    np.testing.assert_allclose(asyncio.run(main()), ref.run("sum_sign_lstm", xs), atol=TOL)
+
+
+def test_expired_unknown_closed_and_capacity(quick_store):
+    async def main():
+        async with running(quick_store, session_ttl_s=0.2, max_sessions=2) as e:
+            x = np.zeros((1, 1), np.float32)
+            a = e.open_session("sine").session_id
+            b = e.open_session("sine").session_id
+            with pytest.raises(CapacityExhausted):
+                e.open_session("sine")
+            e.close_session(b)
+            with pytest.raises(SessionNotFound):
+                await e.step(b, x)
+            await asyncio.sleep(0.3)
+            with pytest.raises(SessionExpired):
+                await e.step(a, x)
+            with pytest.raises(SessionNotFound):
+                await e.step("no-such-session", x)
+            e.open_session("sine")
+            e.open_session("sine")  # both slots free again
+
+    asyncio.run(main())
+
+
+def test_bad_inputs_are_refused_before_they_reach_a_batch(quick_store):
+    async def main():
+        async with running(quick_store, max_steps_per_request=8) as e:
+            sid = e.open_session("sum_sign_lstm").session_id
+            cid = e.open_session("char").session_id
+            cases = [
+                (sid, np.zeros((2, 3), np.float32), "expects 1 features"),
+                (sid, np.array([[np.nan]], np.float32), "NaN or Inf"),
+                (sid, np.zeros((0, 1), np.float32), "empty input"),
+                (sid, np.zeros((9, 1), np.float32), "at most 8"),
+                (sid, np.zeros(3, np.int64), "float features"),
+                (cid, np.array([10_000], np.int64), "outside the vocabulary"),
+                (cid, np.zeros((1, 1), np.float32), "token ids"),
+            ]
+            for session_id, x, message in cases:
+                with pytest.raises(InvalidInput, match=message):
+                    await e.step(session_id, x)
+            assert e.session(sid).next_step_index == 0
+            with pytest.raises(ModelNotFound):
+                e.open_session("nope")
+            with pytest.raises(VersionNotFound):
+                e.open_session("sine", 99)
+
+    asyncio.run(main())
+
+
+def test_a_corrupt_artifact_is_refused(quick_store, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(quick_store / "sine", store / "sine")
+    graph = next((store / "sine" / "1").glob("*.onnx"))
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256"):
+        Engine(EngineConfig(store=store))
