@@ -32,8 +32,10 @@ FROM ${PYTHON_IMAGE} AS runtime
 
 # TorchServe's frontend is Java; the headless JRE is all it needs. Not pinned to a Debian revision
 # (DL3008): bookworm's security updates replace old revisions, which would break rebuilds.
+# The JRE's post-install links man pages, whose folder slim images leave out.
 # hadolint ignore=DL3008
-RUN apt-get update \
+RUN mkdir -p /usr/share/man/man1 \
+    && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
        openjdk-17-jre-headless \
     && rm -rf /var/lib/apt/lists/*
