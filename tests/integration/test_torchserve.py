@@ -1,0 +1,306 @@
+"""The real TorchServe 0.12 (Java frontend + Python workers) serving every zoo model.
+
+Started with ``rnnserve torchserve start`` on free loopback ports, with archives built for this run
+(batchSize 4 and a long maxBatchDelay, so concurrent requests are reliably batched together and
+every reply says how large its batch was). Predictions are compared with the eager PyTorch
+reference run on each request alone; bad requests share a batch with good ones; and ``stop`` must
+leave no Java or worker process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import torch
+
+from serving.manifest import Manifest, load_manifest, resolve
+from serving.torchserve import control
+from training.reference import load_eager
+from training.zoo import ZOO
+
+CLI = [sys.executable, "-m", "serving.cli"]
+BATCH = 4
+ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Server:
+    store: Path
+    url: str  # inference API
+    management: str
+    metrics: str
+    run_dir: Path
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def torchserve_processes(run_dir: Path) -> list[psutil.Process]:
+    """The frontend and its workers: both name the run folder on their command lines."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if str(run_dir) in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def server(quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    store = tmp_path_factory.mktemp("ts_store")
+    for name in ZOO:  # the quick store is read-only: link its models, write archives here
+        (store / name).symlink_to(quick_store / name, target_is_directory=True)
+    archive = [*CLI, "archive", "--store", str(store)]
+    subprocess.run([*archive, "--batch-size", str(BATCH), "--max-batch-delay", "400"], check=True)
+    ports = free_ports(5)
+    flags = ["--inference-port", "--management-port", "--metrics-port"]
+    flags += ["--grpc-inference-port", "--grpc-management-port"]
+    port_args = [a for pair in zip(flags, map(str, ports), strict=True) for a in pair]
+    start = [*CLI, "torchserve", "start", "--store", str(store), *port_args, "--timeout", "300"]
+    run_dir = control.run_dir(store)
+    try:
+        subprocess.run(start, check=True, timeout=360)
+        yield Server(
+            store,
+            f"http://127.0.0.1:{ports[0]}",
+            f"http://127.0.0.1:{ports[1]}",
+            f"http://127.0.0.1:{ports[2]}",
+            run_dir,
+        )
+    finally:
+        subprocess.run([*CLI, "torchserve", "stop", "--store", str(store)], timeout=120)
+        for p in torchserve_processes(run_dir):  # never leak a JVM, even when a test failed
+            p.kill()
+
+
+@pytest.fixture(scope="module")
+def models(quick_store: Path) -> dict[str, tuple[Manifest, torch.nn.Module]]:
+    out = {}
+    for name in ZOO:
+        version_dir = resolve(quick_store, name)
+        out[name] = (load_manifest(version_dir), load_eager(version_dir))
+    return out
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: Any  # parsed JSON, or None when the body was empty
+    batch: int  # how many requests shared the batch (0 when the frontend answered alone)
+
+
+def post(server: Server, model: str, body: Any) -> Reply:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = requests.post(
+        f"{server.url}/predictions/{model}",
+        data=data,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    parsed = r.json() if r.content else None
+    return Reply(r.status_code, parsed, int(r.headers.get("x-rnnserve-batch-size", 0)))
+
+
+def post_together(server: Server, model: str, bodies: list[Any]) -> list[Reply]:
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda b: post(server, model, b), bodies))
+
+
+# ---- the reference (decoded and computed here, independent of the serving code) --------------
+
+
+def random_body(m: Manifest, steps: int, rng: np.random.Generator) -> dict[str, Any]:
+    if m.input.kind == "tokens":
+        vocab = m.input.vocab or []
+        return {"text": "".join(vocab[i] for i in rng.integers(0, len(vocab), steps))}
+    return {"inputs": rng.normal(size=(steps, m.input.features)).round(4).tolist()}
+
+
+def as_tensor(m: Manifest, body: dict[str, Any]) -> torch.Tensor:
+    if m.input.kind == "tokens":
+        index = {c: i for i, c in enumerate(m.input.vocab or [])}
+        return torch.tensor([[index[c] for c in body["text"]]], dtype=torch.int64)
+    return torch.tensor([body["inputs"]], dtype=torch.float32)
+
+
+def eager_alone(eager: torch.nn.Module, m: Manifest, body: dict[str, Any]) -> torch.Tensor:
+    x = as_tensor(m, body)
+    with torch.no_grad():
+        return eager.sequence(x, torch.tensor([x.shape[1]]))[0]  # (O,)
+
+
+def assert_matches(m: Manifest, reply: dict[str, Any], y: torch.Tensor) -> None:
+    assert reply["model"] == m.name
+    if m.output.kind == "regression":
+        assert reply["value"] == pytest.approx(float(y[0]), abs=ATOL)
+        return
+    if m.output.activation == "sigmoid":
+        p = torch.sigmoid(y[0])
+        probs = [float(1 - p), float(p)]
+    elif m.output.activation == "log_softmax":
+        probs = torch.exp(y).tolist()
+    else:
+        probs = torch.softmax(y, dim=-1).tolist()
+    names = m.output.labels or m.output.vocab or []
+    best = names[int(np.argmax(probs))]
+    if m.output.kind == "classification":
+        assert [reply["probabilities"][n] for n in names] == pytest.approx(probs, abs=ATOL)
+        assert reply["label"] == best
+    else:
+        assert reply["top_k"][0]["p"] == pytest.approx(max(probs), abs=ATOL)
+        assert reply["char"] == best
+
+
+def eager_rollout(eager: torch.nn.Module, m: Manifest, body: dict[str, Any], n: int) -> list:
+    x = as_tensor(m, body)
+    out: list = []
+    with torch.no_grad():
+        y, *states = eager.step(x, *eager.init_states(1))
+        for _ in range(n):
+            last = y[0, -1]
+            if m.output.kind == "next_token":
+                out.append(int(last.argmax()))
+                nxt = torch.tensor([[out[-1]]], dtype=torch.int64)
+            else:
+                out.append(float(last[0]))
+                nxt = last.reshape(1, 1, -1)
+            y, *states = eager.step(nxt, *states)
+    return out
+
+
+# ---- tests ------------------------------------------------------------------------------------
+
+
+def test_every_model_is_ready_and_loopback_only(server: Server) -> None:
+    assert requests.get(f"{server.url}/ping", timeout=10).json()["status"] == "Healthy"
+    listed = requests.get(f"{server.management}/models", timeout=10).json()["models"]
+    assert sorted(m["modelName"] for m in listed) == sorted(ZOO)
+    frontend = control.running_frontend(server.store)
+    assert frontend is not None
+    listening = [c for c in frontend.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert len(listening) >= 5 and {c.laddr.ip for c in listening} == {"127.0.0.1"}
+    register = requests.post(f"{server.management}/models?url=x.mar", timeout=10)
+    assert register.status_code >= 400  # the model API is off
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_concurrent_mixed_lengths_equal_each_request_alone(server: Server, models, name: str):
+    m, eager = models[name]
+    rng = np.random.default_rng(len(name))
+    bodies = [random_body(m, int(t), rng) for t in rng.integers(1, 60, size=2 * BATCH)]
+    replies = post_together(server, name, bodies)
+    for reply, body in zip(replies, bodies, strict=True):
+        assert reply.status == 200, reply.body
+        assert_matches(m, reply.body, eager_alone(eager, m, body))
+    assert max(r.batch for r in replies) > 1  # they really were served in batches
+
+
+def test_many_clients_on_one_model(server: Server, models) -> None:
+    m, eager = models["seq_lstm"]
+    rng = np.random.default_rng(3)
+    bodies = [random_body(m, int(t), rng) for t in rng.integers(1, 50, size=24)]
+    replies = post_together(server, "seq_lstm", bodies)
+    for reply, body in zip(replies, bodies, strict=True):
+        assert reply.status == 200
+        assert_matches(m, reply.body, eager_alone(eager, m, body))
+    assert sum(r.batch == BATCH for r in replies) >= BATCH
+
+
+def test_char_generation_and_sine_forecast(server: Server, models) -> None:
+    m, eager = models["char"]
+    body = {"text": "The ", "generate": 40}
+    (reply,) = post_together(server, "char", [body])
+    assert reply.status == 200
+    expected = "".join((m.input.vocab or [])[i] for i in eager_rollout(eager, m, body, 40))
+    assert reply.body["generated"] == expected
+    m, eager = models["sine"]
+    body = {"inputs": np.sin(np.arange(20) * 0.157).reshape(-1, 1).tolist(), "horizon": 30}
+    (reply,) = post_together(server, "sine", [body])
+    assert reply.body["forecast"] == pytest.approx(eager_rollout(eager, m, body, 30), abs=1e-3)
+
+
+BAD: list[tuple[str, str, Any, int, str]] = [  # (case, model, body, status, words)
+    ("malformed JSON", "sum_sign_lstm", b'{"inputs": [[0.5]', 400, "not valid JSON"),
+    ("missing field", "sum_sign_lstm", {}, 400, 'missing field "inputs"'),
+    ("wrong feature count", "seq_lstm", {"inputs": [[0.5] * 3]}, 400, "expects 10 features"),
+    ("NaN", "sum_sign_lstm", b'{"inputs": [[NaN]]}', 400, "NaN or Inf"),
+    ("Infinity", "elman", b'{"inputs": [[-Infinity]]}', 400, "NaN or Inf"),
+    ("empty sequence", "sum_sign_rnn", {"inputs": []}, 400, "empty input"),
+    ("over-long sequence", "seq_gru", {"inputs": [[0.0] * 10] * 1025}, 400, "at most 1024"),
+    ("over-long body", "sine", b'{"inputs": [' + b"[0.5]," * 200_000 + b"[0.5]]}", 413, "limit"),
+    ("unknown characters", "char", {"text": "caf\u00e9\u2603"}, 400, "outside char's vocab"),
+    ("empty body", "seq_bilstm", b"", 400, "no JSON body"),
+]
+
+
+@pytest.mark.parametrize(("case", "model", "body", "status", "words"), BAD, ids=[b[0] for b in BAD])
+def test_a_bad_request_in_a_batch_fails_alone(
+    server: Server, models, case: str, model: str, body: Any, status: int, words: str
+) -> None:
+    m, eager = models[model]
+    rng = np.random.default_rng(11)
+    good = [random_body(m, int(t), rng) for t in (5, 1, 17)]
+    replies = post_together(server, model, [good[0], body, good[1], good[2]])
+    bad = replies[1]
+    assert bad.status == status, bad.body
+    assert words in bad.body["error"] and bad.body["status"] == status
+    assert [r.batch for r in replies] == [BATCH] * BATCH, "the four did not share one batch"
+    for reply, g in zip([replies[0], *replies[2:]], good, strict=True):
+        assert reply.status == 200
+        assert_matches(m, reply.body, eager_alone(eager, m, g))
+
+
+def test_what_the_frontend_refuses_before_any_worker(server: Server) -> None:
+    unknown = post(server, "no_such_model", {"inputs": [[0.5]]})
+    assert unknown.status == 404 and "no_such_model" in unknown.body["message"]
+    huge = post(server, "sine", b" " * (9 << 20))  # past max_request_size (8 MiB)
+    assert huge.status == 413
+    assert post(server, "sine", {"inputs": [[0.5]]}).status == 200  # still serving
+
+
+def test_start_refuses_a_second_frontend_for_the_same_store(server: Server) -> None:
+    again = subprocess.run(
+        [*CLI, "torchserve", "start", "--store", str(server.store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode != 0 and "already running" in again.stderr
+
+
+def test_stop_leaves_no_java_or_worker_process(server: Server) -> None:
+    before = torchserve_processes(server.run_dir)
+    assert len(before) == 1 + len(ZOO)  # one frontend, one worker per model
+    stopped = subprocess.run(
+        [*CLI, "torchserve", "stop", "--store", str(server.store)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    assert not [p for p in before if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert torchserve_processes(server.run_dir) == []
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{server.url}/ping", timeout=5)

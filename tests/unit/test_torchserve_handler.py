@@ -1,0 +1,276 @@
+"""The TorchServe handler driven directly, without a server, through TorchServe's own Context.
+
+Every zoo model answers batches of random-length requests exactly as the eager PyTorch reference
+answers each request alone; char models generate and sine forecasts as an eager greedy rollout does;
+each bad request gets its own 4xx and JSON error while the good ones sharing its batch are unharmed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from ts.context import Context, RequestProcessor
+
+from serving.manifest import Manifest, load_manifest, resolve
+from serving.torchserve.handler import RnnHandler
+from training.reference import load_eager
+from training.zoo import ZOO
+
+ATOL = 1e-4  # ONNX Runtime vs eager PyTorch (the export's parity bar is 1e-5 on raw outputs)
+MAX_BODY = 4096  # a small limit so the over-long-body case stays cheap
+
+
+def torchserve_context(version_dir: Path, batch_size: int = 8) -> Context:
+    config = {"batchSize": batch_size, "handler": {"max_body_bytes": MAX_BODY}}
+    manifest = {"model": {"modelName": version_dir.parent.name}}
+    return Context(
+        version_dir.parent.name,
+        str(version_dir),
+        manifest,
+        batch_size,
+        None,
+        "0.12.0",
+        model_yaml_config=config,
+    )
+
+
+@pytest.fixture(scope="module")
+def handlers(quick_store: Path) -> dict[str, tuple[RnnHandler, Context, Path]]:
+    loaded = {}
+    for name in ZOO:
+        version_dir = resolve(quick_store, name)
+        ctx = torchserve_context(version_dir)
+        handler = RnnHandler()
+        handler.initialize(ctx)
+        loaded[name] = (handler, ctx, version_dir)
+    return loaded
+
+
+def run_batch(handler: RnnHandler, ctx: Context, bodies: list[Any]) -> list[tuple[int, dict]]:
+    """One TorchServe batch: bodies arrive as raw bytes (decode_input_request=false)."""
+    data = [{"body": b if isinstance(b, bytes) else json.dumps(b).encode()} for b in bodies]
+    ctx.request_processor = [RequestProcessor({}) for _ in data]
+    replies = handler.handle(data, ctx)
+    assert len(replies) == len(bodies)
+    return [(ctx.get_response_status(i)[0], json.loads(r)) for i, r in enumerate(replies)]
+
+
+# ---- the independent reference ---------------------------------------------------------------
+
+
+def random_body(m: Manifest, steps: int, rng: np.random.Generator) -> dict[str, Any]:
+    if m.input.kind == "tokens":
+        vocab = m.input.vocab or []
+        return {"text": "".join(vocab[i] for i in rng.integers(0, len(vocab), steps))}
+    return {"inputs": rng.normal(size=(steps, m.input.features)).round(4).tolist()}
+
+
+def as_tensor(m: Manifest, body: dict[str, Any]) -> torch.Tensor:
+    """(1, T, F) float32 or (1, T) int64, decoded here, not by the codec."""
+    if m.input.kind == "tokens":
+        index = {c: i for i, c in enumerate(m.input.vocab or [])}
+        return torch.tensor([[index[c] for c in body["text"]]], dtype=torch.int64)
+    return torch.tensor([body["inputs"]], dtype=torch.float32)
+
+
+def eager_alone(eager: torch.nn.Module, m: Manifest, body: dict[str, Any]) -> torch.Tensor:
+    x = as_tensor(m, body)
+    with torch.no_grad():
+        return eager.sequence(x, torch.tensor([x.shape[1]]))[0]  # (O,)
+
+
+def eager_probabilities(m: Manifest, y: torch.Tensor) -> list[float]:
+    if m.output.activation == "sigmoid":
+        p = torch.sigmoid(y[0])
+        return [float(1 - p), float(p)]
+    if m.output.activation == "log_softmax":
+        return torch.exp(y).tolist()
+    return torch.softmax(y, dim=-1).tolist()
+
+
+def assert_matches(m: Manifest, reply: dict[str, Any], y: torch.Tensor) -> None:
+    assert reply["model"] == m.name and reply["version"] == m.version
+    if m.output.kind == "regression":
+        assert reply["value"] == pytest.approx(float(y[0]), abs=ATOL)
+        return
+    p = eager_probabilities(m, y)
+    if m.output.kind == "classification":
+        got = [reply["probabilities"][label] for label in m.output.labels or []]
+        assert got == pytest.approx(p, abs=ATOL)
+        assert reply["label"] == (m.output.labels or [])[int(np.argmax(p))]
+    else:
+        top = reply["top_k"][0]
+        assert top["p"] == pytest.approx(max(p), abs=ATOL)
+        assert reply["char"] == top["char"] == (m.output.vocab or [])[int(np.argmax(p))]
+
+
+def eager_rollout(eager: torch.nn.Module, m: Manifest, body: dict[str, Any], n: int) -> list:
+    """Greedy: feed the argmax character (or the predicted value) back, one step at a time."""
+    x = as_tensor(m, body)
+    with torch.no_grad():
+        y, *states = eager.step(x, *eager.init_states(1))
+        out = []
+        for _ in range(n):
+            last = y[0, -1]
+            if m.output.kind == "next_token":
+                out.append(int(last.argmax()))
+                nxt = torch.tensor([[out[-1]]], dtype=torch.int64)
+            else:
+                out.append(float(last[0]))
+                nxt = last.reshape(1, 1, -1)
+            y, *states = eager.step(nxt, *states)
+    return out
+
+
+# ---- every model, mixed lengths -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_batch_of_mixed_lengths_equals_each_request_alone(handlers, name: str) -> None:
+    handler, ctx, version_dir = handlers[name]
+    m = load_manifest(version_dir)
+    eager = load_eager(version_dir)
+    rng = np.random.default_rng(len(name))
+    bodies = [random_body(m, int(t), rng) for t in rng.integers(1, 40, size=7)]
+    bodies.append(random_body(m, 1, rng))  # the shortest sequence shares a batch with long ones
+    for (status, reply), body in zip(run_batch(handler, ctx, bodies), bodies, strict=True):
+        assert status == 200, reply
+        assert_matches(m, reply, eager_alone(eager, m, body))
+
+
+def test_a_batch_of_one_equals_the_same_request_in_a_full_batch(handlers) -> None:
+    handler, ctx, version_dir = handlers["seq_gru"]
+    m = load_manifest(version_dir)
+    rng = np.random.default_rng(7)
+    bodies = [random_body(m, int(t), rng) for t in (50, 3, 17, 1, 33)]
+    together = run_batch(handler, ctx, bodies)
+    alone = [run_batch(handler, ctx, [b])[0] for b in bodies]
+    for (_, a), (_, b) in zip(together, alone, strict=True):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["char", "char_hello"])
+def test_generate_follows_the_eager_greedy_rollout(handlers, name: str) -> None:
+    handler, ctx, version_dir = handlers[name]
+    m = load_manifest(version_dir)
+    eager = load_eager(version_dir)
+    vocab = m.input.vocab or []
+    prompts = ["".join(vocab[i % len(vocab)] for i in range(k, k + n)) for k, n in ((0, 5), (3, 1))]
+    bodies = [{"text": p, "generate": n} for p, n in zip(prompts, (12, 4), strict=True)]
+    bodies.append({"text": prompts[0]})  # a plain request in the same batch
+    replies = run_batch(handler, ctx, bodies)
+    for (status, reply), body in zip(replies[:2], bodies, strict=True):
+        assert status == 200, reply
+        ids = eager_rollout(eager, m, body, body["generate"])
+        assert reply["generated"] == "".join(vocab[i] for i in ids)
+        assert reply["char"] == reply["generated"][0]
+    assert "generated" not in replies[2][1]
+    assert_matches(m, replies[2][1], eager_alone(eager, m, bodies[2]))
+
+
+def test_sine_forecasts_by_feeding_predictions_back(handlers) -> None:
+    handler, ctx, version_dir = handlers["sine"]
+    m = load_manifest(version_dir)
+    eager = load_eager(version_dir)
+    t = np.arange(30) * 0.157
+    bodies = [
+        {"inputs": np.sin(t[:20]).reshape(-1, 1).tolist(), "horizon": 25},
+        {"inputs": np.sin(0.5 + t[:7]).reshape(-1, 1).tolist(), "horizon": 3},
+        {"inputs": np.sin(t[:12]).reshape(-1, 1).tolist()},
+    ]
+    replies = run_batch(handler, ctx, bodies)
+    for (status, reply), body in zip(replies[:2], bodies, strict=True):
+        assert status == 200, reply
+        expected = eager_rollout(eager, m, body, body["horizon"])
+        assert reply["forecast"] == pytest.approx(expected, abs=1e-3)
+        assert reply["value"] == pytest.approx(reply["forecast"][0], abs=1e-6)
+    assert "forecast" not in replies[2][1]
+    assert_matches(m, replies[2][1], eager_alone(eager, m, bodies[2]))
+
+
+# ---- bad input: that request alone fails -------------------------------------------------------
+
+FEATURES_BAD: list[tuple[str, Any, int, str]] = [  # (case, body, status, words in the message)
+    ("malformed JSON", b'{"inputs": [[0.5], [0.1]', 400, "not valid JSON"),
+    ("not UTF-8", b"\xff\xfe{}", 400, "UTF-8"),
+    ("not an object", [[0.5]], 400, "JSON object"),
+    ("empty body", b"", 400, "no JSON body"),
+    ("missing inputs", {"values": [[0.5]]}, 400, "unknown field"),
+    ("missing inputs, nothing else", {}, 400, 'missing field "inputs"'),
+    ("wrong feature count", {"inputs": [[0.5, 0.1]]}, 400, "expects 1 features per step, got 2"),
+    ("NaN", b'{"inputs": [[0.5], [NaN]]}', 400, "NaN or Inf"),
+    ("Infinity", b'{"inputs": [[Infinity]]}', 400, "NaN or Inf"),
+    ("empty sequence", {"inputs": []}, 400, "empty input"),
+    ("not numbers", {"inputs": [["a"]]}, 400, "must be numbers"),
+    ("over-long sequence", {"inputs": [[0.1]] * 1025}, 400, "accepts at most 1024"),
+    ("over-long body", b'{"inputs": [' + b"[0.25]," * 1000 + b"[0.5]]}", 413, "the limit is"),
+    ("generate on a classifier", {"inputs": [[0.5]], "generate": 3}, 400, "character models"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "words"), FEATURES_BAD, ids=lambda v: str(v))
+def test_a_bad_request_fails_alone_and_its_batch_mates_are_answered(
+    handlers, case: str, body: Any, status: int, words: str
+) -> None:
+    handler, ctx, version_dir = handlers["sum_sign_lstm"]
+    m = load_manifest(version_dir)
+    eager = load_eager(version_dir)
+    good = [{"inputs": [[0.5], [-0.25], [0.75]]}, {"inputs": [[-0.5]] * 9}]
+    replies = run_batch(handler, ctx, [good[0], body, good[1]])
+    bad_status, error = replies[1]
+    assert bad_status == status, case
+    assert words in error["error"], error
+    assert error["code"] in ("INVALID_INPUT", "PAYLOAD_TOO_LARGE") and error["status"] == status
+    for (ok, reply), g in zip((replies[0], replies[2]), good, strict=True):
+        assert ok == 200
+        assert_matches(m, reply, eager_alone(eager, m, g))
+
+
+OTHER_BAD: list[tuple[str, Any, str, str]] = [  # (model, body, field, words)
+    ("char", {"text": "héllo \x00"}, "text", "outside char's vocabulary"),
+    ("char", {"text": ""}, "inputs", "empty input"),
+    ("char", {"text": 5}, "text", "must be a string"),
+    ("char", {"inputs": [[0.5]]}, "inputs", "unknown field"),
+    ("char", {"text": "a", "generate": 0}, "generate", "integer in [1, "),
+    ("char", {"text": "a", "generate": True}, "generate", "integer in [1, "),
+    ("char", {"text": "a", "generate": 100000}, "generate", "integer in [1, "),
+    ("char", {"tokens": [1, -1]}, "tokens", "outside the vocabulary"),
+    ("sine", {"inputs": [[0.1]], "horizon": "5"}, "horizon", "integer in [1, "),
+    ("seq_lstm", {"inputs": [[0.1] * 9]}, "inputs", "expects 10 features per step, got 9"),
+    ("seq_bilstm", {"inputs": [[0.1] * 10], "horizon": 2}, "horizon", "forecasting models"),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "field", "words"), OTHER_BAD, ids=lambda v: str(v)[:30])
+def test_bad_requests_name_the_problem(handlers, name: str, body: Any, field: str, words: str):
+    handler, ctx, version_dir = handlers[name]
+    m = load_manifest(version_dir)
+    good = random_body(m, 6, np.random.default_rng(0))
+    (bad_status, error), (ok, reply) = run_batch(handler, ctx, [body, good])
+    assert bad_status == 400
+    assert words in error["error"] and error["field"] == field, error
+    assert ok == 200
+    assert_matches(m, reply, eager_alone(load_eager(version_dir), m, good))
+
+
+def test_a_batch_of_only_bad_requests_answers_each_with_its_own_error(handlers) -> None:
+    handler, ctx, _ = handlers["seq_lstm"]
+    replies = run_batch(handler, ctx, [b"nope", {"inputs": []}, {"inputs": [[1.0]]}])
+    assert [s for s, _ in replies] == [400, 400, 400]
+    assert [r["error"][:20] for _, r in replies] == [
+        "request body is not ",
+        "empty input: send at",
+        "seq_lstm expects 10 ",
+    ]
+
+
+def test_every_reply_says_how_large_its_batch_was(handlers) -> None:
+    handler, ctx, _ = handlers["elman"]
+    run_batch(handler, ctx, [{"inputs": [[0.1]]}, {"inputs": [[0.2]]}, b"{"])
+    assert [ctx.get_response_headers(i)["x-rnnserve-batch-size"] for i in range(3)] == ["3"] * 3
+    assert ctx.get_response_content_type(2) == "application/json"
