@@ -251,6 +251,8 @@ def decode_input(m: Manifest, body: dict[str, Any]) -> np.ndarray:
                 f"(T steps of {f} features)",
                 field="inputs",
             )
+        if body["inputs"] == []:
+            codec.check_steps(m, 0)  # say "empty", not "wrong shape", whatever F is
         return codec.decode_features(m, body["inputs"])
     if "text" in body:
         return codec.decode_text(m, body["text"])
