@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -335,15 +336,20 @@ def test_char_model_takes_text_as_bytes(client, quick_store):
     assert all(label in m.output.vocab for label in labels)
 
 
-def test_typed_contents_equal_raw_contents(server, quick_store):
+@pytest.mark.parametrize("name", ["sum_sign_lstm", "char_hello"])
+def test_typed_contents_equal_raw_contents(server, quick_store, name):
     """Clients that fill InferTensorContents instead of raw_input_contents get the same answer."""
-    m = manifest(quick_store, "sum_sign_lstm")
+    m = manifest(quick_store, name)
     (chunk,) = random_chunks(m, [5], seed=70)
     with grpc.insecure_channel(server.address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         request = service_pb2.ModelInferRequest(model_name=m.name, id="typed")
-        tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, *chunk.shape])
-        tensor.contents.fp32_contents.extend(chunk.reshape(-1).tolist())
+        if m.input.kind == "features":
+            tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, *chunk.shape])
+            tensor.contents.fp32_contents.extend(chunk.reshape(-1).tolist())
+        else:
+            tensor = request.inputs.add(name="tokens", datatype="INT64", shape=[1, *chunk.shape])
+            tensor.contents.int64_contents.extend(chunk.tolist())
         reply = stub.ModelInfer(request)
     assert reply.id == "typed" and reply.model_version == str(m.version)
     index = [o.name for o in reply.outputs].index("y")
@@ -483,3 +489,101 @@ def test_64_concurrent_stream_sequences_neither_crash_nor_mix_state(server, quic
         expected = eager_steps(quick_store, m, plans[i])
         np.testing.assert_allclose(np.concatenate(got[i]), expected, atol=TOL, rtol=0)
     assert server.engine.live_sessions(m.name) == 0  # every end flag closed its own sequence
+
+
+# ---- stream lifecycle, expiry, capacity --------------------------------------------------------
+
+
+def test_half_closed_stream_still_gets_every_reply(client, quick_store):
+    m = manifest(quick_store, "seq_gru")
+    chunks = random_chunks(m, [1] * 20, seed=90)
+    collector = StreamCollector()
+    client.start_stream(callback=collector)
+    for s, chunk in enumerate(chunks):
+        client.async_stream_infer(
+            m.name,
+            [infer_input(m, chunk)],
+            request_id=str(s),
+            sequence_id="half-close",
+            sequence_start=s == 0,
+            sequence_end=s == len(chunks) - 1,
+        )
+    client.stop_stream()  # half-close right away: tritonclient then waits for the replies
+    replies = collector.take(len(chunks), timeout=5)
+    got = np.concatenate([replies[str(s)][0].as_numpy("y")[0] for s in range(len(chunks))])
+    np.testing.assert_allclose(got, eager_steps(quick_store, m, chunks), atol=TOL, rtol=0)
+
+
+def test_cancelled_stream_leaves_its_sequence_usable(client, quick_store):
+    """Steps already sent either happened or did not, in order; the sequence goes on."""
+    m = manifest(quick_store, "sum_sign_rnn")
+    chunks = random_chunks(m, [1] * 30, seed=91)
+    collector = StreamCollector()
+    client.start_stream(callback=collector)
+    client.async_stream_infer(
+        m.name, [infer_input(m, chunks[0])], sequence_id="cancel", sequence_start=True
+    )
+    assert collector.replies.get(timeout=30)[1] is None  # the sequence is open
+    for chunk in chunks[1:-1]:
+        client.async_stream_infer(m.name, [infer_input(m, chunk)], sequence_id="cancel")
+    client.stop_stream(cancel_requests=True)
+    last = client.infer(
+        m.name, [infer_input(m, chunks[-1])], sequence_id="cancel", sequence_end=True
+    )
+    y_last = last.as_numpy("y")[0, -1]
+    # the sequence consumed chunks[:k] for some k before the cancel, then the last chunk
+    candidates = [
+        eager_steps(quick_store, m, [*chunks[:k], chunks[-1]])[-1] for k in range(1, len(chunks))
+    ]
+    assert min(np.abs(c - y_last).max() for c in candidates) <= TOL
+
+
+@pytest.fixture(scope="module")
+def tight_server(quick_store: Path) -> Iterator[ServerThread]:
+    """A second server with a short TTL and room for two sessions."""
+    engine = EngineConfig(store=quick_store, session_ttl_s=0.6, max_sessions=2)
+    config = ServerConfig(engine, address="127.0.0.1:0", metrics_port=None, grace_s=1.0)
+    with ServerThread(config) as running:
+        yield running
+
+
+def test_expired_sequence_is_told_apart_from_unknown(tight_server, quick_store):
+    m = manifest(quick_store, "elman")
+    (chunk,) = random_chunks(m, [2], seed=92)
+    c = triton.InferenceServerClient(url=tight_server.address)
+    try:
+        c.infer(m.name, [infer_input(m, chunk)], sequence_id=1, sequence_start=True)
+        time.sleep(1.5)  # past the TTL and at least one sweep
+        e = error_of(lambda: c.infer(m.name, [infer_input(m, chunk)], sequence_id=1))
+        assert e.status() == "StatusCode.NOT_FOUND" and "expired" in e.message()
+        again = c.infer(
+            m.name, [infer_input(m, chunk)], sequence_id=1, sequence_start=True, sequence_end=True
+        )
+        np.testing.assert_allclose(
+            again.as_numpy("y")[0], eager_steps(quick_store, m, [chunk]), atol=TOL, rtol=0
+        )
+    finally:
+        c.close()
+
+
+def test_capacity_full_is_resource_exhausted_and_harms_no_open_sequence(tight_server, quick_store):
+    m = manifest(quick_store, "sine")
+    chunks = {k: random_chunks(m, [2, 2], seed=93 + k) for k in (1, 2)}
+    c = triton.InferenceServerClient(url=tight_server.address)
+    try:
+        first = {
+            k: c.infer(m.name, [infer_input(m, ch[0])], sequence_id=k, sequence_start=True)
+            for k, ch in chunks.items()
+        }
+        full = error_of(
+            lambda: c.infer(
+                m.name, [infer_input(m, chunks[1][0])], sequence_id=3, sequence_start=True
+            )
+        )
+        assert full.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        for k, ch in chunks.items():
+            last = c.infer(m.name, [infer_input(m, ch[1])], sequence_id=k, sequence_end=True)
+            got = np.concatenate([first[k].as_numpy("y")[0], last.as_numpy("y")[0]])
+            np.testing.assert_allclose(got, eager_steps(quick_store, m, ch), atol=TOL, rtol=0)
+    finally:
+        c.close()
