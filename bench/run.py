@@ -1,0 +1,327 @@
+"""The gRPC benchmark, in one run: our server vs the echo floor vs the in-process ORT ceiling.
+
+    python -m bench.run                 # the full run (`make bench`), about 6-8 minutes
+    python -m bench.run --quick         # a smoke run: 1 and 16 sessions, short windows
+
+What it does, in this order:
+1. finds a model store with seq_lstm and sine (``--store``; else the tests' quick store when it is
+   complete; else it trains ``--quick seq_lstm sine`` into .cache/bench_store);
+2. starts two server processes on loopback: ``rnnserve serve`` (the real CLI, ONNX Runtime,
+   1 intra-op thread, metrics on a free port) and ``bench.echo_server`` (same messages, no model);
+3. starts ``--workers`` client processes (``bench.load``); for each model, path (unary Step, bidi
+   Session stream, StepMany with ``--per-message`` sessions per message) and session count, opens
+   the sessions on both servers, then runs ``--reps`` timed windows (``--warmup`` s not counted,
+   ``--duration`` s counted), alternating echo and real, and keeps the median of each metric;
+4. measures the ORT ceiling in this process (``bench.ceiling``) and idle-session memory in a fresh
+   process (``bench.idle_sessions``);
+5. writes docs/bench_results.json, the plot docs/bench_steps.png and the generated section of
+   docs/benchmarks.md (``bench.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime
+
+from bench import ceiling, report
+from bench.load import Workers
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("seq_lstm", "sine")
+PATHS = ("unary", "stream", "stepmany")
+SESSIONS = (1, 16, 64, 256, 1000)
+LISTENING = re.compile(r"on (127\.0\.0\.1:\d+)(?:, metrics on (127\.0\.0\.1:\d+))?")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- servers ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str  # "rnnserve" or "echo"
+    proc: subprocess.Popen
+    address: str
+    metrics: str | None = None
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (all its threads)."""
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def batch_totals(self, model: str) -> tuple[float, float]:
+        """(sum, count) of the server's batch-size histogram for ``model`` (0, 0 without)."""
+        if not self.metrics:
+            return 0.0, 0.0
+        text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5).read().decode()
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(f'rnnserve_batch_size_sum{{model="{model}"}}'):
+                total = float(line.split()[-1])
+            elif line.startswith(f'rnnserve_batch_size_count{{model="{model}"}}'):
+                count = float(line.split()[-1])
+        return total, count
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_server(name: str, argv: list[str], timeout: float = 60.0) -> Server:
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the first line says where it listens
+        found = LISTENING.search(line)
+        if found:
+            server = Server(name, proc, found.group(1), found.group(2))
+            wait_ready(server.address, deadline)
+            return server
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise RuntimeError(f"{name} did not start: {' '.join(argv)}")
+
+
+def wait_ready(address: str, deadline: float) -> None:
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=max(1.0, deadline - time.monotonic()))
+
+
+def start_servers(store: Path) -> dict[str, Server]:
+    real = start_server(
+        "rnnserve",
+        ["-m", "serving.cli", "serve", "--store", str(store), "--address", "127.0.0.1:0",
+         "--metrics-port", "0", "--threads", "1"],
+    )  # fmt: skip
+    echo = start_server(
+        "echo", ["-m", "bench.echo_server", "--store", str(store), "--address", "127.0.0.1:0"]
+    )
+    return {"echo": echo, "rnnserve": real}
+
+
+# ---- one cell: (model, path, sessions) on both servers ----------------------------------------
+
+
+def split_sessions(n: int, path: str, per_message: int, workers: int) -> list[int]:
+    """Sessions per worker; StepMany keeps whole messages (groups) on one worker."""
+    if path == "stepmany":
+        groups = [min(per_message, n - i) for i in range(0, n, per_message)]
+        counts = [0] * workers
+        for g, size in enumerate(groups):
+            counts[g * workers // len(groups)] += size
+        return counts
+    base, extra = divmod(n, workers)
+    return [base + (1 if w < extra else 0) for w in range(workers)]
+
+
+def run_cell(
+    workers: Workers, servers: dict[str, Server], model: str, path: str, n: int, args
+) -> dict[str, Any]:
+    counts = split_sessions(n, path, args.per_message, min(len(workers), n))
+    counts += [0] * (len(workers) - len(counts))
+    for s in servers.values():
+        workers.call(
+            [("open", {"target": s.address, "model": model, "count": c}) if c else None
+             for c in counts]
+        )  # fmt: skip
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    order = list(servers)
+    for rep in range(args.reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            samples[name].append(run_window(workers, servers[name], model, path, counts, args))
+    for s in servers.values():
+        workers.call(
+            [("close", {"target": s.address, "model": model}) if c else None for c in counts]
+        )
+    per_message = min(args.per_message, n) if path == "stepmany" else 1
+    cell: dict[str, Any] = {
+        "model": model,
+        "path": path,
+        "sessions": n,
+        "per_message": per_message,
+        "client_processes": sum(1 for c in counts if c),
+    }
+    for name, reps in samples.items():
+        cell[name] = {key: statistics.median(r[key] for r in reps) for key in reps[0]}
+        cell[name]["reps"] = reps
+    return cell
+
+
+def run_window(
+    workers: Workers, server: Server, model: str, path: str, counts: list[int], args
+) -> dict[str, float]:
+    batch_before = server.batch_totals(model)
+    cpu_before = server.cpu_seconds()
+    window = {"start_at": time.time() + 0.1, "warmup": args.warmup, "duration": args.duration}
+    command = {
+        "target": server.address,
+        "model": model,
+        "path": path,
+        "per_message": args.per_message,
+        "window": window,
+    }
+    answers = workers.call([("run", command) if c else None for c in counts])
+    cpu = server.cpu_seconds() - cpu_before
+    batch_after = server.batch_totals(model)
+    latencies = np.concatenate([np.asarray(a["latencies"]) for a in answers])
+    steps = sum(a["steps"] for a in answers)
+    batches = batch_after[1] - batch_before[1]
+    elapsed = 0.1 + args.warmup + args.duration  # the server's CPU is read around all of it
+    return {
+        "steps_per_s": steps / args.duration,
+        "msgs_per_s": len(latencies) / args.duration,
+        "p50_us": float(np.percentile(latencies, 50)) * 1e6 if len(latencies) else float("nan"),
+        "p99_us": float(np.percentile(latencies, 99)) * 1e6 if len(latencies) else float("nan"),
+        "server_cpu": cpu / elapsed,  # cores busy, roughly (includes the warm-up)
+        "mean_batch": (batch_after[0] - batch_before[0]) / batches if batches else 0.0,
+    }
+
+
+# ---- the whole run ----------------------------------------------------------------------------
+
+
+def find_store(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    sys.path.insert(0, str(ROOT))
+    from tests.conftest import CACHE, COMPLETE, training_code_hash
+
+    quick = CACHE / training_code_hash()
+    if (quick / COMPLETE).is_file():
+        return quick
+    store = ROOT / ".cache" / "bench_store"
+    if not all((store / m).is_dir() for m in MODELS):
+        print(f"bench: training {' '.join(MODELS)} (--quick) into {store}", flush=True)
+        subprocess.run(
+            [sys.executable, "-m", "training", "train", "--quick", *MODELS, "--store", str(store),
+             "--no-progress"],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+    return store
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 1.0) -> dict[str, Any]:
+    """Wait (30 s at a time) until the 1-minute load average is below ``threshold``."""
+    started = time.monotonic()
+    while (load := os.getloadavg()[0]) >= threshold and time.monotonic() - started < max_wait_s:
+        print(f"bench: load average {load:.2f} >= {threshold}; waiting", flush=True)
+        time.sleep(30)
+    return {"load_at_start": load, "waited_s": round(time.monotonic() - started)}
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "numpy": np.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--store", type=Path, default=None)
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    p.add_argument("--sessions", nargs="+", type=int, default=list(SESSIONS))
+    p.add_argument("--per-message", type=int, default=64, help="StepMany sessions per message")
+    p.add_argument("--workers", type=int, default=2, help="client processes")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup", type=float, default=0.4, help="seconds per window not counted")
+    p.add_argument("--duration", type=float, default=1.0, help="seconds per window counted")
+    p.add_argument("--idle-sessions", type=int, default=100_000)
+    p.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many seconds "
+                   "for a 1-minute load average < 1.0 before measuring")  # fmt: skip
+    p.add_argument("--out", type=Path, default=ROOT / "docs")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 and 16 sessions, 1 rep")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sessions, args.reps, args.warmup, args.duration = [1, 16], 1, 0.2, 0.5
+        args.idle_sessions = 10_000
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    store = find_store(args.store)
+    quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet else {}
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "machine": machine(),
+        "command": "python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "quiet": quiet,
+        "load_before": os.getloadavg(),
+        "cells": [],
+    }
+    servers = start_servers(store)
+    workers = Workers(args.workers)
+    try:
+        for model in args.models:
+            for path in args.paths:
+                for n in args.sessions:
+                    cell = run_cell(workers, servers, model, path, n, args)
+                    results["cells"].append(cell)
+                    print(report.cell_line(cell), flush=True)
+    finally:
+        workers.close()
+        for s in servers.values():
+            s.stop()
+    results["ceiling"] = ceiling.measure(store, args.models, tuple(args.sessions))
+    results["idle"] = idle_sessions(store, args.idle_sessions)
+    results["load_after"] = os.getloadavg()
+    results["seconds"] = round(time.monotonic() - started)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.write_all(results, args.out)
+    print(report.targets_text(results))
+    print(f"bench: done in {results['seconds']} s; wrote {args.out}/benchmarks.md")
+    return 0
+
+
+def idle_sessions(store: Path, count: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.idle_sessions", "--store", str(store), "--count", str(count)],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
