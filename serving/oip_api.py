@@ -56,12 +56,13 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rnnserve"
-EXTENSIONS = ("sequence",)
+EXTENSIONS = ("sequence", "classification")
 INPUT_ALIAS = "INPUT"  # Triton examples' customary name; accepted besides the manifest's name
 TEXT_INPUT = "text"  # BYTES, one UTF-8 string: char models only
 OUTPUT_Y = "y"  # FP32 raw head output
 OUTPUT_PROBS = "probabilities"  # FP32, classifiers and char models
 OUTPUT_LABEL = "label"  # BYTES, the most likely label / next character
+MAX_SEQUENCE_ID_LENGTH = 200  # string ids; the session id adds "oip:<model>:"
 MAX_IN_FLIGHT_PER_STREAM = 1024  # unanswered requests one stream may hold before we stop reading
 
 _GENERATED = Path(__file__).parent / "_proto" / "inference" / "grpc_service_pb2.py"
@@ -115,6 +116,11 @@ def sequence_control(request: Any) -> SequenceControl:
                 field="sequence_id",
             )
         seq = getattr(p, kind) or None  # 0 and "" mean "no sequence", as in Triton
+        if isinstance(seq, str) and len(seq) > MAX_SEQUENCE_ID_LENGTH:
+            raise InvalidInput(
+                f"sequence_id is {len(seq)} characters; at most {MAX_SEQUENCE_ID_LENGTH}",
+                field="sequence_id",
+            )
     return SequenceControl(
         seq, _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
     )
@@ -266,36 +272,76 @@ def output_names(m: Manifest) -> list[str]:
     return [OUTPUT_Y, OUTPUT_PROBS, OUTPUT_LABEL]
 
 
-def requested_outputs(request: Any, m: Manifest) -> list[str]:
-    """The outputs the request names (every output when it names none), checked up front."""
-    wanted = [o.name for o in request.outputs] or output_names(m)
-    unknown = [n for n in wanted if n not in output_names(m)]
-    if unknown:
-        raise InvalidInput(
-            f"{m.name} has no output {unknown[0]!r}; it has: {', '.join(output_names(m))}",
-            field="outputs",
-        )
+def requested_outputs(request: Any, m: Manifest) -> dict[str, int]:
+    """Output name → Triton classification count (0 = the tensor itself), checked up front.
+
+    Every output when the request names none. ``parameters["classification"] = k`` on a requested
+    output asks for Triton's classification extension: its top k entries along the last axis as
+    BYTES ``"value:index:label"``.
+    """
+    if not request.outputs:
+        return dict.fromkeys(output_names(m), 0)
+    wanted = {}
+    for out in request.outputs:
+        if out.name not in output_names(m):
+            raise InvalidInput(
+                f"{m.name} has no output {out.name!r}; it has: {', '.join(output_names(m))}",
+                field="outputs",
+            )
+        wanted[out.name] = _class_count(out, m)
     return wanted
 
 
-def infer_response(request: Any, m: Manifest, y: np.ndarray, wanted: list[str]) -> Any:
+def _class_count(out: Any, m: Manifest) -> int:
+    if "classification" not in out.parameters:
+        return 0
+    p = out.parameters["classification"]
+    k = p.int64_param if p.WhichOneof("parameter_choice") == "int64_param" else -1
+    if k < 1 or out.name == OUTPUT_LABEL:
+        raise InvalidInput(
+            f"classification on output {out.name!r} needs a positive int64 count and a numeric "
+            f"output ({OUTPUT_Y!r} or {OUTPUT_PROBS!r})",
+            field="outputs",
+        )
+    return k
+
+
+def infer_response(request: Any, m: Manifest, y: np.ndarray, wanted: dict[str, int]) -> Any:
     """y (B, T, O) per time step or (B, O) per sequence → ModelInferResponse, raw form."""
     response = pb.ModelInferResponse(model_name=m.name, model_version=str(m.version), id=request.id)
-    for name in wanted:
-        datatype, shape, data = _output_tensor(m, name, y)
-        response.outputs.add(name=name, datatype=datatype, shape=shape)
+    for name, class_count in wanted.items():
+        values = _output_values(m, name, y)
+        if class_count:
+            values = _classification(m, values, class_count)
+        if values.dtype == object:
+            datatype, data = "BYTES", _serialize_bytes(values.reshape(-1))
+        else:
+            datatype, data = "FP32", values.astype("<f4").tobytes()
+        response.outputs.add(name=name, datatype=datatype, shape=list(values.shape))
         response.raw_output_contents.append(data)
     return response
 
 
-def _output_tensor(m: Manifest, name: str, y: np.ndarray) -> tuple[str, list[int], bytes]:
+def _output_values(m: Manifest, name: str, y: np.ndarray) -> np.ndarray:
     if name == OUTPUT_Y:
-        return "FP32", list(y.shape), y.astype("<f4").tobytes()
+        return y
     p = codec.probabilities(m, y)
     if name == OUTPUT_PROBS:
-        return "FP32", list(p.shape), p.astype("<f4").tobytes()
-    labels = np.asarray(m.labels, dtype=object)[p.argmax(axis=-1)]
-    return "BYTES", list(labels.shape), _serialize_bytes(labels.reshape(-1))
+        return p
+    return np.asarray(m.labels, dtype=object)[p.argmax(axis=-1)]
+
+
+def _classification(m: Manifest, values: np.ndarray, k: int) -> np.ndarray:
+    """Top k along the last axis as Triton's "value:index:label" strings (no label if none)."""
+    k = min(k, values.shape[-1])
+    top = np.argsort(-values, axis=-1, kind="stable")[..., :k]
+    labels = m.labels if len(m.labels) == values.shape[-1] else None
+    out = np.empty(top.shape, dtype=object)
+    for at in np.ndindex(top.shape):
+        i = int(top[at])
+        value = f"{values[(*at[:-1], i)]:f}:{i}"
+        out[at] = f"{value}:{labels[i]}" if labels else value
+    return out
 
 
 def _serialize_bytes(items: Iterable[str]) -> bytes:

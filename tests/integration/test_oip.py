@@ -219,6 +219,24 @@ def test_classifier_outputs_probabilities_and_labels(client, quick_store):
     assert only_y.as_numpy("probabilities") is None and only_y.as_numpy("y").shape == y.shape
 
 
+def test_triton_classification_extension_ranks_probabilities(client, quick_store):
+    m = manifest(quick_store, "char_hello")
+    (chunk,) = random_chunks(m, [3], seed=3)
+    full = client.infer(m.name, [infer_input(m, chunk)]).as_numpy("probabilities")  # (1, T, V)
+    top = client.infer(
+        m.name,
+        [infer_input(m, chunk)],
+        outputs=[triton.InferRequestedOutput("probabilities", class_count=3)],
+    ).as_numpy("probabilities")  # (1, T, 3) of b"value:index:label"
+    assert top.shape == (1, 3, 3)
+    for t in range(3):
+        order = np.argsort(-full[0, t], kind="stable")[:3]
+        entries = [s.decode().split(":", 2) for s in top[0, t]]
+        assert [int(i) for _, i, _ in entries] == order.tolist()
+        assert [label for _, _, label in entries] == [m.output.vocab[i] for i in order]
+        np.testing.assert_allclose([float(v) for v, _, _ in entries], full[0, t, order], atol=1e-6)
+
+
 def test_interleaved_unary_sequences_keep_their_own_state(client, quick_store):
     m = manifest(quick_store, "seq_gru")
     ids = [7, "device-a", 8, "device-b"]
@@ -391,6 +409,7 @@ def bad_requests(m: Manifest) -> list[tuple[str, dict, str, str]]:
         ("never started", dict(inputs=ok, sequence_id=556), missing, "sequence_start"),
         ("bad version", dict(inputs=ok, model_version="x"), bad, "model_version"),
         ("unknown version", dict(inputs=ok, model_version="99"), missing, "99"),
+        ("huge sequence id", dict(inputs=ok, sequence_id="s" * 300), bad, "at most"),
     ]
 
 
