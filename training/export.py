@@ -144,7 +144,9 @@ def write_graphs(artifact: Artifact, graph: nn.Module, folder: Path) -> dict[str
     arch, name = artifact.arch, input_name(artifact.arch)
     g = torch.Generator().manual_seed(0)
     x, lengths = example_inputs(arch, 2, 3, g), torch.tensor([3, 2])
-    torch.jit.script(graph).save(str(folder / "model.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is what serving loads
+        torch.jit.script(graph).save(str(folder / "model.pt"))
     onnx_export(
         graph,
         (x, lengths),
@@ -218,7 +220,9 @@ def padded_batch(arch: Arch, batch: int, steps: int, g: torch.Generator):
 def check_parity(artifact: Artifact, model: nn.Module, folder: Path) -> dict[str, float]:
     """eager vs TorchScript vs ONNX Runtime, and step-by-step vs whole; raises ExportError."""
     arch, name = artifact.arch, input_name(artifact.arch)
-    script = torch.jit.load(str(folder / "model.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        script = torch.jit.load(str(folder / "model.pt"))
     seq_ort = ort_session(folder / "model.onnx")
     step_ort = ort_session(folder / "step.onnx") if artifact.spec.streamable else None
     g, report = torch.Generator().manual_seed(1234), {}

@@ -84,7 +84,7 @@ def batch_loss(spec: ModelSpec, model: nn.Module, mode: str, x: Tensor, n: Tenso
 def check_finite(loss: Tensor, spec: ModelSpec, epoch: int) -> None:
     if not torch.isfinite(loss):
         raise TrainingError(
-            f"{spec.name}: loss became {loss.item()} in epoch {epoch}; "
+            f"{spec.name}: loss is {loss.item()} (not finite) in epoch {epoch}; "
             "lower the learning rate (--set lr=...) or check the data"
         )
 
