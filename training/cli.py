@@ -35,9 +35,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnserve", description="train and export the model zoo")
-    sub = p.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``export`` to a subparsers object (serving/cli.py's dispatch protocol)."""
     t = sub.add_parser("train", help="train models and export each into a new store version")
     t.add_argument("names", nargs="*", metavar="NAME", help=f"models: {', '.join(zoo.ZOO)}")
     t.add_argument("--all", action="store_true", help="the whole zoo")
@@ -59,9 +58,16 @@ def parser() -> argparse.ArgumentParser:
         default=1,
         help="torch CPU threads (1: these small models gain little from more)",
     )
+    t.set_defaults(func=lambda args: guarded(train_command, args))
     e = sub.add_parser("export", help="re-export the latest version from its weights.pt")
     e.add_argument("name")
     e.add_argument("--store", type=Path, default=Path("model_store"))
+    e.set_defaults(func=lambda args: guarded(export_command, args))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rnnserve", description="train and export the model zoo")
+    register(p.add_subparsers(dest="command", required=True))
     return p
 
 
@@ -115,10 +121,15 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def guarded(command, args: argparse.Namespace) -> int:
+    """Run a command; anything the user can cause becomes one line on stderr and exit 2."""
     try:
-        return train_command(args) if args.command == "train" else export_command(args)
+        return command(args)
     except (KeyError, ValueError, OSError, TrainingError, ExportError, RnnServeError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return args.func(args)

@@ -101,7 +101,7 @@ class ModelSpec:
 SUM_SIGN = dict(seq_len=10, min_len=1)
 SEQ5 = dict(seq_len=50, min_len=10, features=10, classes=5, shift=0.8)
 SEQ5_LABELS = [f"class_{i}" for i in range(5)]
-SEQ_HYPER = Hyper(lr=2e-3, weight_decay=1e-5, clip=5.0, epochs=20, n_train=6000)
+SEQ_HYPER = Hyper(lr=2e-3, weight_decay=1e-5, clip=5.0, epochs=15, patience=3, n_train=3000)
 SEQ_QUICK = Hyper(
     lr=3e-3, weight_decay=1e-5, clip=5.0, epochs=3, n_train=1000, n_val=300, n_test=600
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -196,6 +198,21 @@ def test_unknown_model_name(tmp_path: Path, capsys) -> None:
     assert list(tmp_path.iterdir()) == []
     status, _, err = run_cli(["export", "nope", "--store", str(tmp_path)], capsys)
     assert status == 2 and "unknown model 'nope'" in err
+
+
+def test_rnnserve_and_python_m_training_dispatch_here(tmp_path: Path, capsys) -> None:
+    from serving.cli import main as rnnserve
+
+    assert rnnserve(["train", "nope", "--store", str(tmp_path)]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    done = subprocess.run(
+        [sys.executable, "-m", "training", "export", "nope", "--store", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and done.stderr.startswith("error: unknown model 'nope'")
 
 
 def test_unwritable_store(tmp_path: Path, capsys) -> None:
