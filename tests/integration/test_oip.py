@@ -395,6 +395,8 @@ def bad_requests(m: Manifest) -> list[tuple[str, dict, str, str]]:
     wrong_name = triton.InferInput("features", [1, 2, f], "FP32")
     wrong_name.set_data_from_numpy(good[None])
     no_such_output = triton.InferRequestedOutput("z")
+    empty = triton.InferInput("x", [1, 0, f], "FP32")
+    empty.set_data_from_numpy(np.zeros((1, 0, f), np.float32))
     ok = [infer_input(m, good)]
     seq = dict(sequence_id=555)
     bad, missing = "INVALID_ARGUMENT", "NOT_FOUND"
@@ -409,6 +411,7 @@ def bad_requests(m: Manifest) -> list[tuple[str, dict, str, str]]:
         ("never started", dict(inputs=ok, sequence_id=556), missing, "sequence_start"),
         ("bad version", dict(inputs=ok, model_version="x"), bad, "model_version"),
         ("unknown version", dict(inputs=ok, model_version="99"), missing, "99"),
+        ("empty input", dict(inputs=[empty], **seq), bad, "empty"),
         ("huge sequence id", dict(inputs=ok, sequence_id="s" * 300), bad, "at most"),
     ]
 
@@ -426,6 +429,26 @@ def test_bad_unary_requests_fail_clearly_and_leave_sequences_intact(client, quic
     got = np.concatenate([first.as_numpy("y")[0], last.as_numpy("y")[0]])
     np.testing.assert_allclose(got, eager_steps(quick_store, m, chunks), atol=TOL, rtol=0)
     assert client.is_server_live()
+
+
+def test_bad_token_inputs_fail_clearly(client, quick_store):
+    m = manifest(quick_store, "char_hello")
+    outside = triton.InferInput("tokens", [1, 2], "INT64")
+    outside.set_data_from_numpy(np.array([[0, len(m.input.vocab)]], dtype=np.int64))
+    floats = triton.InferInput("tokens", [1, 2], "FP32")
+    floats.set_data_from_numpy(np.zeros((1, 2), np.float32))
+    unknown_char = triton.InferInput("text", [1], "BYTES")
+    unknown_char.set_data_from_numpy(np.array(["h\u00e9"], dtype=object))
+    two_texts = triton.InferInput("text", [2], "BYTES")
+    two_texts.set_data_from_numpy(np.array([b"he", b"ll"], dtype=object))
+    for tensor, phrase in [
+        (outside, "outside the vocabulary"),
+        (floats, "FP32"),
+        (unknown_char, "outside char_hello's vocabulary"),
+        (two_texts, "one string"),
+    ]:
+        e = error_of(lambda t=tensor: client.infer(m.name, [t]))
+        assert e.status() == "StatusCode.INVALID_ARGUMENT" and phrase in e.message(), e
 
 
 def test_bad_stream_requests_get_error_replies_and_the_stream_goes_on(client, quick_store):
