@@ -135,7 +135,7 @@ def test_grpc_service_command_serves_passes_healthcheck_and_stops_cleanly(
     # The README's host-side calls: our client CLI and the metrics endpoint.
     address = f"127.0.0.1:{grpc_ports['grpc']}"
     models = subprocess.run(
-        [str(RNNSERVE), "client", "models", "--address", address], capture_output=True, text=True
+        [str(RNNSERVE), "client", "--address", address, "models"], capture_output=True, text=True
     )
     assert models.returncode == 0, models.stderr
     assert "sum_sign_lstm" in models.stdout

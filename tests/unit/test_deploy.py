@@ -627,6 +627,24 @@ def readme_deploy_section() -> str:
     return re.split(r"^## ", section, maxsplit=1, flags=re.M)[0]
 
 
+def readme_rnnserve_commands() -> list[list[str]]:
+    """Every `rnnserve …` command in the deploy section's shell blocks (prefixes cut)."""
+    blocks = re.findall(r"```bash\n(.*?)```", readme_deploy_section(), flags=re.S)
+    commands = []
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():
+        words = shlex.split(line, comments=True)
+        starts = [i for i, w in enumerate(words) if w == "rnnserve" and i + 1 < len(words)]
+        commands += [words[i:] for i in starts[:1]]
+    return commands
+
+
+def test_readme_deploy_commands_parse_with_our_cli() -> None:
+    commands = readme_rnnserve_commands()
+    assert {c[1] for c in commands} >= {"health", "client", "train"}
+    for command in commands:
+        parse_with_our_cli(command)
+
+
 def test_readme_explains_commands_ports_calls_retraining_and_scaling() -> None:
     section = readme_deploy_section()
     for needed in (
