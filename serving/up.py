@@ -94,8 +94,8 @@ def _wait_for_grpc(addr: str, proc: subprocess.Popen, timeout_s: float = 120.0) 
 
 def _smoke_calls(grpc_addr: str, http_port: int | None) -> None:
     """One real call per transport before telling anyone to use them."""
-    step = [*CLI, "client", "forecast", "sine", "--address", grpc_addr,
-            "--history", "0.0,0.31,0.59,0.81,0.95", "--steps", "3"]  # fmt: skip
+    step = [*CLI, "client", "--address", grpc_addr, "forecast", "--model", "sine",
+            "--values", "0.0,0.31,0.59,0.81,0.95", "--steps", "3"]  # fmt: skip
     _check(subprocess.run(step, capture_output=True).returncode, "client forecast")
     if http_port is not None:
         body = json.dumps({"inputs": [[0.5], [-0.2], [0.9]]}).encode()
@@ -117,10 +117,11 @@ def _print_examples(grpc_addr: str, args: argparse.Namespace) -> None:
         f"  Prometheus metrics: http://127.0.0.1:{args.metrics_port}/metrics",
         "",
         "Try:",
-        f"  {rn} client models --address {grpc_addr}",
-        f"  {rn} client step sum_sign_lstm --address {grpc_addr} --inputs '[[0.5],[-0.2],[0.9]]'",
-        f"  {rn} client generate char --address {grpc_addr} --prompt 'The ' --max-tokens 80",
-        f"  {rn} client forecast sine --address {grpc_addr} --history 0,0.31,0.59,0.81 "
+        f"  {rn} client --address {grpc_addr} models",
+        f"  {rn} client --address {grpc_addr} step --model sum_sign_lstm --values 0.5,-0.2,0.9",
+        f"  {rn} client --address {grpc_addr} generate --model char --prompt 'The ' "
+        "--max-tokens 80 --temperature 0.8 --seed 1",
+        f"  {rn} client --address {grpc_addr} forecast --model sine --values 0,0.31,0.59,0.81 "
         "--steps 50 --plot forecast.png",
     ]
     if not args.no_torchserve:
