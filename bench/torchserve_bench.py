@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from bench.run import find_store, machine, start_server
+from serving.torchserve import control
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "serving.cli"]
@@ -64,6 +65,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     mean_batch: float | None = None  # TorchServe: mean x-rnnserve-batch-size over the replies
+    server_cpu_ms: float | None = None  # server CPU time (all its processes) per reply
 
 
 # ---- clients (in their own processes: Python HTTP clients are CPU-bound) ----------------------
@@ -146,7 +148,7 @@ def client_process(kind: str, target: Any, threads: int, seed: int, steps: int, 
     queue.put(out)
 
 
-def drive(kind: str, target: Any, args: argparse.Namespace, name: str) -> Result:
+def drive(kind: str, target: Any, args: argparse.Namespace, name: str, cpu) -> Result:
     """``args.clients`` closed-loop clients over ``args.processes`` processes, one timed window."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -160,6 +162,10 @@ def drive(kind: str, target: Any, args: argparse.Namespace, name: str) -> Result
     ]
     for p in procs:
         p.start()
+    time.sleep(max(0.0, window.start - time.time()))
+    cpu_start = cpu()
+    time.sleep(max(0.0, window.stop - time.time()))
+    cpu_used = cpu() - cpu_start
     outs = [item for _ in procs for item in queue.get(timeout=args.warmup + args.duration + 120)]
     for p in procs:
         p.join()
@@ -176,6 +182,7 @@ def drive(kind: str, target: Any, args: argparse.Namespace, name: str) -> Result
         p50_ms=1000 * latencies[len(latencies) // 2] if latencies else float("nan"),
         p99_ms=1000 * latencies[int(len(latencies) * 0.99)] if latencies else float("nan"),
         mean_batch=statistics.fmean(batches) if batches else None,
+        server_cpu_ms=1000 * cpu_used / len(records) if records else None,
     )
 
 
@@ -207,7 +214,11 @@ def torchserve_run(store: Path, batch: int, args: argparse.Namespace) -> Result:
     start += [a for pair in zip(flags, map(str, ports), strict=True) for a in pair]
     subprocess.run(start, check=True, capture_output=True)
     try:
-        return drive("http", ports[0], args, f"TorchServe batchSize {batch}")
+        frontend = control.running_frontend(store)
+        assert frontend is not None, "TorchServe is not running"
+        tree = [frontend, *frontend.children(recursive=True)]  # Java and the worker
+        cpu = lambda: sum(sum(p.cpu_times()[:2]) for p in tree)  # noqa: E731
+        return drive("http", ports[0], args, f"TorchServe batchSize {batch}", cpu)
     finally:
         subprocess.run([*CLI, "torchserve", "stop", "--store", str(store)], capture_output=True)
 
@@ -219,7 +230,9 @@ def grpc_run(store: Path, args: argparse.Namespace) -> Result:
          "--metrics-port", "0", "--threads", "1"],
     )  # fmt: skip
     try:
-        return drive("grpc", server.address, args, "gRPC Predict (rnnserve serve)")
+        return drive(
+            "grpc", server.address, args, "gRPC Predict (rnnserve serve)", server.cpu_seconds
+        )
     finally:
         server.stop()
 
@@ -230,14 +243,15 @@ def grpc_run(store: Path, args: argparse.Namespace) -> Result:
 def section(results: dict[str, Any]) -> str:
     a = results["args"]
     rows = [
-        "| server | replies/s | p50 ms | p99 ms | mean batch | replies | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| server | replies/s | p50 ms | p99 ms | mean batch | server CPU ms/reply "
+        "| replies | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         batch = f"{r['mean_batch']:.1f}" if r["mean_batch"] else "-"
         rows.append(
             f"| {r['name']} | {r['throughput']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} "
-            f"| {batch} | {r['requests']} | {r['errors']} |"
+            f"| {batch} | {r['server_cpu_ms']:.2f} | {r['requests']} | {r['errors']} |"
         )
     ratio = results["ratio_32_vs_1"]
     verdict = "met" if ratio >= 2.0 else "missed"

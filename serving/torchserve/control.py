@@ -39,6 +39,7 @@ from serving.torchserve.archive import archive_dir, build_archives
 log = logging.getLogger("rnnserve.torchserve")
 
 DEFAULT_CONFIG = Path(__file__).with_name("config.properties")
+LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # TorchServe's, minus per-request lines
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
 PID_FILE = "torchserve.pid"
 
@@ -150,7 +151,8 @@ def java_command(props: dict[str, str], store: Path, models: list[str], run: Pat
     return [
         java,
         f"-Dmodel_server_home={ts_home}",
-        *props.get("vmargs", "").split(),
+        f"-Dlog4j.configurationFile=file://{LOG_CONFIG}",
+        *props.get("vmargs", "").split(),  # after ours: a vmargs -D wins
         f"-Djava.io.tmpdir={run / 'tmp'}",
         "-cp",
         f".:{ts_home / 'ts' / 'frontend'}/*",
@@ -303,6 +305,7 @@ def stop(store: Path) -> int:
     else:
         print(f"TorchServe is not running for {store}")
     pid_file.unlink(missing_ok=True)
+    shutil.rmtree(run_dir(store) / "tmp", ignore_errors=True)  # extracted models and sockets
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def server(quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         subprocess.run([*CLI, "torchserve", "stop", "--store", str(store)], timeout=120)
         for p in torchserve_processes(run_dir):  # never leak a JVM, even when a test failed
             p.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
