@@ -25,6 +25,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -221,6 +222,7 @@ def torchserve_run(store: Path, batch: int, args: argparse.Namespace) -> Result:
         return drive("http", ports[0], args, f"TorchServe batchSize {batch}", cpu)
     finally:
         subprocess.run([*CLI, "torchserve", "stop", "--store", str(store)], capture_output=True)
+        shutil.rmtree(control.run_dir(store), ignore_errors=True)
 
 
 def grpc_run(store: Path, args: argparse.Namespace) -> Result:
