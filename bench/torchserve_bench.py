@@ -268,12 +268,22 @@ def section(results: dict[str, Any]) -> str:
             f"LSTM 10→128), {a['duration']:.0f} s counted after {a['warmup']:.0f} s of warm-up. "
             "Each TorchServe serves only seq_lstm with one worker (ONNX Runtime, 1 thread), with "
             f"maxBatchDelay {a['max_batch_delay']} ms. The clients share the machine's "
-            f"{m.get('cpus', '?')} cores with the server. Measured {results['when']}.",
+            f"{m.get('cpus', '?')} cores with the server (1-minute load average "
+            f"{m.get('load_average_at_start', 0):.1f} at the start). Measured {results['when']}.",
             "",
             *rows,
             "",
             f"**Throughput, batchSize 32 vs 1: {ratio:.1f}×** (target ≥ 2×: {verdict}). "
             "`mean batch` is the mean of the `x-rnnserve-batch-size` header over the replies.",
+            "",
+            "What limits batchSize 1 is per-request overhead, not the model. Each request makes a "
+            "round trip from the frontend to the worker, and the worker's Python decodes and "
+            "encodes it, for 1.7 ms of LSTM compute. Batching shares that trip among 32 "
+            "requests. TorchServe's stock log4j2 config was the largest single cost. Its "
+            "frontend logged about ten lines per request, synchronously and twice over, and "
+            "with it batchSize 32 reached only about 1.2× (350 vs 300 replies/s). "
+            "`serving/torchserve/log4j2.xml` keeps startup, lifecycle, warnings, the access log "
+            "and the workers' output, and drops the per-request lines.",
             "",
             "Run it with `python -m bench.torchserve_bench` (about 3 minutes). Raw numbers: "
             "`docs/torchserve_bench.json`.",
@@ -312,6 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = find_store(args.store)
+    load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     with tempfile.TemporaryDirectory(prefix="ts-bench-") as tmp:
         store = Path(tmp)  # archives go here; the source store stays untouched
         (store / MODEL).symlink_to(Path(source).resolve() / MODEL, target_is_directory=True)
@@ -324,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             print(runs[-1], flush=True)
     results = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {**machine(), "cpus": os.cpu_count()},
+        "machine": {**machine(), "cpus": os.cpu_count(), "load_average_at_start": load},
         "args": {k: v for k, v in vars(args).items() if k != "store"},
         "runs": [asdict(r) for r in runs],
         "ratio_32_vs_1": runs[0].throughput / runs[1].throughput,
