@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from serving.errors import RnnServeError
 from serving.manifest import list_models
 from serving.torchserve.archive import archive_dir, build_archives
 
@@ -357,6 +358,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.config is not None and not args.config.is_file():
         raise SystemExit(f"rnnserve torchserve: no config file {args.config}")
-    if args.foreground:
-        return start_foreground(store, args.config, ports, args)
-    return start(store, args.config, ports, args, args.timeout)
+    try:
+        if args.foreground:
+            return start_foreground(store, args.config, ports, args)
+        return start(store, args.config, ports, args, args.timeout)
+    except (RnnServeError, ValueError) as e:  # a broken artifact or setting: one line, not a trace
+        raise SystemExit(f"rnnserve torchserve: {e}") from e
