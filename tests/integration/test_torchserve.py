@@ -1,7 +1,7 @@
 """The real TorchServe 0.12 (Java frontend + Python workers) serving every zoo model.
 
 Started with ``rnnserve torchserve start`` on free loopback ports, with archives built for this run
-(batchSize 4 and a long maxBatchDelay, so concurrent requests are reliably batched together and
+(batchSize 4 and a 1 s maxBatchDelay, so concurrent requests are reliably batched together and
 every reply says how large its batch was). Predictions are compared with the eager PyTorch
 reference run on each request alone; bad requests share a batch with good ones; and ``stop`` must
 leave no Java or worker process behind.
@@ -81,7 +81,7 @@ def server(quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     for name in ZOO:  # the quick store is read-only: link its models, write archives here
         (store / name).symlink_to(quick_store / name, target_is_directory=True)
     archive = [*CLI, "archive", "--store", str(store)]
-    subprocess.run([*archive, "--batch-size", str(BATCH), "--max-batch-delay", "400"], check=True)
+    subprocess.run([*archive, "--batch-size", str(BATCH), "--max-batch-delay", "1000"], check=True)
     ports = free_ports(5)
     flags = ["--inference-port", "--management-port", "--metrics-port"]
     flags += ["--grpc-inference-port", "--grpc-management-port"]
