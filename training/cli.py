@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,9 @@ def train_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)  # the caller may be a test process that goes on
 
 
-def train_specs(specs: list[zoo.ModelSpec], overrides: dict[str, Any], args) -> int:
+def train_specs(
+    specs: list[zoo.ModelSpec], overrides: dict[str, Any], args: argparse.Namespace
+) -> int:
     missed = []
     for spec in specs:
         if list_versions(args.store, spec.name) and not args.force:
@@ -121,7 +124,7 @@ def one_line(e: BaseException) -> str:
     return " ".join(str(text).split())
 
 
-def guarded(command, args: argparse.Namespace) -> int:
+def guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; anything the user can cause becomes one line on stderr and exit 2."""
     try:
         return command(args)

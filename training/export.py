@@ -170,7 +170,14 @@ def write_graphs(artifact: Artifact, graph: nn.Module, folder: Path) -> dict[str
     return graphs
 
 
-def onnx_export(module, args, inputs, outputs, path: Path, axes) -> None:
+def onnx_export(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    inputs: list[str],
+    outputs: list[str],
+    path: Path,
+    axes: dict[str, dict[int, str]],
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on RNNs with batch_first
         torch.onnx.export(
@@ -242,9 +249,9 @@ def check_parity(artifact: Artifact, model: nn.Module, folder: Path) -> dict[str
 
 
 def check_step_parity(
-    model,
-    script,
-    step_ort,
+    model: nn.Module,
+    script: torch.jit.ScriptModule,
+    step_ort: ort.InferenceSession,
     arch: Arch,
     x: Tensor,
     lengths: Tensor,

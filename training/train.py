@@ -25,6 +25,8 @@ from training import plots
 from training.models import ElmanRNN, RecurrentNet, build
 from training.zoo import Arch, ModelSpec
 
+Model = RecurrentNet | ElmanRNN  # both offer init_states, step and sequence
+
 
 class TrainingError(RuntimeError):
     """Training cannot produce a usable model (NaN loss, ...): reported on one line."""
@@ -72,7 +74,7 @@ def loss_of(spec: ModelSpec, y: Tensor, targets: Tensor) -> Tensor:
     return F.mse_loss(y[:, 0], targets)
 
 
-def batch_loss(spec: ModelSpec, model: nn.Module, mode: str, x: Tensor, n: Tensor, t: Tensor):
+def batch_loss(spec: ModelSpec, model: Model, mode: str, x: Tensor, n: Tensor, t: Tensor) -> Tensor:
     """Loss of one batch of a ``last`` or ``steps`` task."""
     if mode == "last":
         return loss_of(spec, model.sequence(x, n), t)
@@ -92,7 +94,7 @@ def check_finite(loss: Tensor, spec: ModelSpec, epoch: int) -> None:
 # ---- one epoch ----------------------------------------------------------------------------
 def run_epoch(
     spec: ModelSpec,
-    model: nn.Module,
+    model: Model,
     opt: torch.optim.Optimizer,
     split: tasks.Split,
     mode: str,
@@ -121,7 +123,15 @@ def run_epoch(
     return total / count
 
 
-def carry_windows(spec, model, opt, x: Tensor, t: Tensor, clip: float, epoch: int) -> float:
+def carry_windows(
+    spec: ModelSpec,
+    model: Model,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    t: Tensor,
+    clip: float,
+    epoch: int,
+) -> float:
     """Seed 003: consecutive windows of the same series, hidden state carried (detached)."""
     window = spec.task_args["window"]
     states = model.init_states(x.shape[0])
@@ -140,7 +150,7 @@ def carry_windows(spec, model, opt, x: Tensor, t: Tensor, clip: float, epoch: in
 
 
 @torch.no_grad()
-def eval_loss(spec: ModelSpec, model: nn.Module, split: tasks.Split, mode: str) -> float:
+def eval_loss(spec: ModelSpec, model: Model, split: tasks.Split, mode: str) -> float:
     model.eval()
     if mode == "carry":
         return sine_mse(model, split, spec.task_args["warmup"])
@@ -201,7 +211,7 @@ def confusion_matrix(pred: Tensor, true: Tensor, classes: int) -> list[list[int]
 
 
 @torch.no_grad()
-def evaluate(spec: ModelSpec, model, data: tasks.TaskData, seed: int, quick: bool) -> dict:
+def evaluate(spec: ModelSpec, model: Model, data: tasks.TaskData, seed: int, quick: bool) -> dict:
     metrics: dict[str, Any]
     if spec.task == "text":
         metrics = text_metrics(spec, model, data, seed)
@@ -217,7 +227,7 @@ def evaluate(spec: ModelSpec, model, data: tasks.TaskData, seed: int, quick: boo
     return metrics
 
 
-def classifier_metrics(spec: ModelSpec, model, data: tasks.TaskData, seed: int) -> dict:
+def classifier_metrics(spec: ModelSpec, model: Model, data: tasks.TaskData, seed: int) -> dict:
     test = data.test
     if data.mode == "last":
         y = model.sequence(test.inputs, test.lengths)
@@ -240,7 +250,7 @@ def classifier_metrics(spec: ModelSpec, model, data: tasks.TaskData, seed: int) 
     return out
 
 
-def hello_metrics(model, data: tasks.TaskData) -> dict:
+def hello_metrics(model: Model, data: tasks.TaskData) -> dict:
     vocab = data.vocab or []
     y = model.step(data.test.inputs, *model.init_states(1))[0]  # (1, T, V)
     pred = y.argmax(-1)[0]
@@ -252,13 +262,13 @@ def hello_metrics(model, data: tasks.TaskData) -> dict:
     }
 
 
-def sine_mse(model, split: tasks.Split, warmup: int) -> float:
+def sine_mse(model: Model, split: tasks.Split, warmup: int) -> float:
     """One-step MSE over whole series (hidden carried from step 0), after ``warmup`` steps."""
     y = model.step(split.inputs, *model.init_states(len(split)))[0][..., 0]  # (N, L)
     return float(F.mse_loss(y[:, warmup:], split.targets[:, warmup:]))
 
 
-def sine_forecast(model, context: Tensor, steps: int) -> list[float]:
+def sine_forecast(model: Model, context: Tensor, steps: int) -> list[float]:
     """Feed ``context`` (T,), then feed each prediction back in for ``steps`` steps."""
     y, *states = model.step(context.view(1, -1, 1), *model.init_states(1))
     value, out = y[:, -1:], []
@@ -268,7 +278,7 @@ def sine_forecast(model, context: Tensor, steps: int) -> list[float]:
     return out
 
 
-def sine_metrics(spec: ModelSpec, model, data: tasks.TaskData) -> dict:
+def sine_metrics(spec: ModelSpec, model: Model, data: tasks.TaskData) -> dict:
     test, horizon = data.test, 50
     context = test.inputs[0, : 3 * spec.task_args["window"], 0]
     truth = test.inputs[0, len(context) : len(context) + horizon, 0]
@@ -281,7 +291,9 @@ def sine_metrics(spec: ModelSpec, model, data: tasks.TaskData) -> dict:
     }
 
 
-def sample_text(model, vocab: list[str], prompt: str, length: int, g: torch.Generator) -> str:
+def sample_text(
+    model: Model, vocab: list[str], prompt: str, length: int, g: torch.Generator
+) -> str:
     index = {c: i for i, c in enumerate(vocab)}
     tokens = torch.tensor([[index[c] for c in prompt]])
     y, *states = model.step(tokens, *model.init_states(1))
@@ -294,7 +306,7 @@ def sample_text(model, vocab: list[str], prompt: str, length: int, g: torch.Gene
     return prompt + "".join(out)
 
 
-def text_metrics(spec: ModelSpec, model, data: tasks.TaskData, seed: int) -> dict:
+def text_metrics(spec: ModelSpec, model: Model, data: tasks.TaskData, seed: int) -> dict:
     test = data.test
     y = model.step(test.inputs, *model.init_states(len(test)))[0]  # (N, T, V)
     loss = float(F.cross_entropy(y.reshape(-1, y.shape[-1]), test.targets.reshape(-1)))

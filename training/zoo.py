@@ -144,7 +144,7 @@ def _seq5(name: str, cell: CellKind, bidirectional: bool, dropout: float) -> Mod
         ),
         hyper=SEQ_HYPER,
         quick=SEQ_QUICK,
-        bar=Bar("accuracy", full=0.90, quick=0.75),
+        bar=Bar("accuracy", full=0.90, quick=0.85),
         output_kind="classification",
         activation="softmax",
         labels=SEQ5_LABELS,
