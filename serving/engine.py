@@ -6,16 +6,17 @@ exceptions with ``errors.grpc_status`` / ``errors.http_status``. Everything that
 
 A step's life: ``step()`` finds the session (expired/unknown are told apart), takes the session's
 gate (calls on one session are serialized in arrival order), checks ``step_index``, hands the step
-to its model's ``StepScheduler`` and waits (shielded) for the batch. The scheduler stores the new
-state; a done-callback then records the reply (for retries), advances the index and releases the
-gate. Because that bookkeeping hangs on the future rather than on the caller, a client that cancels
-mid-step leaves a consistent session: the step either happened (its reply is cached for a retry of
-the same index) or it did not.
+to its model's ``StepScheduler`` and waits for the batch. The scheduler stores the new state and
+calls back ``_commit``, which records the reply (for retries), advances the index and releases the
+gate. Because that bookkeeping hangs on the scheduler rather than on the caller, a client that
+cancels mid-step leaves a consistent session: the step either happened (its reply is cached for a
+retry of the same index) or it did not.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import time
@@ -301,13 +302,13 @@ class Engine:
             if sess.closed:
                 raise self._gone(sess)
             assert rt.scheduler is not None
-            fut = rt.scheduler.submit(sess, x)
+            # the scheduler calls _commit when the step is answered, even if this caller is
+            # cancelled meanwhile (awaiting fut then cancels fut, never the step)
+            fut = rt.scheduler.submit(sess, x, functools.partial(self._commit, sess, index))
         except BaseException:
             release(sess)
             raise
-        fut.add_done_callback(lambda f: self._commit(sess, index, f))
-        y = await asyncio.shield(fut)
-        return StepResult(index, y)
+        return StepResult(index, await fut)
 
     def _index_to_run(self, sess: Session, step_index: int | None) -> int | StepResult:
         """The index to run now, or the cached reply for a retry of the last step."""
@@ -323,9 +324,9 @@ class Engine:
         )
 
     @staticmethod
-    def _commit(sess: Session, index: int, fut: asyncio.Future[np.ndarray]) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            sess.last = StepResult(index, fut.result())
+    def _commit(sess: Session, index: int, y: np.ndarray | None, err: BaseException | None) -> None:
+        if err is None:
+            sess.last = StepResult(index, y)
             sess.next_index = index + 1
         release(sess)
 

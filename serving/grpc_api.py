@@ -145,19 +145,19 @@ def decode_input(m: Manifest, inp: pb.Input, max_steps: int | None = None) -> np
 
 def output_message(m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> pb.Output:
     """One time step's head output (O,) → ``Output`` in the model's terms."""
-    formatted = codec.format_output(m, y, top_k=top_k)
-    out = pb.Output(raw=y.tolist())
-    if m.output.kind == "regression":
-        value = formatted["value"]
-        out.value.extend(value if isinstance(value, list) else [value])
-    elif m.output.kind == "classification":
-        out.label = formatted["label"]
-        out.index = formatted["index"]
-        out.probabilities.extend(formatted["probabilities"].values())
-    else:
-        out.char = formatted["char"]
-        out.index = formatted["index"]
-        out.top_k.extend(pb.TokenProb(**t) for t in formatted["top_k"])
+    kind = m.output.kind
+    # the hot path (one per step): build regression and classification outputs directly, with the
+    # same numbers codec.format_output gives (its dict costs more than the whole message)
+    if kind == "regression":
+        raw = y.tolist()
+        return pb.Output(raw=raw, value=raw)
+    if kind == "classification":
+        p = codec.probabilities(m, y)  # (K,) aligned with the labels
+        best = int(p.argmax())
+        return pb.Output(raw=y.tolist(), label=m.labels[best], index=best, probabilities=p.tolist())
+    formatted = codec.format_output(m, y, top_k=top_k)  # next_token
+    out = pb.Output(raw=y.tolist(), char=formatted["char"], index=formatted["index"])
+    out.top_k.extend(pb.TokenProb(**t) for t in formatted["top_k"])
     return out
 
 

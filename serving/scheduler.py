@@ -1,9 +1,10 @@
 """StepScheduler: one per streamable model version; many sessions' ready steps → one backend call.
 
-``submit`` queues one step of one session and returns a future. A single loop task takes whatever is
-queued, runs it as one batch in the executor (off the event loop) and, while that runs, the next
-batch forms in the queue. A lone session never waits for a timer; ``max_queue_delay_s`` > 0 lets a
-batch wait that long for company. Rules a batch obeys:
+``submit`` queues one step of one session and returns a future. On the next event-loop turn whatever
+is queued runs as one batch in the executor (off the event loop) and, while that runs, the next
+batch forms in the queue; the batch's completion starts the next one at once. A lone session never
+waits for a timer; ``max_queue_delay_s`` > 0 lets a batch wait that long for company.
+Rules a batch obeys:
 
 * at most one step per session (the engine serializes a session's calls; this is a second guard);
 * one time length T per batch: rows stack on the batch dim without padding, so outputs are exact
@@ -22,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,15 +35,24 @@ from serving.sessions import Session, StatePool
 log = logging.getLogger(__name__)
 
 
+StepDone = Callable[[np.ndarray | None, BaseException | None], None]
+
+
 @dataclass(slots=True)
 class PendingStep:
     session: Session
     x: np.ndarray  # (T, F) float32 or (T,) int64
     future: asyncio.Future[np.ndarray]  # resolves to y (T, O) once the new state is stored
     enqueued: float
+    on_done: StepDone | None = None  # called (y, None) or (None, error) even if future is cancelled
 
 
 class StepScheduler:
+    """Callback-driven, so a step costs few event-loop turns (each turn is latency for a lone
+    session): a ``call_soon`` dispatch gathers whatever was submitted in the same turn, the
+    executor's completion comes back with one ``call_soon_threadsafe``, and that callback stores
+    the states, answers the batch and dispatches the next one straight away."""
+
     def __init__(
         self,
         name: str,
@@ -65,67 +75,102 @@ class StepScheduler:
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch or (lambda size: None)
         self._queue: deque[PendingStep] = deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy = False  # a batch is in the executor
+        self._dispatch_pending = False  # a _dispatch is scheduled with call_soon
+        self._timer: asyncio.TimerHandle | None = None  # queue-delay wake-up
+        self._drained: asyncio.Future[None] | None = None  # stop() waits on it
         self._stopping = False
         self.batches = 0  # counters for tests and the bench
         self.rows = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"sched:{self.name}")
+        self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
-        """Run everything already queued, then end the loop."""
+        """Run everything already queued (without waiting for company), then stop."""
         self._stopping = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        if self._loop is None:
+            return
+        self._cancel_timer()
+        self._schedule()
+        while self._busy or self._queue or self._dispatch_pending:
+            self._drained = self._loop.create_future()
+            await self._drained
 
     @property
     def pending(self) -> int:
         return len(self._queue)
 
     # ---- work ----------------------------------------------------------------------------------
-    def submit(self, session: Session, x: np.ndarray) -> asyncio.Future[np.ndarray]:
-        if self._stopping or self._task is None:
+    def submit(
+        self, session: Session, x: np.ndarray, on_done: StepDone | None = None
+    ) -> asyncio.Future[np.ndarray]:
+        """Queue one step; ``on_done`` runs when it is answered, even if the future was
+        cancelled meanwhile (the engine commits the step there, so a cancel cannot lose it)."""
+        if self._stopping or self._loop is None:
             raise Unavailable(f"{self.name} is not accepting steps (stopping or not started)")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[np.ndarray] = loop.create_future()
-        self._queue.append(PendingStep(session, x, fut, time.monotonic()))
-        self._wake.set()
+        fut: asyncio.Future[np.ndarray] = self._loop.create_future()
+        self._queue.append(PendingStep(session, x, fut, time.monotonic(), on_done))
+        self._schedule()
         return fut
 
-    async def _loop(self) -> None:
-        while True:
-            if not self._queue:
-                if self._stopping:
-                    return
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            await self._wait_for_company()
-            batch = self._take_batch()
-            try:
-                await self._run(batch)
-            except Exception as e:  # never let one bad batch kill the model's loop
-                log.exception("%s: batch of %d failed", self.name, len(batch))
-                self._fail(batch, e)
+    def _schedule(self) -> None:
+        """Dispatch on the next loop turn, so steps submitted in this turn share the batch. While
+        a batch runs there is nothing to do: its completion dispatches the next one."""
+        if not self._busy and not self._dispatch_pending and self._loop is not None:
+            self._dispatch_pending = True
+            self._loop.call_soon(self._dispatch)
 
-    async def _wait_for_company(self) -> None:
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        if self._busy or not self._queue:
+            self._notify_if_drained()
+            return
+        if self._should_wait():
+            return
+        self._cancel_timer()
+        batch = self._take_batch()
+        try:
+            slots = np.fromiter((p.session.slot for p in batch), dtype=np.int64, count=len(batch))
+            x = np.stack([p.x for p in batch])  # (B, T, F) or (B, T)
+            states = self._pool.gather(slots)  # [(L, B, H)]
+            work = self._executor.submit(self._backend.step, x, states)
+        except Exception as e:  # never let one bad batch stop the model's scheduling
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            self._fail(batch, e)
+            self._schedule()
+            return
+        self._busy = True
+        loop = self._loop
+        assert loop is not None
+        work.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._finish, batch, slots, done)
+        )
+
+    def _should_wait(self) -> bool:
         """With a queue delay set, wait for a fuller batch until the oldest step's deadline."""
         if self.max_queue_delay_s <= 0 or self._stopping:
-            return
-        deadline = self._queue[0].enqueued + self.max_queue_delay_s
-        while len(self._queue) < self.max_batch_size and not self._stopping:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
-            except TimeoutError:
-                return
+            return False
+        if len(self._queue) >= self.max_batch_size:
+            return False
+        remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+        if remaining <= 0:
+            return False
+        if self._timer is None:
+            assert self._loop is not None
+            self._timer = self._loop.call_later(remaining, self._on_timer)
+        return True
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _take_batch(self) -> list[PendingStep]:
         """Up to max_batch_size steps of distinct sessions, all with the first step's T (FIFO).
@@ -148,24 +193,42 @@ class StepScheduler:
         self._queue = rest
         return batch
 
-    async def _run(self, batch: list[PendingStep]) -> None:
-        slots = np.fromiter((p.session.slot for p in batch), dtype=np.int64, count=len(batch))
-        x = np.stack([p.x for p in batch])  # (B, T, F) or (B, T)
-        states = self._pool.gather(slots)  # [(L, B, H)]
-        loop = asyncio.get_running_loop()
-        y, new_states = await loop.run_in_executor(self._executor, self._backend.step, x, states)
-        self._pool.scatter(slots, new_states)
-        self.batches += 1
-        self.rows += len(batch)
-        self._on_batch(len(batch))
-        for i, p in enumerate(batch):
-            if not p.future.done():
-                p.future.set_result(y[i])  # (T, O)
+    def _finish(self, batch: list[PendingStep], slots: np.ndarray, work: Future) -> None:
+        """On the loop: store the new states, answer the batch, start the next one."""
+        self._busy = False
+        try:
+            y, new_states = work.result()
+            self._pool.scatter(slots, new_states)
+        except BaseException as e:  # the backend raised, or the executor was shut down
+            if not isinstance(e, RnnServeError | CancelledError):
+                log.error("%s: batch of %d failed: %r", self.name, len(batch), e)
+            self._fail(batch, e)
+        else:
+            self.batches += 1
+            self.rows += len(batch)
+            self._on_batch(len(batch))
+            for i, p in enumerate(batch):
+                _answer(p, y[i], None)  # (T, O)
+        self._dispatch()
 
-    def _fail(self, batch: list[PendingStep], err: Exception) -> None:
+    def _fail(self, batch: list[PendingStep], err: BaseException) -> None:
         wrapped = (
             err if isinstance(err, RnnServeError) else RnnServeError(f"inference failed: {err!r}")
         )
         for p in batch:
-            if not p.future.done():
-                p.future.set_exception(wrapped)
+            _answer(p, None, wrapped)
+
+    def _notify_if_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+
+def _answer(p: PendingStep, y: np.ndarray | None, err: BaseException | None) -> None:
+    if p.on_done is not None:
+        p.on_done(y, err)
+    if p.future.done():  # the caller gave up; on_done has recorded the outcome
+        return
+    if err is None:
+        p.future.set_result(y)
+    else:
+        p.future.set_exception(err)
