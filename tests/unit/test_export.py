@@ -74,6 +74,8 @@ def test_manifest_follows_the_contract(quick_store: Path, name: str) -> None:
     listed = set(m.files) | {MANIFEST_FILE}
     assert listed == {p.name for p in folder.iterdir()}, "unlisted or missing files"
     assert {"weights.pt", "metrics.json", "loss.png", "model.onnx", "model.pt"} <= set(m.files)
+    if m.output.kind == "classification":
+        assert "confusion.png" in m.files
     assert m.streamable == (name != "seq_bilstm")
     assert m.versions["torch"].startswith("2.13.0") and m.training["seed"] == 0
     for graph in m.graphs.values():
