@@ -191,6 +191,7 @@ def check_many(reply: pb.StepManyResponse, entries: int) -> None:
 def serve_commands(conn: Connection, seed: int) -> None:
     """A worker process's main: one command at a time from the controller, until ``exit``."""
     loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # grpc.aio looks the loop up; without this it polls far slower
     worker = Worker(seed)
     while True:
         cmd, kwargs = conn.recv()

@@ -59,15 +59,24 @@ class Metrics:
         self.closed = Counter(
             "rnnserve_sessions_closed", "sessions closed by clients", ["model"], registry=r
         )
+        self._children: dict[tuple[int, str], Histogram] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     # ---- engine hooks (EngineObserver) -----------------------------------------------------------
     def on_batch(self, model: str, size: int) -> None:
-        self.batch_size.labels(model).observe(size)
+        self._child(self.batch_size, model).observe(size)
 
     def on_step(self, model: str, seconds: float) -> None:
-        self.step_latency.labels(model).observe(seconds)
+        self._child(self.step_latency, model).observe(seconds)
+
+    def _child(self, histogram: Histogram, model: str) -> Histogram:
+        """``histogram.labels(model)``, cached: labels() costs as much as observe() per step."""
+        key = (id(histogram), model)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = histogram.labels(model)
+        return child
 
     def on_eviction(self, model: str, reason: str) -> None:
         (self.evictions if reason == "expired" else self.closed).labels(model).inc()
