@@ -41,6 +41,7 @@ from serving.errors import (
     VersionNotFound,
 )
 from serving.manifest import Manifest, list_models, list_versions
+from serving.predict_batcher import PredictBatcher
 from serving.scheduler import StepScheduler
 from serving.sessions import Session, SessionStore, StatePool, acquire, release
 
@@ -122,11 +123,13 @@ class _NoObserver:
 
 @dataclass
 class ModelRuntime:
-    """One loaded model version with its state pool and scheduler (streamable models only)."""
+    """One loaded model version: its Predict batcher, and for streamable models its state pool
+    and step scheduler."""
 
     loaded: LoadedModel
     pool: StatePool | None = None
     scheduler: StepScheduler | None = None
+    predictor: PredictBatcher | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -167,6 +170,10 @@ class Engine:
     async def start(self) -> None:
         cfg = self.config
         for key, rt in self._runtimes.items():
+            rt.predictor = PredictBatcher(
+                key, rt.loaded.backend, self._executor, max(cfg.max_batch_size, 1)
+            )
+            rt.predictor.start()
             if not rt.manifest.streamable:
                 continue
             rt.pool = StatePool(rt.manifest.state)
@@ -189,7 +196,9 @@ class Engine:
         deadline = time.monotonic() + grace_s
         while self._inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        schedulers = [rt.scheduler.stop() for rt in self._runtimes.values() if rt.scheduler]
+        runtimes = self._runtimes.values()
+        schedulers = [rt.scheduler.stop() for rt in runtimes if rt.scheduler]
+        schedulers += [rt.predictor.stop() for rt in runtimes if rt.predictor]
         await asyncio.wait_for(asyncio.gather(*schedulers), max(0.1, deadline - time.monotonic()))
         if self._sweeper:
             self._sweeper.cancel()
@@ -365,13 +374,11 @@ class Engine:
                 f"{len(rows)} sequences in one Predict; at most {MAX_PREDICT_ROWS}", "inputs"
             )
         checked = [self._checked_input(m, r) for r in rows]
-        x, lengths = codec.batch_sequences(checked)  # (B, T_max, ...), (B,)
+        assert rt.predictor is not None, "Engine.start() was not awaited"
         self._inflight += 1
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._executor, rt.loaded.backend.sequence, x, lengths
-            )
+            # concurrent Predicts of this model share one sequence-graph call
+            return await rt.predictor.submit(checked)
         finally:
             self._inflight -= 1
 

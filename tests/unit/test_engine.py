@@ -222,6 +222,23 @@ def test_predict_variable_lengths_every_model_kind_incl_bidirectional(quick_stor
         np.testing.assert_allclose(y, ref.sequence(model, rows[model]), atol=TOL, err_msg=model)
 
 
+def test_concurrent_predicts_share_backend_calls_and_equal_each_alone(quick_store, ref):
+    rng = np.random.default_rng(11)
+    requests = [
+        [chunk_for_static(quick_store, "seq_lstm", rng, int(n))] for n in rng.integers(1, 30, 48)
+    ]
+
+    async def main():
+        async with running(quick_store) as e:
+            answers = await asyncio.gather(*(e.predict("seq_lstm", None, r) for r in requests))
+            return answers, e._runtime("seq_lstm").predictor.batches
+
+    answers, batches = asyncio.run(main())
+    assert batches < len(requests)  # calls that arrived together ran together
+    for rows, y in zip(requests, answers, strict=True):
+        np.testing.assert_allclose(y, ref.sequence("seq_lstm", rows), atol=TOL)
+
+
 # ---- Generate -----------------------------------------------------------------------------------
 
 
