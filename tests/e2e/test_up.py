@@ -4,24 +4,14 @@ call through each, prints how to call them, and leaves no process behind."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+from ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_up_serves_grpc_and_http_then_stops_cleanly(quick_store: Path, tmp_path: Path) -> None:

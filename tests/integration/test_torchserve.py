@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ import psutil
 import pytest
 import requests
 import torch
+from ports import free_ports
 
 from serving.manifest import Manifest, load_manifest, resolve
 from serving.torchserve import control
@@ -44,17 +44,6 @@ class Server:
     management: str
     metrics: str
     run_dir: Path
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def is_loopback(ip: str) -> bool:

@@ -6,28 +6,17 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import psutil
 import requests
+from ports import free_ports
 
 from serving.torchserve import control
 
 CLI = [sys.executable, "-m", "serving.cli"]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def start(store: Path) -> int:
