@@ -186,16 +186,29 @@ def latency_table(results: dict[str, Any], model: str) -> str:
 
 def cpu_table(results: dict[str, Any], model: str) -> str:
     header = ["sessions"] + [f"{PATH_TITLES[p]}: rnnserve / echo" for p in PATH_TITLES]
+    header.append("steal (median of windows)")
     rows = []
     for n in sessions_of(results, model):
         row = [f"{n:,}"]
+        steals = []
         for path in PATH_TITLES:
             c = find(results, model, path, n)
-            row.append(
-                f"{c['rnnserve']['server_cpu']:.2f} / {c['echo']['server_cpu']:.2f}" if c else ""
-            )
+            row.append(cpu_cell(c) if c else "")
+            steals += [c[k]["steal"] for k in ("rnnserve", "echo") if c and "steal" in c[k]]
+        row.append(f"{sorted(steals)[len(steals) // 2]:.0%}" if steals else "")
         rows.append(row)
     return table(header, rows)
+
+
+def cpu_cell(c: dict[str, Any]) -> str:
+    """server / clients cores for rnnserve, then for echo (client CPU when it was measured)."""
+    r, e = c["rnnserve"], c["echo"]
+    if "client_cpu" not in r:
+        return f"{r['server_cpu']:.2f} / {e['server_cpu']:.2f}"
+    return (
+        f"{r['server_cpu']:.2f} + {r['client_cpu']:.2f} / "
+        f"{e['server_cpu']:.2f} + {e['client_cpu']:.2f}"
+    )
 
 
 def sessions_of(results: dict[str, Any], model: str) -> list[int]:
@@ -219,7 +232,12 @@ def generated_section(results: dict[str, Any]) -> str:
         f"(echo and rnnserve alternate); StepMany carries {s['per_message']} sessions per message.",
         f"- 1-minute load average before: {results['load_before'][0]:.2f}"
         + (f" (waited {quiet['waited_s']} s for it)" if quiet else "")
-        + f"; after: {results['load_after'][0]:.2f}.",
+        + f"; after: {results['load_after'][0]:.2f}."
+        + (
+            f" Hypervisor steal during the run: {results['steal']:.0%} of the vCPUs' time."
+            if "steal" in results
+            else ""
+        ),
         "",
         "### Targets",
         "",
@@ -251,7 +269,8 @@ def generated_section(results: dict[str, Any]) -> str:
             "",
             latency_table(results, model),
             "",
-            f"### {model}: server CPU (cores busy during the window)",
+            f"### {model}: CPU (cores busy during the window: server + client processes, "
+            "rnnserve / echo)",
             "",
             cpu_table(results, model),
             "",

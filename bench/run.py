@@ -61,9 +61,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (all its threads)."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return process_cpu_seconds(self.proc.pid)
 
     def batch_totals(self, model: str) -> tuple[float, float]:
         """(sum, count) of the server's batch-size histogram for ``model`` (0, 0 without)."""
@@ -85,6 +83,24 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_times() -> list[int]:
+    """The machine's jiffies: user nice system idle iowait irq softirq steal (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:9]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the vCPUs' time the hypervisor gave to someone else between two cpu_times()."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    return delta[7] / max(1, sum(delta))
 
 
 def start_server(name: str, argv: list[str], timeout: float = 60.0) -> Server:
@@ -179,6 +195,8 @@ def run_window(
 ) -> dict[str, float]:
     batch_before = server.batch_totals(model)
     cpu_before = server.cpu_seconds()
+    clients_before = sum(process_cpu_seconds(p.pid) for p in workers.procs)
+    machine_before = cpu_times()
     window = {"start_at": time.time() + 0.1, "warmup": args.warmup, "duration": args.duration}
     command = {
         "target": server.address,
@@ -189,6 +207,8 @@ def run_window(
     }
     answers = workers.call([("run", command) if c else None for c in counts])
     cpu = server.cpu_seconds() - cpu_before
+    clients = sum(process_cpu_seconds(p.pid) for p in workers.procs) - clients_before
+    steal = steal_share(machine_before, cpu_times())
     batch_after = server.batch_totals(model)
     latencies = np.concatenate([np.asarray(a["latencies"]) for a in answers])
     steps = sum(a["steps"] for a in answers)
@@ -200,6 +220,8 @@ def run_window(
         "p50_us": float(np.percentile(latencies, 50)) * 1e6 if len(latencies) else float("nan"),
         "p99_us": float(np.percentile(latencies, 99)) * 1e6 if len(latencies) else float("nan"),
         "server_cpu": cpu / elapsed,  # cores busy, roughly (includes the warm-up)
+        "client_cpu": clients / elapsed,  # all client processes together
+        "steal": steal,  # share of CPU time the hypervisor took away during the window
         "mean_batch": (batch_after[0] - batch_before[0]) / batches if batches else 0.0,
     }
 
@@ -290,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_before": os.getloadavg(),
         "cells": [],
     }
+    machine_before = cpu_times()
     servers = start_servers(store)
     workers = Workers(args.workers)
     try:
@@ -306,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     results["ceiling"] = ceiling.measure(store, args.models, tuple(args.sessions))
     results["idle"] = idle_sessions(store, args.idle_sessions)
     results["load_after"] = os.getloadavg()
+    results["steal"] = steal_share(machine_before, cpu_times())
     results["seconds"] = round(time.monotonic() - started)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_results.json").write_text(json.dumps(results, indent=1) + "\n")
