@@ -322,7 +322,7 @@ def plot(results: dict[str, Any], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(c["model"] for c in results["cells"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.9), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         ns = sessions_of(results, model)
         for path in PATH_TITLES:
@@ -342,8 +342,9 @@ def plot(results: dict[str, Any], png: Path) -> None:
         ax.set_ylabel("steps/s")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))  # room for the legend under the panels
     fig.savefig(png, dpi=80)
     plt.close(fig)
 
