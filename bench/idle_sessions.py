@@ -4,8 +4,8 @@ Runs the real ``Engine`` (the store, the session store, the state pools) in this
 with no transport: RSS is read from /proc before and after opening ``count`` sessions (with the
 garbage collector run first), and compared with the raw bytes of their recurrent states
 (``count * manifest.state_bytes()``; for seq_lstm h and c are (2, 128) float32 each = 2,048 bytes).
-The target is RSS added ≤ 1.5× raw. The sessions are then stepped once each (one batched call) to
-show that an idle session holds no task, thread or timer: the thread count is reported too.
+The target is RSS added ≤ 1.5× raw. The process's thread count is reported too: an idle session
+holds no task, thread or timer of its own.
 
     python -m bench.idle_sessions --store STORE [--model seq_lstm] [--count 100000]
 """
