@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from serving.errors import (
     ModelNotFound,
     NotStreamable,
     PayloadTooLarge,
+    RnnServeError,
     StepOutOfOrder,
     Unavailable,
     VersionNotFound,
@@ -102,6 +103,9 @@ class Generated:
     y: np.ndarray  # (O,) the model's output after consuming it
 
 
+CheckedStep = tuple[Session, "ModelRuntime", np.ndarray, int | None]  # as step_checked takes
+
+
 class EngineObserver(Protocol):
     """Hooks for metrics; ``serving.metrics.Metrics`` implements them."""
 
@@ -134,6 +138,25 @@ class ModelRuntime:
     @property
     def manifest(self) -> Manifest:
         return self.loaded.manifest
+
+
+class _StepGroupBuilder:
+    """One model's claimed steps of a ``step_many`` call, gathered for one ``submit_many``."""
+
+    __slots__ = ("indexes", "positions", "runtime", "sessions", "xs")
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.positions: list[int] = []  # where each step's outcome goes
+        self.sessions: list[Session] = []
+        self.xs: list[np.ndarray] = []
+        self.indexes: list[int] = []  # the step_index each step runs as
+
+    def add(self, pos: int, sess: Session, x: np.ndarray, index: int) -> None:
+        self.positions.append(pos)
+        self.sessions.append(sess)
+        self.xs.append(x)
+        self.indexes.append(index)
 
 
 class Engine:
@@ -280,14 +303,35 @@ class Engine:
         return self._runtimes[self.sessions.get(session_id).key].manifest
 
     # ---- stepping --------------------------------------------------------------------------------
+    def lookup(self, session_id: str) -> tuple[Session, ModelRuntime]:
+        """The live session and its model (one store lookup; refreshes the idle deadline)."""
+        sess = self.sessions.get(session_id)
+        return sess, self._runtimes[sess.key]
+
+    def input_limit(self, m: Manifest) -> int:
+        """Most time steps one step call may carry for this model."""
+        return min(self.config.max_steps_per_request, m.input.max_steps)
+
+    def expires_at(self, sess: Session) -> float:
+        """Unix time of the session's idle deadline."""
+        return time.time() + self.sessions.expires_in(sess)
+
     async def step(
         self, session_id: str, inputs: np.ndarray, step_index: int | None = None
     ) -> StepResult:
         self._check_running()
-        started = time.perf_counter()
-        sess = self.sessions.get(session_id)
-        rt = self._runtimes[sess.key]
+        sess, rt = self.lookup(session_id)
         x = self._checked_input(rt.manifest, inputs)
+        return await self.step_checked(sess, rt, x, step_index)
+
+    async def step_checked(
+        self, sess: Session, rt: ModelRuntime, x: np.ndarray, step_index: int | None = None
+    ) -> StepResult:
+        """``step`` for a transport that found the session with ``lookup`` and already decoded
+        ``x`` with ``serving.codec`` against ``rt.manifest`` and ``input_limit`` (so it is not
+        validated a second time)."""
+        self._check_running()
+        started = time.perf_counter()
         if step_index is not None and step_index < 0:
             raise InvalidInput(f"step_index must be >= 0, got {step_index}", field="step_index")
         self._inflight += 1
@@ -298,6 +342,94 @@ class Engine:
             self._inflight -= 1
         self.observer.on_step(rt.manifest.name, time.perf_counter() - started)
         return result
+
+    async def step_many(self, steps: Sequence[CheckedStep]) -> list[StepResult | Exception]:
+        """Steps of many sessions at once (StepMany): a result or the error per step, in order.
+
+        Each step is (session, runtime, x, step_index) as ``step_checked`` takes them. A session
+        that is free and appears once is gated, index-checked and queued right here, and each
+        model's such steps go to its scheduler as one group (one wake-up, one future). A session
+        that is busy, or appears again in the same call, takes the ordinary gated path in
+        message order, so its steps run one after the other in that order and never share a
+        batch. One step's error never fails the others.
+        """
+        if self.stopping:
+            return [Unavailable("server is shutting down; retry on another instance")] * len(steps)
+        started = time.perf_counter()
+        outcomes: list[StepResult | Exception | None] = [None] * len(steps)
+        groups: dict[str, _StepGroupBuilder] = {}
+        slow: list[asyncio.Future[None]] = []
+        seen: set[int] = set()
+        self._inflight += len(steps)
+        try:
+            for pos, (sess, rt, x, step_index) in enumerate(steps):
+                if sess.busy or id(sess) in seen:
+                    slow.append(asyncio.ensure_future(self._step_into(outcomes, pos, steps[pos])))
+                else:
+                    outcome = self._claim(sess, step_index)
+                    if isinstance(outcome, int):
+                        group = groups.get(rt.loaded.key)
+                        if group is None:
+                            group = groups[rt.loaded.key] = _StepGroupBuilder(rt)
+                        group.add(pos, sess, x, outcome)
+                    else:
+                        outcomes[pos] = outcome
+                seen.add(id(sess))
+            waits = [self._submit_group(g, outcomes) for g in groups.values()]
+            await asyncio.gather(*waits, *slow)
+        finally:
+            self._inflight -= len(steps)
+        elapsed = time.perf_counter() - started
+        for g in groups.values():
+            self.observer.on_step(g.runtime.manifest.name, elapsed)
+        return outcomes  # type: ignore[return-value]  # every slot is filled by now
+
+    def _claim(self, sess: Session, step_index: int | None) -> int | StepResult | Exception:
+        """Take a free session's gate and check the index: the index to run (gate kept), or the
+        cached reply / the error (gate released)."""
+        if step_index is not None and step_index < 0:
+            return InvalidInput(f"step_index must be >= 0, got {step_index}", field="step_index")
+        sess.busy = True  # free and not awaited: acquire() would return at once
+        try:
+            index = self._index_to_run(sess, step_index)
+        except StepOutOfOrder as err:
+            release(sess)
+            return err
+        if isinstance(index, StepResult):
+            release(sess)
+        elif sess.closed:
+            release(sess)
+            return self._gone(sess)
+        return index
+
+    async def _submit_group(
+        self, group: _StepGroupBuilder, outcomes: list[StepResult | Exception | None]
+    ) -> None:
+        sessions, indexes = group.sessions, group.indexes
+
+        def commit(pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
+            self._commit(sessions[pos], indexes[pos], y, err)
+
+        assert group.runtime.scheduler is not None
+        try:
+            fut = group.runtime.scheduler.submit_many(sessions, group.xs, commit)
+        except Exception as err:
+            for pos, sess in zip(group.positions, sessions, strict=True):
+                release(sess)
+                outcomes[pos] = err
+            return
+        ys = await fut
+        for pos, index, y in zip(group.positions, indexes, ys, strict=True):
+            outcomes[pos] = y if isinstance(y, Exception) else StepResult(index, y)
+
+    async def _step_into(
+        self, outcomes: list[StepResult | Exception | None], pos: int, step: CheckedStep
+    ) -> None:
+        sess, rt, x, step_index = step
+        try:
+            outcomes[pos] = await self.step_checked(sess, rt, x, step_index)
+        except Exception as err:
+            outcomes[pos] = err
 
     async def _step_owned(
         self, rt: ModelRuntime, sess: Session, x: np.ndarray, step_index: int | None
@@ -339,7 +471,7 @@ class Engine:
             sess.next_index = index + 1
         release(sess)
 
-    def _gone(self, sess: Session) -> Exception:
+    def _gone(self, sess: Session) -> RnnServeError:
         from serving.errors import SessionNotFound
 
         return SessionNotFound(f"session {sess.id!r} was closed while this call waited")

@@ -9,10 +9,10 @@ expected step index).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2
 from serving import codec
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from serving.engine import Engine, Generated, SessionInfo, StepResult
+from serving.engine import CheckedStep, Engine, Generated, SessionInfo, StepResult
 from serving.errors import InvalidInput, PayloadTooLarge, RnnServeError, StepOutOfOrder, grpc_status
 from serving.manifest import Manifest
 from serving.metrics import Metrics
@@ -145,20 +145,37 @@ def decode_input(m: Manifest, inp: pb.Input, max_steps: int | None = None) -> np
 
 def output_message(m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> pb.Output:
     """One time step's head output (O,) → ``Output`` in the model's terms."""
+    return output_messages(m, y.reshape(1, -1), top_k)[0]
+
+
+def output_messages(m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> list[pb.Output]:
+    """Head outputs (N, O), one row per time step → N ``Output``s in the model's terms.
+
+    The hot path of every step: regression and classification take one NumPy pass (softmax,
+    argmax, ``tolist``) for all rows and one message constructor per row, with the numbers
+    ``codec.format_output`` gives (its dict per row costs more than the message)."""
     kind = m.output.kind
-    # the hot path (one per step): build regression and classification outputs directly, with the
-    # same numbers codec.format_output gives (its dict costs more than the whole message)
+    raw = y.tolist()
     if kind == "regression":
-        raw = y.tolist()
-        return pb.Output(raw=raw, value=raw)
+        return [pb.Output(raw=r, value=r) for r in raw]
+    p = codec.probabilities(m, y)  # (N, K) aligned with the labels
     if kind == "classification":
-        p = codec.probabilities(m, y)  # (K,) aligned with the labels
-        best = int(p.argmax())
-        return pb.Output(raw=y.tolist(), label=m.labels[best], index=best, probabilities=p.tolist())
-    formatted = codec.format_output(m, y, top_k=top_k)  # next_token
-    out = pb.Output(raw=y.tolist(), char=formatted["char"], index=formatted["index"])
-    out.top_k.extend(pb.TokenProb(**t) for t in formatted["top_k"])
-    return out
+        labels = m.labels
+        return [
+            pb.Output(raw=r, label=labels[best], index=best, probabilities=q)
+            for r, best, q in zip(raw, p.argmax(axis=-1).tolist(), p.tolist(), strict=True)
+        ]
+    return [_next_token_output(m, r, row, top_k) for r, row in zip(raw, p, strict=True)]
+
+
+def _next_token_output(m: Manifest, raw: list[float], p: np.ndarray, top_k: int) -> pb.Output:
+    """One step of a char model: the most likely char and the top_k candidates from p (K,)."""
+    names = m.labels
+    best = int(p.argmax())
+    order = np.argsort(-p)[:top_k].tolist()
+    ps = p.tolist()
+    top = [pb.TokenProb(char=names[i], index=i, p=ps[i]) for i in order]
+    return pb.Output(raw=raw, char=names[best], index=best, top_k=top)
 
 
 def model_info(m: Manifest, versions: list[int]) -> pb.ModelInfo:
@@ -196,6 +213,32 @@ def session_message(info: SessionInfo) -> pb.SessionInfo:
         expires_at=info.expires_at,
         next_step_index=info.next_step_index,
     )
+
+
+def _outputs_by_model(
+    requests: Sequence[pb.StepRequest],
+    outcomes: list[StepResult | Exception | None],
+    where: list[int],
+    manifests: list[Manifest],
+) -> dict[int, list[pb.Output]]:
+    """The answered entries' outputs, keyed by position: every answered row of one model (and
+    top_k) goes through ``output_messages`` at once."""
+    rows: dict[tuple[int, int], list[int]] = {}  # (id of manifest, top_k) -> positions
+    by_id: dict[int, Manifest] = {}
+    for pos, m in zip(where, manifests, strict=True):
+        if isinstance(outcomes[pos], StepResult):
+            top_k = (requests[pos].top_k or DEFAULT_TOP_K) if m.output.kind == "next_token" else 0
+            rows.setdefault((id(m), top_k), []).append(pos)
+            by_id[id(m)] = m
+    outputs: dict[int, list[pb.Output]] = {}
+    for (key, top_k), positions in rows.items():
+        ys = [outcomes[pos].y for pos in positions]  # type: ignore[union-attr]  # each (T, O)
+        flat = output_messages(by_id[key], np.concatenate(ys), top_k or DEFAULT_TOP_K)
+        start = 0
+        for pos, y in zip(positions, ys, strict=True):
+            outputs[pos] = flat[start : start + len(y)]
+            start += len(y)
+    return outputs
 
 
 # ---- the servicer -----------------------------------------------------------------------------
@@ -262,38 +305,82 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                     f"at most {MAX_STEPMANY_ENTRIES}",
                     field="steps",
                 )
-            results = await asyncio.gather(*(self._step_entry(s) for s in message.steps))
-            yield pb.StepManyResponse(results=results)
+            yield await self._step_many(message.steps)
 
-    async def _step_entry(self, request: pb.StepRequest) -> pb.StepResult:
-        try:
-            reply = await self._step(request.session_id, request)
-        except Exception as err:
-            if not isinstance(err, RnnServeError):
-                log.exception("StepMany entry failed")
-            self._count("StepMany.entry", grpc_status(err).name)
-            return pb.StepResult(session_id=request.session_id, error=error_message(err))
-        return pb.StepResult(session_id=request.session_id, reply=reply)
+    async def _step_many(self, requests: Sequence[pb.StepRequest]) -> pb.StepManyResponse:
+        """All entries in one pass each way: look up and decode, one ``Engine.step_many`` (one
+        scheduler group per model), then the replies with one NumPy pass per model."""
+        e = self.engine
+        outcomes: list[StepResult | Exception | None] = [None] * len(requests)
+        checked: list[CheckedStep] = []
+        where: list[int] = []  # position in the message of each checked step
+        for pos, req in enumerate(requests):
+            try:
+                sess, rt = e.lookup(req.session_id)
+                m = rt.manifest
+                x = decode_input(m, req.input, e.input_limit(m))
+            except Exception as err:
+                outcomes[pos] = err
+                continue
+            index = req.step_index if req.HasField("step_index") else None
+            checked.append((sess, rt, x, index))
+            where.append(pos)
+        expires_at = time.time() + e.sessions.ttl_s  # the lookups just pushed the deadlines back
+        for pos, outcome in zip(where, await e.step_many(checked), strict=True):
+            outcomes[pos] = outcome
+        manifests = [c[1].manifest for c in checked]
+        replies = self._many_replies(requests, outcomes, where, manifests, expires_at)
+        return pb.StepManyResponse(results=replies)
+
+    def _many_replies(
+        self,
+        requests: Sequence[pb.StepRequest],
+        outcomes: list[StepResult | Exception | None],
+        where: list[int],
+        manifests: list[Manifest],
+        expires_at: float,
+    ) -> list[pb.StepResult]:
+        outputs = _outputs_by_model(requests, outcomes, where, manifests)
+        chars = {p for p, m in zip(where, manifests, strict=True) if m.output.kind == "next_token"}
+        results = []
+        for pos, (req, outcome) in enumerate(zip(requests, outcomes, strict=True)):
+            sid = req.session_id
+            if isinstance(outcome, StepResult):
+                reply = pb.StepResponse(
+                    session_id=sid,
+                    step_index=outcome.step_index,
+                    outputs=outputs[pos],
+                    expires_at=expires_at,
+                )
+                if pos in chars:
+                    reply.text = "".join(o.char for o in outputs[pos])
+                results.append(pb.StepResult(session_id=sid, reply=reply))
+            else:
+                assert outcome is not None
+                results.append(pb.StepResult(session_id=sid, error=self._entry_error(outcome)))
+        return results
+
+    def _entry_error(self, err: Exception) -> pb.Error:
+        if not isinstance(err, RnnServeError):
+            log.error("StepMany entry failed: %r", err)
+        self._count("StepMany.entry", grpc_status(err).name)
+        return error_message(err)
 
     async def _step(self, session_id: str, request: pb.StepRequest) -> pb.StepResponse:
-        m = self.engine.session_manifest(session_id)
-        x = decode_input(m, request.input, self.engine.config.max_steps_per_request)
+        e = self.engine
+        sess, rt = e.lookup(session_id)
+        m = rt.manifest
+        x = decode_input(m, request.input, e.input_limit(m))
         index = request.step_index if request.HasField("step_index") else None
-        result = await self.engine.step(session_id, x, index)
-        return self._step_reply(m, session_id, result, request.top_k or DEFAULT_TOP_K)
-
-    def _step_reply(
-        self, m: Manifest, session_id: str, result: StepResult, top_k: int
-    ) -> pb.StepResponse:
-        outputs = [output_message(m, row, top_k) for row in result.y]
+        result = await e.step_checked(sess, rt, x, index)
         reply = pb.StepResponse(
             session_id=session_id,
             step_index=result.step_index,
-            outputs=outputs,
-            expires_at=self.engine.session(session_id).expires_at,
+            outputs=output_messages(m, result.y, request.top_k or DEFAULT_TOP_K),
+            expires_at=e.expires_at(sess),
         )
         if m.output.kind == "next_token":
-            reply.text = "".join(o.char for o in outputs)
+            reply.text = "".join(o.char for o in reply.outputs)
         return reply
 
     # generation
@@ -334,7 +421,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         y = await e.predict(m.name, m.version, rows)  # (B, O)
         top_k = request.top_k or DEFAULT_TOP_K
         return pb.PredictResponse(
-            model=m.name, version=m.version, outputs=[output_message(m, row, top_k) for row in y]
+            model=m.name, version=m.version, outputs=output_messages(m, y, top_k)
         )
 
     # bookkeeping

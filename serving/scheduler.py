@@ -38,13 +38,43 @@ log = logging.getLogger(__name__)
 StepDone = Callable[[np.ndarray | None, BaseException | None], None]
 
 
+GroupDone = Callable[[int, np.ndarray | None, BaseException | None], None]
+
+
+class StepGroup:
+    """Steps submitted together (one StepMany message's steps of one model): one future for all.
+
+    Its members may land in different batches (another T, a full batch, a session's second step);
+    the future resolves once every member is answered, with y (T, O) or the error per member, in
+    submission order. ``on_done(pos, y, err)`` runs per member as it is answered, even if the
+    future was cancelled meanwhile (the engine commits each step there).
+    """
+
+    __slots__ = ("future", "on_done", "outcomes", "remaining")
+
+    def __init__(self, future: asyncio.Future[list], size: int, on_done: GroupDone) -> None:
+        self.future = future
+        self.on_done = on_done
+        self.outcomes: list[np.ndarray | BaseException | None] = [None] * size
+        self.remaining = size
+
+    def answer(self, pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
+        self.on_done(pos, y, err)
+        self.outcomes[pos] = y if err is None else err
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(self.outcomes)
+
+
 @dataclass(slots=True)
 class PendingStep:
     session: Session
     x: np.ndarray  # (T, F) float32 or (T,) int64
-    future: asyncio.Future[np.ndarray]  # resolves to y (T, O) once the new state is stored
+    future: asyncio.Future[np.ndarray] | None  # resolves to y (T, O) once the state is stored
     enqueued: float
     on_done: StepDone | None = None  # called (y, None) or (None, error) even if future is cancelled
+    group: StepGroup | None = None  # set for members of submit_many (then future is None)
+    pos: int = 0  # the member's position in its group
 
 
 class StepScheduler:
@@ -113,6 +143,29 @@ class StepScheduler:
             raise Unavailable(f"{self.name} is not accepting steps (stopping or not started)")
         fut: asyncio.Future[np.ndarray] = self._loop.create_future()
         self._queue.append(PendingStep(session, x, fut, time.monotonic(), on_done))
+        self._schedule()
+        return fut
+
+    def submit_many(
+        self, sessions: list[Session], xs: list[np.ndarray], on_done: GroupDone
+    ) -> asyncio.Future[list]:
+        """Queue one step for each of ``sessions`` with one wake-up and one future for the group.
+
+        The future resolves to a list in submission order holding y (T, O) or the exception per
+        step. A session may appear twice: its second step runs in a later batch (never two steps
+        of one session in one batch), though the engine sends only one per session anyway.
+        """
+        if self._stopping or self._loop is None:
+            raise Unavailable(f"{self.name} is not accepting steps (stopping or not started)")
+        fut: asyncio.Future[list] = self._loop.create_future()
+        group = StepGroup(fut, len(sessions), on_done)
+        now = time.monotonic()
+        self._queue.extend(
+            PendingStep(sess, x, None, now, None, group, pos)
+            for pos, (sess, x) in enumerate(zip(sessions, xs, strict=True))
+        )
+        if not sessions:
+            fut.set_result([])
         self._schedule()
         return fut
 
@@ -224,8 +277,12 @@ class StepScheduler:
 
 
 def _answer(p: PendingStep, y: np.ndarray | None, err: BaseException | None) -> None:
+    if p.group is not None:
+        p.group.answer(p.pos, y, err)
+        return
     if p.on_done is not None:
         p.on_done(y, err)
+    assert p.future is not None
     if p.future.done():  # the caller gave up; on_done has recorded the outcome
         return
     if err is None:
