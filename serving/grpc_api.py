@@ -10,6 +10,7 @@ expected step index).
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -145,37 +146,54 @@ def decode_input(m: Manifest, inp: pb.Input, max_steps: int | None = None) -> np
 
 def output_message(m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> pb.Output:
     """One time step's head output (O,) → ``Output`` in the model's terms."""
-    return output_messages(m, y.reshape(1, -1), top_k)[0]
+    holder = pb.StepResponse()
+    OutputRows(m, y.reshape(1, -1), top_k).add_to(holder.outputs)
+    return holder.outputs[0]
 
 
-def output_messages(m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> list[pb.Output]:
-    """Head outputs (N, O), one row per time step → N ``Output``s in the model's terms.
+class OutputRows:
+    """Head outputs (N, O) of one model, put in the model's terms with one NumPy pass (softmax,
+    argmax, ``tolist``) for all N rows; ``add_to`` then writes rows straight into a reply's
+    repeated ``outputs`` (building an ``Output`` and copying it in costs twice as much). The
+    numbers are those ``codec.format_output`` gives; its dict per row costs more than the message.
+    """
 
-    The hot path of every step: regression and classification take one NumPy pass (softmax,
-    argmax, ``tolist``) for all rows and one message constructor per row, with the numbers
-    ``codec.format_output`` gives (its dict per row costs more than the message)."""
-    kind = m.output.kind
-    raw = y.tolist()
-    if kind == "regression":
-        return [pb.Output(raw=r, value=r) for r in raw]
-    p = codec.probabilities(m, y)  # (N, K) aligned with the labels
-    if kind == "classification":
-        labels = m.labels
-        return [
-            pb.Output(raw=r, label=labels[best], index=best, probabilities=q)
-            for r, best, q in zip(raw, p.argmax(axis=-1).tolist(), p.tolist(), strict=True)
-        ]
-    return [_next_token_output(m, r, row, top_k) for r, row in zip(raw, p, strict=True)]
+    __slots__ = ("best", "kind", "labels", "p", "probs", "raw", "top_k")
 
+    def __init__(self, m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> None:
+        self.kind = m.output.kind
+        self.raw = y.tolist()
+        self.top_k = top_k
+        if self.kind == "regression":
+            return
+        self.labels = m.labels
+        self.p = codec.probabilities(m, y)  # (N, K) aligned with the labels
+        self.best = self.p.argmax(axis=-1).tolist()
+        self.probs = self.p.tolist()
 
-def _next_token_output(m: Manifest, raw: list[float], p: np.ndarray, top_k: int) -> pb.Output:
-    """One step of a char model: the most likely char and the top_k candidates from p (K,)."""
-    names = m.labels
-    best = int(p.argmax())
-    order = np.argsort(-p)[:top_k].tolist()
-    ps = p.tolist()
-    top = [pb.TokenProb(char=names[i], index=i, p=ps[i]) for i in order]
-    return pb.Output(raw=raw, char=names[best], index=best, top_k=top)
+    def add_to(self, outputs: Any, start: int = 0, stop: int | None = None) -> None:
+        """Append rows [start, stop) to a repeated ``Output`` field."""
+        add = outputs.add
+        rows = range(start, len(self.raw) if stop is None else stop)
+        raw = self.raw
+        if self.kind == "regression":
+            for i in rows:
+                add(raw=raw[i], value=raw[i])
+        elif self.kind == "classification":
+            labels, best, probs = self.labels, self.best, self.probs
+            for i in rows:
+                add(raw=raw[i], label=labels[best[i]], index=best[i], probabilities=probs[i])
+        else:
+            for i in rows:
+                out = add(raw=raw[i], char=self.labels[self.best[i]], index=self.best[i])
+                order = np.argsort(-self.p[i])[: self.top_k].tolist()
+                ps = self.probs[i]
+                for k in order:
+                    out.top_k.add(char=self.labels[k], index=k, p=ps[k])
+
+    def text(self, start: int, stop: int) -> str:
+        """next_token models: the most likely char after each of rows [start, stop)."""
+        return "".join(self.labels[b] for b in self.best[start:stop])
 
 
 def model_info(m: Manifest, versions: list[int]) -> pb.ModelInfo:
@@ -215,30 +233,28 @@ def session_message(info: SessionInfo) -> pb.SessionInfo:
     )
 
 
-def _outputs_by_model(
+def _rows_by_model(
     requests: Sequence[pb.StepRequest],
     outcomes: list[StepResult | Exception | None],
     where: list[int],
     manifests: list[Manifest],
-) -> dict[int, list[pb.Output]]:
-    """The answered entries' outputs, keyed by position: every answered row of one model (and
-    top_k) goes through ``output_messages`` at once."""
-    rows: dict[tuple[int, int], list[int]] = {}  # (id of manifest, top_k) -> positions
-    by_id: dict[int, Manifest] = {}
+) -> dict[int, tuple[OutputRows, int, int]]:
+    """For each answered entry (by position): its model's ``OutputRows`` and its rows there.
+    Every answered row of one model (and top_k) is converted at once."""
+    groups: dict[tuple[int, int], tuple[Manifest, list[int]]] = {}  # (id(manifest), top_k)
     for pos, m in zip(where, manifests, strict=True):
         if isinstance(outcomes[pos], StepResult):
             top_k = (requests[pos].top_k or DEFAULT_TOP_K) if m.output.kind == "next_token" else 0
-            rows.setdefault((id(m), top_k), []).append(pos)
-            by_id[id(m)] = m
-    outputs: dict[int, list[pb.Output]] = {}
-    for (key, top_k), positions in rows.items():
+            groups.setdefault((id(m), top_k), (m, []))[1].append(pos)
+    located: dict[int, tuple[OutputRows, int, int]] = {}
+    for (_, top_k), (m, positions) in groups.items():
         ys = [outcomes[pos].y for pos in positions]  # type: ignore[union-attr]  # each (T, O)
-        flat = output_messages(by_id[key], np.concatenate(ys), top_k or DEFAULT_TOP_K)
+        rows = OutputRows(m, np.concatenate(ys), top_k or DEFAULT_TOP_K)
         start = 0
         for pos, y in zip(positions, ys, strict=True):
-            outputs[pos] = flat[start : start + len(y)]
+            located[pos] = (rows, start, start + len(y))
             start += len(y)
-    return outputs
+    return located
 
 
 # ---- the servicer -----------------------------------------------------------------------------
@@ -312,25 +328,26 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         scheduler group per model), then the replies with one NumPy pass per model."""
         e = self.engine
         outcomes: list[StepResult | Exception | None] = [None] * len(requests)
-        checked: list[CheckedStep] = []
-        where: list[int] = []  # position in the message of each checked step
+        found: dict[int, tuple[Any, Any]] = {}  # position -> (session, runtime)
         for pos, req in enumerate(requests):
             try:
-                sess, rt = e.lookup(req.session_id)
-                m = rt.manifest
-                x = decode_input(m, req.input, e.input_limit(m))
+                found[pos] = e.lookup(req.session_id)
             except Exception as err:
                 outcomes[pos] = err
-                continue
-            index = req.step_index if req.HasField("step_index") else None
-            checked.append((sess, rt, x, index))
-            where.append(pos)
+        xs = self._decode_entries(requests, found, outcomes)
+        checked: list[CheckedStep] = []
+        where: list[int] = []  # position in the message of each checked step, in message order
+        for pos, (sess, rt) in found.items():
+            if outcomes[pos] is None:
+                req = requests[pos]
+                index = req.step_index if req.HasField("step_index") else None
+                checked.append((sess, rt, xs[pos], index))
+                where.append(pos)
         expires_at = time.time() + e.sessions.ttl_s  # the lookups just pushed the deadlines back
         for pos, outcome in zip(where, await e.step_many(checked), strict=True):
             outcomes[pos] = outcome
         manifests = [c[1].manifest for c in checked]
-        replies = self._many_replies(requests, outcomes, where, manifests, expires_at)
-        return pb.StepManyResponse(results=replies)
+        return self._many_replies(requests, outcomes, where, manifests, expires_at)
 
     def _many_replies(
         self,
@@ -339,26 +356,80 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         where: list[int],
         manifests: list[Manifest],
         expires_at: float,
-    ) -> list[pb.StepResult]:
-        outputs = _outputs_by_model(requests, outcomes, where, manifests)
-        chars = {p for p, m in zip(where, manifests, strict=True) if m.output.kind == "next_token"}
-        results = []
+    ) -> pb.StepManyResponse:
+        located = _rows_by_model(requests, outcomes, where, manifests)
+        response = pb.StepManyResponse()
+        add = response.results.add
         for pos, (req, outcome) in enumerate(zip(requests, outcomes, strict=True)):
             sid = req.session_id
             if isinstance(outcome, StepResult):
-                reply = pb.StepResponse(
-                    session_id=sid,
-                    step_index=outcome.step_index,
-                    outputs=outputs[pos],
-                    expires_at=expires_at,
-                )
-                if pos in chars:
-                    reply.text = "".join(o.char for o in outputs[pos])
-                results.append(pb.StepResult(session_id=sid, reply=reply))
+                reply = add(session_id=sid).reply
+                reply.session_id = sid
+                reply.step_index = outcome.step_index
+                reply.expires_at = expires_at
+                rows, start, stop = located[pos]
+                rows.add_to(reply.outputs, start, stop)
+                if rows.kind == "next_token":
+                    reply.text = rows.text(start, stop)
             else:
                 assert outcome is not None
-                results.append(pb.StepResult(session_id=sid, error=self._entry_error(outcome)))
-        return results
+                add(session_id=sid, error=self._entry_error(outcome))
+        return response
+
+    def _decode_entries(
+        self,
+        requests: Sequence[pb.StepRequest],
+        found: dict[int, tuple[Any, Any]],
+        outcomes: list[StepResult | Exception | None],
+    ) -> dict[int, np.ndarray]:
+        """Every found entry's input → x; an entry that does not decode gets its error in
+        ``outcomes``. Feature inputs of one model are decoded together (one NumPy call)."""
+        xs: dict[int, np.ndarray] = {}
+        features: dict[str, list[int]] = {}  # model key -> positions with plain feature input
+        for pos, (_, rt) in found.items():
+            inp = requests[pos].input
+            if rt.manifest.input.kind == "features" and inp.WhichOneof("data") == "features":
+                features.setdefault(rt.loaded.key, []).append(pos)
+                continue
+            try:
+                xs[pos] = decode_input(rt.manifest, inp, self.engine.input_limit(rt.manifest))
+            except Exception as err:
+                outcomes[pos] = err
+        for positions in features.values():
+            m = found[positions[0]][1].manifest
+            self._decode_features(m, [requests[p].input for p in positions], positions, xs)
+            for pos in positions:
+                if pos not in xs:  # the fast path refused it: decode alone for the exact error
+                    try:
+                        xs[pos] = decode_input(m, requests[pos].input, self.engine.input_limit(m))
+                    except Exception as err:
+                        outcomes[pos] = err
+        return xs
+
+    def _decode_features(
+        self, m: Manifest, inputs: list[pb.Input], positions: list[int], xs: dict[int, np.ndarray]
+    ) -> None:
+        """Well-formed feature inputs of one model → (T, F) views of one float32 array. What this
+        fast path does not accept is left out of ``xs`` (``decode_input`` then says why)."""
+        f = int(m.input.features or 0)
+        limit = self.engine.input_limit(m)
+        good: list[tuple[int, int, int]] = []  # (position, start, steps)
+        values = []
+        start = 0
+        for pos, inp in zip(positions, inputs, strict=True):
+            v = inp.features.values
+            n = len(v)
+            steps = inp.features.steps or (n // f if f else 0)
+            if f and n == steps * f and 1 <= steps <= limit:
+                good.append((pos, start, steps))
+                values.append(v)
+                start += n
+        flat = np.fromiter(itertools.chain.from_iterable(values), np.float32, start)
+        finite = bool(np.isfinite(flat).all())
+        for pos, begin, steps in good:
+            x = flat[begin : begin + steps * f].reshape(steps, f)  # (T, F)
+            if finite or np.isfinite(x).all():
+                xs[pos] = x
 
     def _entry_error(self, err: Exception) -> pb.Error:
         if not isinstance(err, RnnServeError):
@@ -374,13 +445,12 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         index = request.step_index if request.HasField("step_index") else None
         result = await e.step_checked(sess, rt, x, index)
         reply = pb.StepResponse(
-            session_id=session_id,
-            step_index=result.step_index,
-            outputs=output_messages(m, result.y, request.top_k or DEFAULT_TOP_K),
-            expires_at=e.expires_at(sess),
+            session_id=session_id, step_index=result.step_index, expires_at=e.expires_at(sess)
         )
-        if m.output.kind == "next_token":
-            reply.text = "".join(o.char for o in reply.outputs)
+        rows = OutputRows(m, result.y, request.top_k or DEFAULT_TOP_K)
+        rows.add_to(reply.outputs)
+        if rows.kind == "next_token":
+            reply.text = rows.text(0, len(result.y))
         return reply
 
     # generation
@@ -420,9 +490,9 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         rows = [decode_input(m, inp) for inp in request.inputs]
         y = await e.predict(m.name, m.version, rows)  # (B, O)
         top_k = request.top_k or DEFAULT_TOP_K
-        return pb.PredictResponse(
-            model=m.name, version=m.version, outputs=output_messages(m, y, top_k)
-        )
+        reply = pb.PredictResponse(model=m.name, version=m.version)
+        OutputRows(m, y, top_k).add_to(reply.outputs)
+        return reply
 
     # bookkeeping
     def _count(self, method: str, code: str) -> None:
