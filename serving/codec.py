@@ -37,7 +37,11 @@ def decode_features(
     try:
         arr = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as e:
-        raise InvalidInput(f"inputs must be numbers: {e}", field="inputs") from e
+        # numpy's own words ("inhomogeneous shape…") don't tell a client what to send
+        raise InvalidInput(
+            f"inputs must be numbers shaped [T, {f}]: T time steps, each a list of {f} numbers",
+            field="inputs",
+        ) from e
     if steps is not None and arr.ndim == 1:
         if arr.size != steps * f:
             raise InvalidInput(

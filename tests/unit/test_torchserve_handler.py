@@ -207,6 +207,7 @@ FEATURES_BAD: list[tuple[str, Any, int, str]] = [  # (case, body, status, words 
     ("Infinity", b'{"inputs": [[Infinity]]}', 400, "NaN or Inf"),
     ("empty sequence", {"inputs": []}, 400, "empty input"),
     ("not numbers", {"inputs": [["a"]]}, 400, "must be numbers"),
+    ("ragged steps", {"inputs": [[0.5], [0.1, 0.2]]}, 400, "each a list of 1 numbers"),
     ("over-long sequence", {"inputs": [[0.1]] * 1025}, 400, "accepts at most 1024"),
     ("over-long body", b'{"inputs": [' + b"[0.25]," * 10_000 + b"[0.5]]}", 413, "the limit is"),
     ("generate on a classifier", {"inputs": [[0.5]], "generate": 3}, 400, "character models"),
