@@ -357,7 +357,7 @@ class Engine:
             return [Unavailable("server is shutting down; retry on another instance")] * len(steps)
         started = time.perf_counter()
         outcomes: list[StepResult | Exception | None] = [None] * len(steps)
-        groups: dict[str, _StepGroupBuilder] = {}
+        groups: dict[int, _StepGroupBuilder] = {}  # id(runtime) -> its steps
         slow: list[asyncio.Future[None]] = []
         seen: set[int] = set()
         self._inflight += len(steps)
@@ -368,9 +368,9 @@ class Engine:
                 else:
                     outcome = self._claim(sess, step_index)
                     if isinstance(outcome, int):
-                        group = groups.get(rt.loaded.key)
+                        group = groups.get(id(rt))
                         if group is None:
-                            group = groups[rt.loaded.key] = _StepGroupBuilder(rt)
+                            group = groups[id(rt)] = _StepGroupBuilder(rt)
                         group.add(pos, sess, x, outcome)
                     else:
                         outcomes[pos] = outcome

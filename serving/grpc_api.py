@@ -257,6 +257,12 @@ def _rows_by_model(
     return located
 
 
+def _plain_steps(features: int, values: int, steps: int, limit: int) -> int:
+    """T of a well-formed feature input (``values`` numbers, ``steps`` given or 0), else 0."""
+    steps = steps or (values // features if features else 0)
+    return steps if features and values == steps * features and 1 <= steps <= limit else 0
+
+
 # ---- the servicer -----------------------------------------------------------------------------
 
 
@@ -385,11 +391,11 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         """Every found entry's input → x; an entry that does not decode gets its error in
         ``outcomes``. Feature inputs of one model are decoded together (one NumPy call)."""
         xs: dict[int, np.ndarray] = {}
-        features: dict[str, list[int]] = {}  # model key -> positions with plain feature input
+        features: dict[int, list[int]] = {}  # id(runtime) -> positions with plain feature input
         for pos, (_, rt) in found.items():
             inp = requests[pos].input
             if rt.manifest.input.kind == "features" and inp.WhichOneof("data") == "features":
-                features.setdefault(rt.loaded.key, []).append(pos)
+                features.setdefault(id(rt), []).append(pos)
                 continue
             try:
                 xs[pos] = decode_input(rt.manifest, inp, self.engine.input_limit(rt.manifest))
@@ -418,18 +424,30 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         start = 0
         for pos, inp in zip(positions, inputs, strict=True):
             v = inp.features.values
-            n = len(v)
-            steps = inp.features.steps or (n // f if f else 0)
-            if f and n == steps * f and 1 <= steps <= limit:
+            steps = _plain_steps(f, len(v), inp.features.steps, limit)
+            if steps:
                 good.append((pos, start, steps))
                 values.append(v)
-                start += n
+                start += len(v)
         flat = np.fromiter(itertools.chain.from_iterable(values), np.float32, start)
         finite = bool(np.isfinite(flat).all())
         for pos, begin, steps in good:
             x = flat[begin : begin + steps * f].reshape(steps, f)  # (T, F)
             if finite or np.isfinite(x).all():
                 xs[pos] = x
+
+    def _decode_one(self, m: Manifest, inp: pb.Input) -> np.ndarray:
+        """``decode_input`` with a short path for the common case (well-formed features)."""
+        limit = self.engine.input_limit(m)
+        if m.input.kind == "features" and inp.WhichOneof("data") == "features":
+            f = int(m.input.features or 0)
+            v = inp.features.values
+            steps = _plain_steps(f, len(v), inp.features.steps, limit)
+            if steps:
+                x = np.array(v, dtype=np.float32).reshape(steps, f)  # (T, F)
+                if np.isfinite(x).all():
+                    return x
+        return decode_input(m, inp, limit)  # anything else, and the exact error
 
     def _entry_error(self, err: Exception) -> pb.Error:
         if not isinstance(err, RnnServeError):
@@ -441,7 +459,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         e = self.engine
         sess, rt = e.lookup(session_id)
         m = rt.manifest
-        x = decode_input(m, request.input, e.input_limit(m))
+        x = self._decode_one(m, request.input)
         index = request.step_index if request.HasField("step_index") else None
         result = await e.step_checked(sess, rt, x, index)
         reply = pb.StepResponse(

@@ -60,6 +60,7 @@ class Metrics:
             "rnnserve_sessions_closed", "sessions closed by clients", ["model"], registry=r
         )
         self._children: dict[tuple[int, str], Histogram] = {}
+        self._requests: dict[tuple[str, str], Counter] = {}
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -83,7 +84,10 @@ class Metrics:
 
     # ---- transport hooks -------------------------------------------------------------------------
     def on_request(self, method: str, code: str) -> None:
-        self.requests.labels(method, code).inc()
+        counter = self._requests.get((method, code))
+        if counter is None:  # labels() costs more than inc(): one child per (method, code)
+            counter = self._requests[method, code] = self.requests.labels(method, code)
+        counter.inc()
         if code != "OK":
             self.errors.labels(method, code).inc()
 
