@@ -152,12 +152,6 @@ class _StepGroupBuilder:
         self.xs: list[np.ndarray] = []
         self.indexes: list[int] = []  # the step_index each step runs as
 
-    def add(self, pos: int, sess: Session, x: np.ndarray, index: int) -> None:
-        self.positions.append(pos)
-        self.sessions.append(sess)
-        self.xs.append(x)
-        self.indexes.append(index)
-
 
 class Engine:
     def __init__(self, config: EngineConfig, observer: EngineObserver | None = None) -> None:
@@ -363,18 +357,27 @@ class Engine:
         self._inflight += len(steps)
         try:
             for pos, (sess, rt, x, step_index) in enumerate(steps):
-                if sess.busy or id(sess) in seen:
+                key = id(sess)
+                if sess.busy or key in seen:
                     slow.append(asyncio.ensure_future(self._step_into(outcomes, pos, steps[pos])))
-                else:
+                    continue
+                seen.add(key)
+                index = sess.next_index
+                if (step_index is None or step_index == index) and not sess.closed:
+                    sess.busy = True  # the common case inline: free, in order, open
+                else:  # a retry, a gap, a bad index, or closed
                     outcome = self._claim(sess, step_index)
-                    if isinstance(outcome, int):
-                        group = groups.get(id(rt))
-                        if group is None:
-                            group = groups[id(rt)] = _StepGroupBuilder(rt)
-                        group.add(pos, sess, x, outcome)
-                    else:
+                    if not isinstance(outcome, int):
                         outcomes[pos] = outcome
-                seen.add(id(sess))
+                        continue
+                    index = outcome
+                group = groups.get(id(rt))
+                if group is None:
+                    group = groups[id(rt)] = _StepGroupBuilder(rt)
+                group.positions.append(pos)
+                group.sessions.append(sess)
+                group.xs.append(x)
+                group.indexes.append(index)
             waits = [self._submit_group(g, outcomes) for g in groups.values()]
             await asyncio.gather(*waits, *slow)
         finally:
@@ -406,9 +409,17 @@ class Engine:
         self, group: _StepGroupBuilder, outcomes: list[StepResult | Exception | None]
     ) -> None:
         sessions, indexes = group.sessions, group.indexes
+        results: list[StepResult | BaseException | None] = [None] * len(sessions)
 
         def commit(pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
-            self._commit(sessions[pos], indexes[pos], y, err)
+            """As _commit; the StepResult cached for retries is also this call's answer."""
+            sess = sessions[pos]
+            if err is None:
+                sess.last = results[pos] = StepResult(indexes[pos], y)  # type: ignore[arg-type]
+                sess.next_index = indexes[pos] + 1
+            else:
+                results[pos] = err
+            release(sess)
 
         assert group.runtime.scheduler is not None
         try:
@@ -418,9 +429,9 @@ class Engine:
                 release(sess)
                 outcomes[pos] = err
             return
-        ys = await fut
-        for pos, index, y in zip(group.positions, indexes, ys, strict=True):
-            outcomes[pos] = y if isinstance(y, Exception) else StepResult(index, y)
+        await fut  # every member committed: results is complete
+        for pos, result in zip(group.positions, results, strict=True):
+            outcomes[pos] = result  # type: ignore[assignment]  # errors are RnnServeErrors
 
     async def _step_into(
         self, outcomes: list[StepResult | Exception | None], pos: int, step: CheckedStep
