@@ -1,7 +1,8 @@
 """Prometheus metrics for the gRPC server, on their own registry (several servers per process work).
 
 Names: ``rnnserve_requests_total{method,code}``, ``rnnserve_errors_total{method,code}``,
-``rnnserve_step_latency_seconds{model}`` (engine time per Step, queueing included),
+``rnnserve_step_latency_seconds{model}`` (engine time per Step, queueing included; a StepMany
+message's steps of one model count as one observation),
 ``rnnserve_batch_size{model}`` (sessions per backend call), ``rnnserve_live_sessions{model}``,
 ``rnnserve_session_evictions_total{model}`` (expired by the idle TTL) and
 ``rnnserve_sessions_closed_total{model}``.
