@@ -5,15 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.engine import EngineConfig
 from serving.manifest import Manifest, load_manifest
 from serving.server import ServerConfig
-from training.reference import load_eager
 
-TOL = 1e-5
 STREAMABLE = [
     "sum_sign_rnn", "sum_sign_lstm", "seq_lstm", "seq_gru", "elman", "sine", "char_hello", "char",
 ]  # fmt: skip
@@ -47,32 +44,3 @@ def to_input(x: np.ndarray) -> pb.Input:
 def raw(reply: pb.StepResponse) -> np.ndarray:
     """(T, O) head outputs of a reply."""
     return np.array([list(o.raw) for o in reply.outputs], dtype=np.float32)
-
-
-class Reference:
-    """The eager PyTorch models (training.reference), one sequence at a time."""
-
-    def __init__(self, store: Path) -> None:
-        self.store = store
-        self._models: dict[str, torch.nn.Module] = {}
-
-    def model(self, name: str) -> torch.nn.Module:
-        if name not in self._models:
-            self._models[name] = load_eager(self.store / name / "1")
-        return self._models[name]
-
-    def run(self, name: str, chunks: list[np.ndarray]) -> np.ndarray:
-        x = torch.from_numpy(np.concatenate(chunks)[None])  # (1, T, F) or (1, T)
-        m = self.model(name)
-        with torch.inference_mode():
-            return m.step(x, *m.init_states(1))[0][0].numpy()  # (T, O)
-
-    def sequence(self, name: str, rows: list[np.ndarray]) -> np.ndarray:
-        m = self.model(name)
-        with torch.inference_mode():
-            return np.concatenate(
-                [
-                    m.sequence(torch.from_numpy(r[None]), torch.tensor([len(r)])).numpy()
-                    for r in rows
-                ]
-            )

@@ -9,13 +9,14 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from eager import TOL, Reference
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from grpc_status import rpc_status
-from grpc_support import TOL, Reference, manifest, random_chunk, raw, server_config, to_input
+from grpc_support import manifest, random_chunk, raw, server_config, to_input
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc

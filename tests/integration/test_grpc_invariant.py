@@ -10,7 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
-from grpc_support import TOL, Reference, manifest, random_chunk, raw, server_config, to_input
+from eager import TOL, Reference
+from grpc_support import manifest, random_chunk, raw, server_config, to_input
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc

@@ -6,7 +6,8 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from grpc_support import TOL, Reference, manifest, random_chunk, raw, server_config, to_input
+from eager import TOL, Reference
+from grpc_support import manifest, random_chunk, raw, server_config, to_input
 
 from serving import codec
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from eager import TOL, Reference
 
 from serving.engine import Engine, EngineConfig
 from serving.errors import (
@@ -25,9 +26,6 @@ from serving.errors import (
     VersionNotFound,
 )
 from serving.manifest import load_manifest
-from training.reference import load_eager
-
-TOL = 1e-5
 
 
 @asynccontextmanager
@@ -38,37 +36,6 @@ async def running(store: Path, **kw):
         yield engine
     finally:
         await engine.stop(1.0)
-
-
-class Reference:
-    """Eager PyTorch models, one sequence at a time."""
-
-    def __init__(self, store: Path) -> None:
-        self.store = store
-        self._models: dict[str, torch.nn.Module] = {}
-
-    def model(self, name: str) -> torch.nn.Module:
-        if name not in self._models:
-            self._models[name] = load_eager(self.store / name / "1")
-        return self._models[name]
-
-    def run(self, name: str, chunks: list[np.ndarray]) -> np.ndarray:
-        """Every chunk's outputs, concatenated: (T_total, O)."""
-        x = torch.from_numpy(np.concatenate(chunks)[None])  # (1, T, F) or (1, T)
-        m = self.model(name)
-        with torch.inference_mode():
-            y = m.step(x, *m.init_states(1))[0]
-        return y[0].numpy()
-
-    def sequence(self, name: str, rows: list[np.ndarray]) -> np.ndarray:
-        m = self.model(name)
-        with torch.inference_mode():
-            return np.concatenate(
-                [
-                    m.sequence(torch.from_numpy(r[None]), torch.tensor([len(r)])).numpy()
-                    for r in rows
-                ]
-            )
 
 
 @pytest.fixture(scope="module")

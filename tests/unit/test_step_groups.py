@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from test_engine import TOL, Reference, chunk_for, features, running
+from eager import TOL, Reference
+from test_engine import chunk_for, features, running
 from test_scheduler import F, NumpyElman, make, reference, session
 
 from serving.engine import StepResult
