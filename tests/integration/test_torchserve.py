@@ -25,6 +25,12 @@ import psutil
 import pytest
 import requests
 import torch
+from http_reference import (
+    assert_matches,
+    eager_alone,
+    eager_rollout,
+    random_body,
+)
 from ports import free_ports
 
 from serving.manifest import Manifest, load_manifest, resolve
@@ -34,7 +40,6 @@ from training.zoo import ZOO
 
 CLI = [sys.executable, "-m", "serving.cli"]
 BATCH = 4
-ATOL = 1e-4
 
 
 @dataclass(frozen=True)
@@ -127,65 +132,6 @@ def post_together(server: Server, model: str, bodies: list[Any]) -> list[Reply]:
 
 
 # ---- the reference (decoded and computed here, independent of the serving code) --------------
-
-
-def random_body(m: Manifest, steps: int, rng: np.random.Generator) -> dict[str, Any]:
-    if m.input.kind == "tokens":
-        vocab = m.input.vocab or []
-        return {"text": "".join(vocab[i] for i in rng.integers(0, len(vocab), steps))}
-    return {"inputs": rng.normal(size=(steps, m.input.features)).round(4).tolist()}
-
-
-def as_tensor(m: Manifest, body: dict[str, Any]) -> torch.Tensor:
-    if m.input.kind == "tokens":
-        index = {c: i for i, c in enumerate(m.input.vocab or [])}
-        return torch.tensor([[index[c] for c in body["text"]]], dtype=torch.int64)
-    return torch.tensor([body["inputs"]], dtype=torch.float32)
-
-
-def eager_alone(eager: torch.nn.Module, m: Manifest, body: dict[str, Any]) -> torch.Tensor:
-    x = as_tensor(m, body)
-    with torch.no_grad():
-        return eager.sequence(x, torch.tensor([x.shape[1]]))[0]  # (O,)
-
-
-def assert_matches(m: Manifest, reply: dict[str, Any], y: torch.Tensor) -> None:
-    assert reply["model"] == m.name
-    if m.output.kind == "regression":
-        assert reply["value"] == pytest.approx(float(y[0]), abs=ATOL)
-        return
-    if m.output.activation == "sigmoid":
-        p = torch.sigmoid(y[0])
-        probs = [float(1 - p), float(p)]
-    elif m.output.activation == "log_softmax":
-        probs = torch.exp(y).tolist()
-    else:
-        probs = torch.softmax(y, dim=-1).tolist()
-    names = m.output.labels or m.output.vocab or []
-    best = names[int(np.argmax(probs))]
-    if m.output.kind == "classification":
-        assert [reply["probabilities"][n] for n in names] == pytest.approx(probs, abs=ATOL)
-        assert reply["label"] == best
-    else:
-        assert reply["top_k"][0]["p"] == pytest.approx(max(probs), abs=ATOL)
-        assert reply["char"] == best
-
-
-def eager_rollout(eager: torch.nn.Module, m: Manifest, body: dict[str, Any], n: int) -> list:
-    x = as_tensor(m, body)
-    out: list = []
-    with torch.no_grad():
-        y, *states = eager.step(x, *eager.init_states(1))
-        for _ in range(n):
-            last = y[0, -1]
-            if m.output.kind == "next_token":
-                out.append(int(last.argmax()))
-                nxt = torch.tensor([[out[-1]]], dtype=torch.int64)
-            else:
-                out.append(float(last[0]))
-                nxt = last.reshape(1, 1, -1)
-            y, *states = eager.step(nxt, *states)
-    return out
 
 
 # ---- tests ------------------------------------------------------------------------------------
