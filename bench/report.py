@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,25 +141,34 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def throughput_table(results: dict[str, Any], model: str) -> str:
-    header = ["sessions"]
-    for path in ("unary", "stream", "stepmany"):
-        t = PATH_TITLES[path]
-        header += [f"{t} steps/s", "echo", "ratio"]
-    header += ["ORT ceiling (batch = sessions)"]
+def per_path_rows(
+    results: dict[str, Any], model: str, cells: Callable[[dict[str, Any]], list[str]], width: int
+) -> list[list[str]]:
+    """One row per session count: ``cells(cell)`` for each path (blanks where it was not run)."""
     rows = []
     for n in sessions_of(results, model):
         row = [f"{n:,}"]
         for path in ("unary", "stream", "stepmany"):
             c = find(results, model, path, n)
-            if c is None:
-                row += ["", "", ""]
-                continue
-            r, e = c["rnnserve"]["steps_per_s"], c["echo"]["steps_per_s"]
-            row += [f"{r:,.0f}", f"{e:,.0f}", f"{r / e:.2f}"]
+            row += [""] * width if c is None else cells(c)
+        rows.append(row)
+    return rows
+
+
+def throughput_table(results: dict[str, Any], model: str) -> str:
+    header = ["sessions"]
+    for path in ("unary", "stream", "stepmany"):
+        header += [f"{PATH_TITLES[path]} steps/s", "echo", "ratio"]
+    header += ["ORT ceiling (batch = sessions)"]
+
+    def cells(c: dict[str, Any]) -> list[str]:
+        r, e = c["rnnserve"]["steps_per_s"], c["echo"]["steps_per_s"]
+        return [f"{r:,.0f}", f"{e:,.0f}", f"{r / e:.2f}"]
+
+    rows = per_path_rows(results, model, cells, 3)
+    for row, n in zip(rows, sessions_of(results, model), strict=True):
         top = ceiling_at(results, model, n)
         row.append(f"{top:,.0f}" if top else "")
-        rows.append(row)
     return table(header, rows)
 
 
@@ -166,22 +176,16 @@ def latency_table(results: dict[str, Any], model: str) -> str:
     header = ["sessions"]
     for path in ("unary", "stream", "stepmany"):
         header += [f"{PATH_TITLES[path]} p50 / p99 µs", "echo p50 / p99 µs", "mean batch"]
-    rows = []
-    for n in sessions_of(results, model):
-        row = [f"{n:,}"]
-        for path in ("unary", "stream", "stepmany"):
-            c = find(results, model, path, n)
-            if c is None:
-                row += ["", "", ""]
-                continue
-            r, e = c["rnnserve"], c["echo"]
-            row += [
-                f"{r['p50_us']:,.0f} / {r['p99_us']:,.0f}",
-                f"{e['p50_us']:,.0f} / {e['p99_us']:,.0f}",
-                f"{r['mean_batch']:.1f}",
-            ]
-        rows.append(row)
-    return table(header, rows)
+
+    def cells(c: dict[str, Any]) -> list[str]:
+        r, e = c["rnnserve"], c["echo"]
+        return [
+            f"{r['p50_us']:,.0f} / {r['p99_us']:,.0f}",
+            f"{e['p50_us']:,.0f} / {e['p99_us']:,.0f}",
+            f"{r['mean_batch']:.1f}",
+        ]
+
+    return table(header, per_path_rows(results, model, cells, 3))
 
 
 def cpu_table(results: dict[str, Any], model: str) -> str:
