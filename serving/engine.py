@@ -378,8 +378,8 @@ class Engine:
                 group.sessions.append(sess)
                 group.xs.append(x)
                 group.indexes.append(index)
-            waits = [self._submit_group(g, outcomes) for g in groups.values()]
-            await asyncio.gather(*waits, *slow)
+            queued = [self._submit_group(g, outcomes) for g in groups.values()]
+            await asyncio.gather(*(q for q in queued if q is not None), *slow)
         finally:
             self._inflight -= len(steps)
         elapsed = time.perf_counter() - started
@@ -405,33 +405,32 @@ class Engine:
             return self._gone(sess)
         return index
 
-    async def _submit_group(
+    def _submit_group(
         self, group: _StepGroupBuilder, outcomes: list[StepResult | Exception | None]
-    ) -> None:
-        sessions, indexes = group.sessions, group.indexes
-        results: list[StepResult | BaseException | None] = [None] * len(sessions)
+    ) -> asyncio.Future[list] | None:
+        """Queue one model's claimed steps right now, not in a task: a caller cancelled before
+        such a task started would leave their gates taken forever. Each step's outcome is written
+        as it is committed; the returned future (None if nothing was queued) ends with the last."""
+        sessions, indexes, positions = group.sessions, group.indexes, group.positions
 
         def commit(pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
             """As _commit; the StepResult cached for retries is also this call's answer."""
             sess = sessions[pos]
             if err is None:
-                sess.last = results[pos] = StepResult(indexes[pos], y)  # type: ignore[arg-type]
+                sess.last = outcomes[positions[pos]] = StepResult(indexes[pos], y)  # type: ignore[arg-type]
                 sess.next_index = indexes[pos] + 1
             else:
-                results[pos] = err
+                outcomes[positions[pos]] = err  # type: ignore[assignment]  # RnnServeErrors
             release(sess)
 
         assert group.runtime.scheduler is not None
         try:
-            fut = group.runtime.scheduler.submit_many(sessions, group.xs, commit)
+            return group.runtime.scheduler.submit_many(sessions, group.xs, commit)
         except Exception as err:
-            for pos, sess in zip(group.positions, sessions, strict=True):
+            for pos, sess in zip(positions, sessions, strict=True):
                 release(sess)
                 outcomes[pos] = err
-            return
-        await fut  # every member committed: results is complete
-        for pos, result in zip(group.positions, results, strict=True):
-            outcomes[pos] = result  # type: ignore[assignment]  # errors are RnnServeErrors
+            return None
 
     async def _step_into(
         self, outcomes: list[StepResult | Exception | None], pos: int, step: CheckedStep

@@ -113,3 +113,22 @@ def test_step_many_mixed_models_duplicates_retries_and_errors_equal_the_offline_
     for m, sid in sids.items():
         np.testing.assert_allclose(np.concatenate(got[sid]), ref.run(m, sent[sid]), atol=TOL)
     np.testing.assert_allclose(np.concatenate(got[dup]), ref.run("elman", sent[dup]), atol=TOL)
+
+
+def test_step_many_cancelled_before_its_groups_start_leaves_sessions_usable(quick_store):
+    """A StepMany caller cancelled in the same loop turn (client gone): the sessions it claimed
+    must still be released, or every later step on them would wait forever."""
+    rng = np.random.default_rng(13)
+
+    async def main():
+        async with running(quick_store) as e:
+            sid = e.open_session("elman").session_id
+            sess, rt = e.lookup(sid)
+            call = asyncio.ensure_future(e.step_many([(sess, rt, features(rng, 1), None)]))
+            await asyncio.sleep(0)  # step_many runs up to its await; its groups are not started
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            return await asyncio.wait_for(e.step(sid, features(rng, 1)), 5.0)
+
+    result = asyncio.run(main())
+    assert result.y.shape[0] == 1
