@@ -509,12 +509,7 @@ class Engine:
         self._check_running()
         rt = self._runtime(model, version)
         m = rt.manifest
-        if not rows:
-            raise InvalidInput("Predict needs at least one input sequence", field="inputs")
-        if len(rows) > MAX_PREDICT_ROWS:
-            raise PayloadTooLarge(
-                f"{len(rows)} sequences in one Predict; at most {MAX_PREDICT_ROWS}", "inputs"
-            )
+        check_predict_rows(len(rows))
         checked = [self._checked_input(m, r) for r in rows]
         assert rt.predictor is not None, "Engine.start() was not awaited"
         self._inflight += 1
@@ -594,6 +589,16 @@ class Engine:
         return NotStreamable(
             f"{m.name} is not streamable (it reads whole sequences, e.g. bidirectional): "
             "use Predict with the whole sequence instead of sessions/Step"
+        )
+
+
+def check_predict_rows(count: int) -> None:
+    """How many sequences one Predict may carry; transports call it before decoding any."""
+    if not count:
+        raise InvalidInput("Predict needs at least one input sequence", field="inputs")
+    if count > MAX_PREDICT_ROWS:
+        raise PayloadTooLarge(
+            f"{count} sequences in one Predict; at most {MAX_PREDICT_ROWS}", "inputs"
         )
 
 

@@ -24,7 +24,14 @@ from google.rpc import error_details_pb2, status_pb2
 from serving import codec
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from serving.engine import CheckedStep, Engine, Generated, SessionInfo, StepResult
+from serving.engine import (
+    CheckedStep,
+    Engine,
+    Generated,
+    SessionInfo,
+    StepResult,
+    check_predict_rows,
+)
 from serving.errors import InvalidInput, PayloadTooLarge, RnnServeError, StepOutOfOrder, grpc_status
 from serving.manifest import Manifest
 from serving.metrics import Metrics
@@ -505,6 +512,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         e = self.engine
         lm = e.model(request.model, request.version or None)
         m = lm.manifest
+        check_predict_rows(len(request.inputs))  # before decoding: a huge count is refused at once
         rows = [decode_input(m, inp) for inp in request.inputs]
         y = await e.predict(m.name, m.version, rows)  # (B, O)
         top_k = request.top_k or DEFAULT_TOP_K

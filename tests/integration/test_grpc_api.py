@@ -221,6 +221,10 @@ def bad_cases(stub):
     def generate(sid):
         return lambda: list(stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=3)))
 
+    # the count is refused before any row is decoded (the first row is malformed)
+    many = [pb.Input(), *[feats(1.0)] * 4096]
+    predict_many = lambda: stub.Predict(pb.PredictRequest(model="sine", inputs=many))  # noqa: E731
+
     nan, inf = float("nan"), float("inf")
     return [
         ("unknown model", open_("nope"), nf, "unknown model"),
@@ -240,6 +244,7 @@ def bad_cases(stub):
         ("bidirectional session", open_("seq_bilstm"), fp, "use Predict"),
         ("step gap", st(lstm, feats(1), step_index=7), fp, "expected 0"),
         ("predict empty", lambda: stub.Predict(pb.PredictRequest(model="sine")), inv, "at least"),
+        ("predict too many", predict_many, inv, "at most 4096"),
         ("generate from a classifier", generate(lstm), inv, "classifier"),
     ]
 
@@ -247,7 +252,7 @@ def bad_cases(stub):
 def test_every_bad_input_gets_its_status_and_nobody_else_is_touched(stub, quick_store, ref):
     rng = np.random.default_rng(4)
     bystander = open_session(stub, "seq_lstm")
-    xs = [random_chunk(manifest(quick_store, "seq_lstm"), rng, 2) for _ in range(19)]
+    xs = [random_chunk(manifest(quick_store, "seq_lstm"), rng, 2) for _ in range(20)]
     got = [raw(step(stub, bystander, xs[0], 0))]
     for k, (name, call, code, message) in enumerate(bad_cases(stub), start=1):
         with pytest.raises(grpc.RpcError) as err:
