@@ -36,7 +36,7 @@ def decode_features(
     f = int(m.input.features or 0)
     try:
         arr = np.asarray(values, dtype=np.float32)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # Overflow: a JSON int of 400 digits
         # numpy's own words ("inhomogeneous shape…") don't tell a client what to send
         raise InvalidInput(
             f"inputs must be numbers shaped [T, {f}]: T time steps, each a list of {f} numbers",
@@ -82,18 +82,26 @@ def decode_text(m: Manifest, text: str, max_steps: int | None = None) -> np.ndar
 
 
 def decode_tokens(m: Manifest, ids: Sequence[int], max_steps: int | None = None) -> np.ndarray:
+    """A flat list of integer ids → int64 (T,). Floats, strings and booleans are refused rather
+    than truncated or parsed (``1.7`` is not token 1), and so are nested lists."""
     vocab = _vocab(m)
     try:
-        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        arr = np.asarray(ids)  # no dtype: let the values say what they are
     except (TypeError, ValueError) as e:
-        raise InvalidInput(f"tokens must be integers: {e}", field="tokens") from e
+        raise InvalidInput(f"tokens must be a list of integers: {e}", field="tokens") from e
+    if arr.ndim != 1:
+        raise InvalidInput(
+            f"tokens must be a flat list of integers, got shape {list(arr.shape)}", field="tokens"
+        )
     check_steps(m, arr.shape[0], max_steps)
+    if arr.dtype.kind not in "iu":  # object = ints too large for int64
+        raise InvalidInput(f"tokens must be integers, got {arr.dtype} values", field="tokens")
     bad = arr[(arr < 0) | (arr >= len(vocab))]
     if bad.size:
         raise InvalidInput(
             f"token {int(bad[0])} is outside the vocabulary [0, {len(vocab)})", field="tokens"
         )
-    return arr
+    return arr.astype(np.int64, copy=False)
 
 
 def _vocab(m: Manifest) -> list[str]:

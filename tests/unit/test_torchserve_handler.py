@@ -183,6 +183,14 @@ OTHER_BAD: list[tuple[str, Any, str, str]] = [  # (model, body, field, words)
     ("char", {"text": "a", "generate": True}, "generate", "integer in [1, "),
     ("char", {"text": "a", "generate": 100000}, "generate", "integer in [1, "),
     ("char", {"tokens": [1, -1]}, "tokens", "outside the vocabulary"),
+    ("char", {"tokens": [1.7]}, "tokens", "must be integers, got float64"),  # not token 1
+    ("char", {"tokens": ["3"]}, "tokens", "must be integers"),
+    ("char", {"tokens": [True]}, "tokens", "must be integers, got bool"),
+    ("char", {"tokens": [10**30]}, "tokens", "must be integers, got object"),  # no OverflowError
+    ("char", {"tokens": 3}, "tokens", "flat list of integers"),
+    ("char", {"tokens": [[1, 2], [3, 4]]}, "tokens", "flat list of integers, got shape [2, 2]"),
+    ("sine", {"inputs": [[10**400]]}, "inputs", "must be numbers"),  # no OverflowError
+    ("sine", {"inputs": 5}, "inputs", "must have shape [T, 1]"),
     ("sine", {"inputs": [[0.1]], "horizon": "5"}, "horizon", "integer in [1, "),
     ("seq_lstm", {"inputs": [[0.1] * 9]}, "inputs", "expects 10 features per step, got 9"),
     ("seq_bilstm", {"inputs": [[0.1] * 10], "horizon": 2}, "horizon", "forecasting models"),
