@@ -18,21 +18,22 @@ import torch
 from serving.errors import RnnServeError
 from serving.manifest import list_versions, resolve
 from training import zoo
-from training.export import Artifact, ExportError, export, load_checkpoint
+from training.export import Artifact, ExportError, export, load_checkpoint, writable_dir
 from training.train import TrainingError, train
 
 EXIT_ERROR = 2  # bad input or a broken artifact
 EXIT_BAR_MISSED = 1  # trained and exported, but a model missed its quality bar
+MAX_SEED = 2**32 - 1  # NumPy's limit
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["lr=0.1", "epochs=3"]`` -> ``{"lr": 0.1, "epochs": 3}``."""
+    """``["lr=0.1", "epochs=3"]`` -> ``{"lr": 0.1, "epochs": 3}``, typed as ``zoo.Hyper`` says."""
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key] = float(value) if any(c in value for c in ".eE") else int(value)
+        out[key] = zoo.hyper_value(key, value)
     return out
 
 
@@ -75,25 +76,28 @@ def parser() -> argparse.ArgumentParser:
 def train_command(args: argparse.Namespace) -> int:
     if not args.all and not args.names:
         raise ValueError("name at least one model, or pass --all")
-    specs = [zoo.get(n) for n in (list(zoo.ZOO) if args.all else args.names)]
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    names = list(zoo.ZOO) if args.all else list(dict.fromkeys(args.names))  # a repeat trains once
     overrides = parse_overrides(args.set)
+    specs = [zoo.get(n).with_overrides(overrides, args.quick) for n in names]
+    writable_dir(args.store)  # fail now, not after the first training run
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return train_specs(specs, overrides, args)
+        return train_specs(specs, args)
     finally:
         torch.set_num_threads(threads)  # the caller may be a test process that goes on
 
 
-def train_specs(
-    specs: list[zoo.ModelSpec], overrides: dict[str, Any], args: argparse.Namespace
-) -> int:
+def train_specs(specs: list[zoo.ModelSpec], args: argparse.Namespace) -> int:
     missed = []
     for spec in specs:
         if list_versions(args.store, spec.name) and not args.force:
             print(f"{spec.name}: already in {args.store} (--force retrains), skipped")
             continue
-        spec = spec.with_overrides(overrides, args.quick) if overrides else spec
         began = time.perf_counter()
         trained = train(spec, seed=args.seed, quick=args.quick, progress=not args.no_progress)
         folder = export(Artifact.from_trained(trained), args.store)
@@ -113,6 +117,8 @@ def train_specs(
 
 def export_command(args: argparse.Namespace) -> int:
     spec = zoo.get(args.name)
+    if not list_versions(args.store, spec.name):
+        raise ValueError(f"{spec.name} has no version in {args.store} to re-export; train it first")
     source = resolve(args.store, spec.name)
     folder = export(load_checkpoint(source, spec), args.store)
     print(f"{spec.name}: re-exported {source} -> {folder}")

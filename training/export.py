@@ -37,7 +37,15 @@ from serving.manifest import (
     sha256_file,
 )
 from training.data import TASK_WORDS
-from training.models import StepAsForward, build, export_graph, state_layers, state_names
+from training.models import (
+    ElmanRNN,
+    RecurrentNet,
+    StepAsForward,
+    build,
+    export_graph,
+    state_layers,
+    state_names,
+)
 from training.train import Trained, write_plots
 from training.zoo import Arch, ModelSpec
 
@@ -81,20 +89,23 @@ def next_version(model_dir: Path) -> int:
     return max(taken, default=0) + 1
 
 
-def make_model_dir(store: Path, name: str) -> Path:
-    model_dir = Path(store) / name
+def writable_dir(store: Path, name: str = "") -> Path:
+    """``store/name``, created and proven to take files (a folder may exist yet refuse writes)."""
+    folder = Path(store) / name
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"cannot write to store {store}: {folder} is a file, not a folder")
     try:
-        model_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=model_dir, prefix=".probe-"):
-            pass  # the folder may exist yet refuse writes
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-"):
+            pass
     except OSError as e:
         raise ExportError(f"cannot write to store {store}: {e.strerror or e}") from e
-    return model_dir
+    return folder
 
 
 def export(artifact: Artifact, store: Path) -> Path:
     """Write a new version of ``artifact.spec.name`` into ``store``; returns its folder."""
-    model_dir = make_model_dir(store, artifact.spec.name)
+    model_dir = writable_dir(store, artifact.spec.name)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=model_dir))
     try:
         version = next_version(model_dir)
@@ -157,7 +168,7 @@ def write_graphs(artifact: Artifact, graph: nn.Module, folder: Path) -> dict[str
     )
     graphs = {"sequence": GraphSpec("model.onnx", "model.pt", "forward", [name, "lengths"], ["y"])}
     if artifact.spec.streamable:
-        states = [s for s in state_names(arch)]
+        states = state_names(arch)
         outs = ["y", *[f"{s}_out" for s in states]]
         zeros = [torch.zeros(state_layers(arch), 2, arch.hidden) for _ in states]
         axes = {name: {0: "batch", 1: "steps"}, "y": {0: "batch", 1: "steps"}}
@@ -346,8 +357,8 @@ def build_manifest(
 
 
 # ---- re-export from a checkpoint ----------------------------------------------------------
-def load_checkpoint(version_dir: Path, spec: ModelSpec) -> Artifact:
-    """Rebuild the eager model of an exported version from manifest.architecture + weights.pt."""
+def load_model(version_dir: Path) -> tuple[Manifest, Arch, RecurrentNet | ElmanRNN]:
+    """The eager model of an exported version, from manifest.architecture + weights.pt."""
     manifest = load_manifest(version_dir)  # verifies every sha256: corrupt files stop here
     arch = arch_from_manifest(manifest)
     model = build(arch)
@@ -356,11 +367,17 @@ def load_checkpoint(version_dir: Path, spec: ModelSpec) -> Artifact:
     except (RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise ArtifactError(f"{version_dir}/weights.pt does not fit the manifest: {first}") from e
+    return manifest, arch, model.eval()
+
+
+def load_checkpoint(version_dir: Path, spec: ModelSpec) -> Artifact:
+    """An exported version as an ``Artifact`` again, ready to be written as a new version."""
+    manifest, arch, model = load_model(version_dir)
     metrics = json.loads((version_dir / "metrics.json").read_text())
     history = metrics.pop("history", {"train_loss": [], "val_loss": []})
     training = {**manifest.training, "exported_from_version": manifest.version}
     training.pop("parity_max_abs_diff", None)
-    return Artifact(spec, arch, model.eval(), metrics, history, manifest.input.vocab, training)
+    return Artifact(spec, arch, model, metrics, history, manifest.input.vocab, training)
 
 
 def arch_from_manifest(manifest: Manifest) -> Arch:

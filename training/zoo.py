@@ -7,7 +7,8 @@ cheaper ``quick`` variant for tests) and the quality gate from ``Bar``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 CellKind = Literal["rnn", "lstm", "gru", "elman"]
@@ -43,6 +44,31 @@ class Hyper:
     n_train: int = 4000
     n_val: int = 1000
     n_test: int = 2000
+
+    def __post_init__(self) -> None:
+        """Refuse settings the loop cannot run with (``--set batch=0``) before any work starts."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int":
+                ok, rule = isinstance(value, int) and value >= 1, "an integer >= 1"
+            elif f.name == "weight_decay":
+                ok, rule = math.isfinite(value) and value >= 0, "a finite number >= 0"
+            else:  # learning rate, clip norm
+                ok, rule = math.isfinite(value) and value > 0, "a finite number > 0"
+            if not ok:
+                raise ValueError(f"{f.name} must be {rule}, got {value!r}")
+
+
+def hyper_value(key: str, text: str) -> int | float:
+    """``--set KEY=TEXT`` read as the type of ``Hyper.KEY``; a one-line ValueError otherwise."""
+    kinds = {f.name: f.type for f in fields(Hyper)}
+    if key not in kinds:
+        raise ValueError(f"unknown hyperparameter {key!r}; known: {', '.join(kinds)}")
+    try:
+        return int(text) if kinds[key] == "int" else float(text)
+    except ValueError:
+        kind = "an integer" if kinds[key] == "int" else "a number"
+        raise ValueError(f"--set {key} expects {kind}, got {text!r}") from None
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def test_stepping_one_at_a_time_equals_the_whole_sequence(quick_store: Path, nam
 def test_padded_batch_equals_each_row_alone(quick_store: Path, name: str) -> None:
     folder = resolve(quick_store, name)
     m = load_manifest(folder)
-    script, seq, eager = load_script(folder / "model.pt"), session(folder / "model.onnx"), None
+    script, seq = load_script(folder / "model.pt"), session(folder / "model.onnx")
     eager = load_eager(folder)
     g = torch.Generator().manual_seed(11)
     lengths = [9, 1, 4, 7, 2]
@@ -217,12 +217,52 @@ def test_rnnserve_and_python_m_training_dispatch_here(tmp_path: Path, capsys) ->
     assert done.returncode == 2 and done.stderr.startswith("error: unknown model 'nope'")
 
 
-def test_unwritable_store(tmp_path: Path, capsys) -> None:
+def test_unwritable_store_fails_before_any_training(tmp_path: Path, capsys) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    args = ["train", "elman", "--quick", "--store", str(blocker / "store"), "--no-progress"]
-    status, _, err = run_cli(args, capsys)
-    assert status == 2 and err.count("\n") == 1 and "cannot write to store" in err
+    for store in (blocker / "store", blocker):
+        args = ["train", "elman", "--quick", "--store", str(store), "--no-progress"]
+        status, out, err = run_cli(args, capsys)
+        assert status == 2 and err.count("\n") == 1 and "cannot write to store" in err, err
+        assert out == "", "the store is checked before the first training run"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "epochs=1.5"], "--set epochs expects an integer, got '1.5'"),
+        (["--set", "lr=abc"], "--set lr expects a number, got 'abc'"),
+        (["--set", "n_train=0"], "n_train must be an integer >= 1, got 0"),
+        (["--set", "batch=-3"], "batch must be an integer >= 1, got -3"),
+        (["--set", "lr=nan"], "lr must be a finite number > 0"),
+        (["--set", "weight_decay=-1"], "weight_decay must be a finite number >= 0"),
+        (["--set", "=3"], "unknown hyperparameter ''"),
+        (["--set", "epochs"], "--set expects KEY=VALUE"),
+        (["--seed", "-1"], "--seed must be in 0..4294967295, got -1"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+    ],
+)
+def test_bad_training_options_fail_on_one_line_before_training(
+    tmp_path: Path, capsys, flags: list[str], message: str
+) -> None:
+    store = tmp_path / "store"
+    args = ["train", "elman", "--quick", "--no-progress", "--store", str(store), *flags]
+    status, out, err = run_cli(args, capsys)
+    assert status == 2 and err.count("\n") == 1 and message in err, err
+    assert out == "" and not store.exists()
+
+
+def test_export_without_a_version_says_so(tmp_path: Path, capsys) -> None:
+    status, _, err = run_cli(["export", "elman", "--store", str(tmp_path)], capsys)
+    assert status == 2 and err.count("\n") == 1 and "elman has no version in" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_repeated_name_trains_once(tmp_path: Path, capsys) -> None:
+    tiny = ["--set", "epochs=1", "--set", "n_train=64", "--no-progress", "--force", "--quick"]
+    status, out, _ = run_cli(["train", "elman", "elman", "--store", str(tmp_path), *tiny], capsys)
+    assert status in (0, 1) and out.count("elman:") == 1  # 1: one epoch may miss the bar
+    assert list_versions(tmp_path, "elman") == [1]
 
 
 def test_nan_loss_fails_without_a_version(tmp_path: Path, capsys) -> None:
@@ -260,11 +300,31 @@ def test_mismatching_weights_are_refused(quick_store: Path, tmp_path: Path, caps
     assert status == 2 and err.count("\n") == 1 and "does not fit the manifest" in err
 
 
+def assert_same_graphs(source: Path, copy: Path) -> None:
+    """Both versions' ONNX graphs give the same outputs on random input (not the same bytes:
+    a re-export that loaded the wrong weights, or none, would still write valid files)."""
+    m = load_manifest(source)
+    g = torch.Generator().manual_seed(5)
+    x, lengths = inputs_for(m, 4, 7, g), torch.tensor([7, 3, 1, 5])
+    feeds = {"model.onnx": {m.input.name: x.numpy(), "lengths": lengths.numpy()}}
+    states = {s.name: (0.3 * torch.randn(s.shape(4), generator=g)).numpy() for s in m.state}
+    if m.streamable:
+        feeds["step.onnx"] = {m.input.name: x.numpy(), **states}
+    for graph, feed in feeds.items():
+        for a, b in zip(
+            session(source / graph).run(None, feed),
+            session(copy / graph).run(None, feed),
+            strict=True,
+        ):
+            assert_close(a, b, f"re-exported {graph}", tol=0.0)
+
+
 def test_reexport_from_checkpoint_and_skip_existing(quick_store, tmp_path, capsys) -> None:
     source = copy_model(quick_store, "elman", tmp_path)
     status, out, _ = run_cli(["export", "elman", "--store", str(tmp_path)], capsys)
     assert status == 0 and list_versions(tmp_path, "elman") == [1, 2]
     new = load_manifest(tmp_path / "elman" / "2")
+    assert_same_graphs(source, tmp_path / "elman" / "2")
     assert new.files["weights.pt"] == load_manifest(source).files["weights.pt"]
     assert (
         new.training["exported_from_version"] == 1 and new.metrics == load_manifest(source).metrics
