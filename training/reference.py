@@ -15,21 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from serving.errors import ArtifactError
-from serving.manifest import load_manifest
-from training.export import arch_from_manifest
-from training.models import build
+from training.export import load_model
 
 
 def load_eager(version_dir: Path) -> nn.Module:
-    version_dir = Path(version_dir)
-    manifest = load_manifest(version_dir)
-    model = build(arch_from_manifest(manifest))
-    try:
-        model.load_state_dict(torch.load(version_dir / "weights.pt", weights_only=True))
-    except RuntimeError as e:
-        raise ArtifactError(f"{version_dir}/weights.pt does not fit the manifest") from e
-    return model.eval()
+    return load_model(Path(version_dir))[2]
