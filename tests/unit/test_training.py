@@ -3,6 +3,7 @@ graphs; same seed -> same model; the Elman cell is an nn.RNN; char_hello is exac
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -114,8 +115,6 @@ def test_char_model_reports_samples_and_beats_unigram(quick_store: Path) -> None
     m = load_manifest(resolve(quick_store, "char"))
     assert m.metrics["loss"] < m.metrics["unigram_loss"]
     assert m.input.vocab == sorted(set(tasks.corpus()))
-    import json
-
     metrics = json.loads((resolve(quick_store, "char") / "metrics.json").read_text())
     assert len(metrics["samples"]) == 3 and all(len(s) > 100 for s in metrics["samples"])
 
