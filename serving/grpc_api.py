@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name  # "rnnserve.v1.RnnServe"
 DEFAULT_TOP_K = 5
 MAX_STEPMANY_ENTRIES = 4096
+MAX_ERROR_MESSAGE = 1024  # characters of a status message (see _clipped)
 
 # ---- errors -----------------------------------------------------------------------------------
 
@@ -48,7 +49,7 @@ MAX_STEPMANY_ENTRIES = 4096
 def rich_status(err: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """(code, message, trailing metadata with a google.rpc.Status) for a domain error."""
     code = grpc_status(err)
-    message = str(err) if isinstance(err, RnnServeError) else f"internal error: {err!r}"
+    message = _clipped(str(err) if isinstance(err, RnnServeError) else f"internal error: {err!r}")
     info = error_details_pb2.ErrorInfo(
         reason=getattr(err, "reason", "INTERNAL"), domain="rnnserve.v1", metadata=_error_meta(err)
     )
@@ -60,6 +61,15 @@ def rich_status(err: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[s
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def _clipped(message: str) -> str:
+    """Messages echo client values (a session id, a model name); the message travels twice in
+    headers (grpc-message and the rich status), and over gRPC's metadata limit the client would
+    get "Stream removed" instead of the status."""
+    if len(message) <= MAX_ERROR_MESSAGE:
+        return message
+    return message[: MAX_ERROR_MESSAGE - 1] + "…"
 
 
 def _error_meta(err: BaseException) -> dict[str, str]:

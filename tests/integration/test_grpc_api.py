@@ -230,6 +230,8 @@ def bad_cases(stub):
         ("unknown model", open_("nope"), nf, "unknown model"),
         ("unknown version", open_("sine", 9), nf, "no version 9"),
         ("unknown session", st("no-such-id", feats(1)), nf, "unknown session"),
+        ("a 20 kB session id", st("x" * 20_000, feats(1)), nf, "unknown session"),
+        ("a 20 kB model name", open_("m" * 20_000), nf, "unknown model"),
         ("wrong feature count", st(lstm, feats(1, 2, steps=1)), inv, "do not make 1 steps"),
         ("wrong dtype: text to features", st(lstm, pb.Input(text="ab")), inv, "not text"),
         ("wrong dtype: features to char", st(char, feats(1)), inv, "not feature vectors"),
@@ -252,7 +254,7 @@ def bad_cases(stub):
 def test_every_bad_input_gets_its_status_and_nobody_else_is_touched(stub, quick_store, ref):
     rng = np.random.default_rng(4)
     bystander = open_session(stub, "seq_lstm")
-    xs = [random_chunk(manifest(quick_store, "seq_lstm"), rng, 2) for _ in range(20)]
+    xs = [random_chunk(manifest(quick_store, "seq_lstm"), rng, 2) for _ in range(22)]
     got = [raw(step(stub, bystander, xs[0], 0))]
     for k, (name, call, code, message) in enumerate(bad_cases(stub), start=1):
         with pytest.raises(grpc.RpcError) as err:
