@@ -99,17 +99,20 @@ class RnnHandler:
         return self.postprocess(self.inference(self.preprocess(data)))
 
     # ---- preprocess: bodies → validated requests, or the error for that request alone --------
-    def preprocess(self, data: list[dict[str, Any]]) -> list[Request | RnnServeError]:
-        parsed: list[Request | RnnServeError] = []
+    def preprocess(self, data: list[dict[str, Any]]) -> list[Request | Exception]:
+        parsed: list[Request | Exception] = []
         for row in data:
             try:
                 parsed.append(parse_request(self.manifest, read_body(row, self.max_body_bytes)))
             except RnnServeError as e:
                 parsed.append(e)
+            except Exception as e:  # a parsing bug must cost this request a 500, not the batch
+                log.exception("%s: unexpected error parsing a request", self.manifest.name)
+                parsed.append(e)
         return parsed
 
     # ---- inference: one padded sequence batch, one batched rollout --------------------------
-    def inference(self, requests: list[Request | RnnServeError]) -> list[Outcome]:
+    def inference(self, requests: list[Request | Exception]) -> list[Outcome]:
         outcomes: list[Outcome | None] = [r if isinstance(r, Exception) else None for r in requests]
         plain = [i for i, r in enumerate(requests) if isinstance(r, Request) and not r.rollout]
         rolling = [i for i, r in enumerate(requests) if isinstance(r, Request) and r.rollout]
@@ -221,6 +224,8 @@ def read_body(row: dict[str, Any], max_bytes: int) -> dict[str, Any]:
             body = json.loads(body)
         except json.JSONDecodeError as e:
             raise InvalidInput(f"request body is not valid JSON: {e}", field="body") from e
+        except RecursionError as e:  # "[[[[..." a few thousand deep: the decoder's stack ends
+            raise InvalidInput("request body is nested too deeply", field="body") from e
     if not isinstance(body, dict):
         raise InvalidInput(
             f"request body must be a JSON object, got {type(body).__name__}", field="body"

@@ -151,6 +151,7 @@ FEATURES_BAD: list[tuple[str, Any, int, str]] = [  # (case, body, status, words 
     ("over-long sequence", {"inputs": [[0.1]] * 1025}, 400, "accepts at most 1024"),
     ("over-long body", b'{"inputs": [' + b"[0.25]," * 10_000 + b"[0.5]]}", 413, "the limit is"),
     ("generate on a classifier", {"inputs": [[0.5]], "generate": 3}, 400, "character models"),
+    ("nested too deeply", b"[" * 50_000, 400, "nested too deeply"),  # was a RecursionError
 ]
 
 
@@ -220,6 +221,22 @@ def test_a_batch_of_only_bad_requests_answers_each_with_its_own_error(handlers) 
         "empty input: send at",
         "seq_lstm expects 10 ",
     ]
+
+
+def test_an_unexpected_parsing_error_fails_its_request_alone(handlers) -> None:
+    """Whatever escapes parsing (here: a decoded body with keys JSON cannot make, whose sorting
+    raises TypeError) is a 500 for that request; its batch mates are still answered."""
+    handler, ctx, version_dir = handlers["elman"]
+    m = load_manifest(version_dir)
+    good = {"inputs": [[0.1], [0.2]]}
+    data = [{"body": json.dumps(good).encode()}, {"body": {1: 0, "zz": 0}}]
+    ctx.request_processor = [RequestProcessor({}) for _ in data]
+    replies = handler.handle(data, ctx)
+    assert ctx.get_response_status(0)[0] == 200
+    assert_matches(m, json.loads(replies[0]), eager_alone(load_eager(version_dir), m, good))
+    error = json.loads(replies[1])
+    assert ctx.get_response_status(1)[0] == 500 == error["status"]
+    assert error["code"] == "INTERNAL"
 
 
 def test_every_reply_says_how_large_its_batch_was(handlers) -> None:
