@@ -606,9 +606,13 @@ def sample_token(p: np.ndarray, temperature: float, top_k: int, rng: np.random.G
     """A token id from probabilities ``p`` (K,): temperature 0 = argmax, top_k 0 = all tokens."""
     if temperature == 0:
         return int(np.argmax(p))
-    logits = np.log(np.maximum(p.astype(np.float64), 1e-30)) / temperature
+    log_p = np.log(np.maximum(p.astype(np.float64), 1e-30))
+    # shifted before dividing so the best logit is exactly 0: a tiny temperature then sends the
+    # others to -inf instead of making every logit -inf (and the probabilities NaN)
+    with np.errstate(over="ignore"):
+        logits = (log_p - log_p.max()) / temperature
     if 0 < top_k < len(p):
         cutoff = np.partition(logits, -top_k)[-top_k]
         logits = np.where(logits >= cutoff, logits, -np.inf)
-    z = np.exp(logits - logits.max())
+    z = np.exp(logits)
     return int(rng.choice(len(p), p=z / z.sum()))

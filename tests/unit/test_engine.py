@@ -13,7 +13,7 @@ import pytest
 import torch
 from eager import TOL, Reference
 
-from serving.engine import Engine, EngineConfig
+from serving.engine import Engine, EngineConfig, sample_token
 from serving.errors import (
     ArtifactError,
     CapacityExhausted,
@@ -335,3 +335,12 @@ def test_a_corrupt_artifact_is_refused(quick_store, tmp_path):
     graph.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="sha256"):
         Engine(EngineConfig(store=store))
+
+
+def test_sample_token_extreme_temperatures_stay_well_defined():
+    p = np.array([0.05, 0.6, 0.3, 0.05], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    assert sample_token(p, 1e-310, 0, rng) == 1  # all but the best logit underflow to -inf
+    assert sample_token(p, 0.0, 0, rng) == 1
+    draws = [sample_token(p, 1e30, 2, rng) for _ in range(200)]  # near-uniform over the top 2
+    assert set(draws) == {1, 2}
