@@ -344,3 +344,25 @@ def test_sample_token_extreme_temperatures_stay_well_defined():
     assert sample_token(p, 0.0, 0, rng) == 1
     draws = [sample_token(p, 1e30, 2, rng) for _ in range(200)]  # near-uniform over the top 2
     assert set(draws) == {1, 2}
+
+
+def test_reset_during_a_step_is_refused_and_the_step_still_lands(quick_store, ref):
+    rng = np.random.default_rng(8)
+    xs = [features(rng, 2) for _ in range(2)]
+
+    async def main():
+        async with running(quick_store) as e:
+            sid = e.open_session("sum_sign_lstm").session_id
+            running_step = asyncio.create_task(e.step(sid, xs[0], 0))
+            await asyncio.sleep(0)  # holds the session's gate, answer not in yet
+            with pytest.raises(StepOutOfOrder, match="in flight"):
+                e.reset_session(sid)
+            first = await running_step
+            assert e.session(sid).next_step_index == 1  # the refused reset undid nothing
+            e.reset_session(sid)
+            again = await e.step(sid, xs[1], 0)
+            return first.y, again.y
+
+    first, again = asyncio.run(main())
+    np.testing.assert_allclose(first, ref.run("sum_sign_lstm", [xs[0]]), atol=TOL)
+    np.testing.assert_allclose(again, ref.run("sum_sign_lstm", [xs[1]]), atol=TOL)
