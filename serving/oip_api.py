@@ -29,6 +29,7 @@ import ast
 import asyncio
 import contextlib
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -42,9 +43,11 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from serving import codec
 from serving.backends import LoadedModel, OnnxBackend, TorchScriptBackend
+from serving.engine import MAX_PREDICT_ROWS
 from serving.errors import (
     InvalidInput,
     NotStreamable,
+    PayloadTooLarge,
     RnnServeError,
     SessionExpired,
     SessionNotFound,
@@ -168,6 +171,10 @@ def decode_rows(m: Manifest, request: Any) -> list[np.ndarray]:
 def _rows(arr: np.ndarray) -> np.ndarray:
     if arr.shape[0] == 0:
         raise InvalidInput("empty input: the batch dimension is 0", field="inputs")
+    if arr.shape[0] > MAX_PREDICT_ROWS:  # each stateless row holds a session while it runs
+        raise PayloadTooLarge(
+            f"batch of {arr.shape[0]} rows; at most {MAX_PREDICT_ROWS}", field="inputs"
+        )
     return arr
 
 
@@ -185,7 +192,9 @@ def _the_input(m: Manifest, request: Any) -> tuple[Any, bytes | None]:
             f"{m.name} has no input {tensor.name!r}; send {expected_inputs(m)}", field="inputs"
         )
     if tensor.datatype == "BYTES" and m.input.kind != "tokens":
-        raise InvalidInput(f"{m.name} takes numbers, not text: send {expected_inputs(m)}")
+        raise InvalidInput(
+            f"{m.name} takes numbers, not text: send {expected_inputs(m)}", field="inputs"
+        )
     raw = None
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
@@ -213,7 +222,7 @@ def _numeric(
     shape = [int(d) for d in tensor.shape]
     if len(shape) != rank or min(shape) < 0:
         raise InvalidInput(f"input {tensor.name!r} has shape {shape}; send {what}", field="inputs")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps int64, so [2**32, 2**32, 1] counted 0
     dtype = np.dtype(dtypes[tensor.datatype])
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
@@ -236,12 +245,18 @@ def _numeric(
 
 def _one_text(m: Manifest, tensor: Any, raw: bytes | None) -> str:
     """A BYTES input holding exactly one UTF-8 string (shape [1] or [1, 1])."""
-    items = _bytes_elements(raw) if raw is not None else list(tensor.contents.bytes_contents)
-    if [int(d) for d in tensor.shape] not in ([1], [1, 1]) or len(items) != 1:
+    shape = [int(d) for d in tensor.shape]
+    if shape not in ([1], [1, 1]):
         raise InvalidInput(
-            f"input {tensor.name!r} must hold one string (shape [1]); got shape "
-            f"{list(tensor.shape)} with {len(items)} elements",
+            f"input {tensor.name!r} must hold one string (shape [1]); got shape {shape}",
             field="inputs",
+        )
+    # at most 2 parsed: a raw body of a million empty strings is refused without a million loops
+    items = _bytes_elements(raw, 2) if raw is not None else tensor.contents.bytes_contents[:2]
+    if len(items) != 1:
+        got = "no elements" if not items else "more than one element"
+        raise InvalidInput(
+            f"input {tensor.name!r} must hold one string (shape [1]); got {got}", field="inputs"
         )
     try:
         return items[0].decode("utf-8")
@@ -249,10 +264,11 @@ def _one_text(m: Manifest, tensor: Any, raw: bytes | None) -> str:
         raise InvalidInput(f"input {tensor.name!r} is not UTF-8: {e}", field="inputs") from e
 
 
-def _bytes_elements(raw: bytes) -> list[bytes]:
-    """Triton's BYTES wire form: each element is a little-endian uint32 length, then the bytes."""
+def _bytes_elements(raw: bytes, at_most: int) -> list[bytes]:
+    """Triton's BYTES wire form: each element is a little-endian uint32 length, then the bytes.
+    Stops after ``at_most`` elements (the caller only needs to know there are too many)."""
     items, at = [], 0
-    while at < len(raw):
+    while at < len(raw) and len(items) < at_most:
         if at + 4 > len(raw):
             raise InvalidInput("BYTES raw_input_contents ends inside a length prefix")
         (n,) = struct.unpack_from("<I", raw, at)

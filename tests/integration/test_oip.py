@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -451,6 +452,35 @@ def test_bad_token_inputs_fail_clearly(client, quick_store):
     ]:
         e = error_of(lambda t=tensor: client.infer(m.name, [t]))
         assert e.status() == "StatusCode.INVALID_ARGUMENT" and phrase in e.message(), e
+
+
+def raw_request(m: Manifest, datatype: str, shape: list[int], raw: bytes) -> Any:
+    """A request tritonclient would refuse to build: the shape need not match the bytes."""
+    request = service_pb2.ModelInferRequest(model_name=m.name)
+    request.inputs.add(name="INPUT", datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def test_malformed_wire_tensors_fail_clearly(server, quick_store):
+    """Shapes whose element count overflows int64, a batch too large to run, a BYTES tensor of
+    a million empty strings: INVALID_ARGUMENT with words, never INTERNAL."""
+    sine, char = manifest(quick_store, "sine"), manifest(quick_store, "char_hello")
+    cases = [
+        (raw_request(sine, "FP32", [2**32, 2**32, 1], b""), "needs 73786976294838206464"),
+        (raw_request(sine, "FP32", [2**62, 4, 1], b"\0" * 4), "needs"),
+        (raw_request(sine, "FP32", [5000, 1, 1], b"\0" * 20000), "at most 4096"),
+        (raw_request(char, "BYTES", [1], b"\0\0\0\0" * 1_000_000), "more than one element"),
+        (raw_request(char, "BYTES", [1], b""), "no elements"),
+    ]
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for request, phrase in cases:
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request)
+            e = caught.value
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (phrase, e.details())
+            assert phrase in e.details(), e.details()
 
 
 def test_bad_stream_requests_get_error_replies_and_the_stream_goes_on(client, quick_store):
