@@ -37,6 +37,7 @@ from serving.errors import (
     NotStreamable,
     PayloadTooLarge,
     RnnServeError,
+    SessionNotFound,
     StepOutOfOrder,
     Unavailable,
     VersionNotFound,
@@ -290,8 +291,7 @@ class Engine:
 
     def _info(self, sess: Session) -> SessionInfo:
         name, version = sess.key.rsplit(":", 1)
-        expires_at = time.time() + self.sessions.expires_in(sess)
-        return SessionInfo(sess.id, name, int(version), expires_at, sess.next_index)
+        return SessionInfo(sess.id, name, int(version), self.expires_at(sess), sess.next_index)
 
     def session_manifest(self, session_id: str) -> Manifest:
         return self._runtimes[self.sessions.get(session_id).key].manifest
@@ -327,7 +327,7 @@ class Engine:
         self._check_running()
         started = time.perf_counter()
         if step_index is not None and step_index < 0:
-            raise InvalidInput(f"step_index must be >= 0, got {step_index}", field="step_index")
+            raise _negative_index(step_index)
         self._inflight += 1
         try:
             await acquire(sess)
@@ -391,7 +391,7 @@ class Engine:
         """Take a free session's gate and check the index: the index to run (gate kept), or the
         cached reply / the error (gate released)."""
         if step_index is not None and step_index < 0:
-            return InvalidInput(f"step_index must be >= 0, got {step_index}", field="step_index")
+            return _negative_index(step_index)
         sess.busy = True  # free and not awaited: acquire() would return at once
         try:
             index = self._index_to_run(sess, step_index)
@@ -481,14 +481,13 @@ class Engine:
             sess.next_index = index + 1
         release(sess)
 
-    def _gone(self, sess: Session) -> RnnServeError:
-        from serving.errors import SessionNotFound
-
+    @staticmethod
+    def _gone(sess: Session) -> RnnServeError:
         return SessionNotFound(f"session {sess.id!r} was closed while this call waited")
 
     def _checked_input(self, m: Manifest, x: np.ndarray) -> np.ndarray:
         """Guards the batch: one malformed row must fail alone, never the batch it would join."""
-        limit = min(self.config.max_steps_per_request, m.input.max_steps)
+        limit = self.input_limit(m)
         x = np.asarray(x)
         if m.input.kind == "tokens":
             if x.ndim != 1 or x.dtype.kind not in "iu":
@@ -590,6 +589,10 @@ class Engine:
             f"{m.name} is not streamable (it reads whole sequences, e.g. bidirectional): "
             "use Predict with the whole sequence instead of sessions/Step"
         )
+
+
+def _negative_index(step_index: int) -> InvalidInput:
+    return InvalidInput(f"step_index must be >= 0, got {step_index}", field="step_index")
 
 
 def check_predict_rows(count: int) -> None:
