@@ -49,7 +49,7 @@ MAX_ERROR_MESSAGE = 1024  # characters of a status message (see _clipped)
 def rich_status(err: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
     """(code, message, trailing metadata with a google.rpc.Status) for a domain error."""
     code = grpc_status(err)
-    message = _clipped(str(err) if isinstance(err, RnnServeError) else f"internal error: {err!r}")
+    message = _clipped(_client_message(err))
     info = error_details_pb2.ErrorInfo(
         reason=getattr(err, "reason", "INTERNAL"), domain="rnnserve.v1", metadata=_error_meta(err)
     )
@@ -61,6 +61,10 @@ def rich_status(err: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[s
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(code=code.value[0], message=message, details=details)
     return code, message, (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+def _client_message(err: BaseException) -> str:
+    return str(err) if isinstance(err, RnnServeError) else f"internal error: {err!r}"
 
 
 def _clipped(message: str) -> str:
@@ -92,7 +96,7 @@ def error_message(err: BaseException) -> pb.Error:
     out = pb.Error(
         code=grpc_status(err).name,
         reason=getattr(err, "reason", "INTERNAL"),
-        message=str(err) if isinstance(err, RnnServeError) else f"internal error: {err!r}",
+        message=_client_message(err),
     )
     if isinstance(err, StepOutOfOrder):
         out.expected_step_index = err.expected
@@ -495,7 +499,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         m = e.session_manifest(request.session_id)
         prompt = None
         if request.HasField("prompt") and request.prompt.WhichOneof("data"):
-            prompt = decode_input(m, request.prompt, e.config.max_steps_per_request)
+            prompt = decode_input(m, request.prompt, e.input_limit(m))
         events = e.generate(
             request.session_id,
             prompt,
