@@ -465,7 +465,7 @@ class GRPCInferenceService:
 
     async def _read_stream(self, requests: AsyncIterator[Any], replies: asyncio.Queue) -> None:
         """Start one task per request; chain the tasks of one sequence so they keep their order."""
-        last_of_sequence: dict[tuple[str, int | str], asyncio.Task] = {}
+        last_of_sequence: dict[str, asyncio.Task] = {}
         try:
             async for request in requests:
                 key = _sequence_key(request)
@@ -592,12 +592,13 @@ class GRPCInferenceService:
         self.engine.open_session(m.name, m.version, session_id=sid)
 
 
-def _sequence_key(request: Any) -> tuple[str, int | str] | None:
+def _sequence_key(request: Any) -> str | None:
+    """The session id: 7 and "7" name one sequence, so they must share one chain too."""
     try:
         seq = sequence_control(request).sequence_id
     except InvalidInput:
         return None  # answered with an error by infer(); needs no ordering
-    return (request.model_name, seq) if seq is not None else None
+    return session_id_for(request.model_name, seq) if seq is not None else None
 
 
 def _forget(chains: dict, key: Any, task: asyncio.Task) -> None:

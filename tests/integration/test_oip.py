@@ -483,6 +483,23 @@ def test_malformed_wire_tensors_fail_clearly(server, quick_store):
             assert phrase in e.details(), e.details()
 
 
+def test_a_stream_orders_integer_and_string_spellings_of_one_sequence_together() -> None:
+    """7 and "7" are one sequence (docs/oip.md), so a stream must chain their steps as one."""
+    from serving.oip_api import _sequence_key, pb
+
+    def request(sequence_id: Any) -> Any:
+        r = pb.ModelInferRequest(model_name="seq_lstm")
+        param = r.parameters["sequence_id"]
+        if isinstance(sequence_id, str):
+            param.string_param = sequence_id
+        else:
+            param.int64_param = sequence_id
+        return r
+
+    assert _sequence_key(request(7)) == _sequence_key(request("7")) is not None
+    assert _sequence_key(request(7)) != _sequence_key(request(8))
+
+
 def test_bad_stream_requests_get_error_replies_and_the_stream_goes_on(client, quick_store):
     m = manifest(quick_store, "seq_lstm")
     chunks = random_chunks(m, [2, 2], seed=82)
