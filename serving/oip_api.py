@@ -156,16 +156,16 @@ def expected_inputs(m: Manifest) -> str:
     return f"{m.input.name!r} INT64 [1, T] or {TEXT_INPUT!r} BYTES [1] (one UTF-8 string)"
 
 
-def decode_rows(m: Manifest, request: Any) -> list[np.ndarray]:
+def decode_rows(m: Manifest, request: Any, max_steps: int | None = None) -> list[np.ndarray]:
     """The request's one input tensor → one validated array per batch row: (T, F) or (T,)."""
     tensor, raw = _the_input(m, request)
     if tensor.datatype == "BYTES":
-        return [codec.decode_text(m, _one_text(m, tensor, raw))]
+        return [codec.decode_text(m, _one_text(m, tensor, raw), max_steps)]
     if m.input.kind == "features":
         arr = _numeric(tensor, raw, {"FP32": "<f4"}, rank=3, what=expected_inputs(m))
-        return [codec.decode_features(m, row) for row in _rows(arr)]
+        return [codec.decode_features(m, row, max_steps=max_steps) for row in _rows(arr)]
     arr = _numeric(tensor, raw, {"INT64": "<i8", "INT32": "<i4"}, rank=2, what=expected_inputs(m))
-    return [codec.decode_tokens(m, row) for row in _rows(arr)]
+    return [codec.decode_tokens(m, row, max_steps) for row in _rows(arr)]
 
 
 def _rows(arr: np.ndarray) -> np.ndarray:
@@ -505,7 +505,7 @@ class GRPCInferenceService:
             model = self._sequence_model(request, control)
         m = model.manifest
         wanted = requested_outputs(request, m)
-        rows = decode_rows(m, request)
+        rows = decode_rows(m, request, self.engine.input_limit(m))  # checked once, here
         if control.sequence_id is None:
             y = await self._stateless(model, rows)
         else:
@@ -523,7 +523,8 @@ class GRPCInferenceService:
         """One row from the initial state, through a throwaway session (batched like any step)."""
         info = self.engine.open_session(m.name, m.version)
         try:
-            return (await self.engine.step(info.session_id, row)).y  # (T, O)
+            sess, rt = self.engine.lookup(info.session_id)
+            return (await self.engine.step_checked(sess, rt, row)).y  # (T, O)
         finally:
             self.engine.close_session(info.session_id)
 
@@ -577,7 +578,8 @@ class GRPCInferenceService:
         if control.start:
             self._start(m, sid)
         try:
-            result = await self.engine.step(sid, rows[0], step_index=None)
+            sess, rt = self.engine.lookup(sid)  # rows were decoded against rt.manifest
+            result = await self.engine.step_checked(sess, rt, rows[0])
         except BaseException:
             if control.start:  # all or nothing: a failed first step leaves no sequence behind
                 _close_quietly(self.engine, sid)
