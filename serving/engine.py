@@ -73,10 +73,22 @@ class EngineConfig:
                 raise ValueError(f"backend for {name} must be one of {BACKENDS}, got {kind!r}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.max_steps_per_request < 1:
-            raise ValueError(
-                f"max_steps_per_request must be >= 1, got {self.max_steps_per_request}"
-            )
+        at_least_one = {
+            "max_steps_per_request": self.max_steps_per_request,
+            "max_sessions": self.max_sessions,
+            "max_batch_size": self.max_batch_size,
+            "executor_threads": self.executor_threads or 1,
+        }
+        for name, value in at_least_one.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not self.session_ttl_s > 0:
+            raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
+        if not self.max_queue_delay_ms >= 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.sweep_interval_s is not None and not self.sweep_interval_s > 0:
+            # a zero or negative period would make the sweeper spin on the event loop
+            raise ValueError(f"sweep_interval_s must be > 0, got {self.sweep_interval_s}")
 
 
 @dataclass(frozen=True)
@@ -189,7 +201,7 @@ class Engine:
         cfg = self.config
         for key, rt in self._runtimes.items():
             rt.predictor = PredictBatcher(
-                key, rt.loaded.backend, self._executor, max(cfg.max_batch_size, 1)
+                key, rt.loaded.backend, self._executor, cfg.max_batch_size
             )
             rt.predictor.start()
             if not rt.manifest.streamable:

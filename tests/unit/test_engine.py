@@ -366,3 +366,21 @@ def test_reset_during_a_step_is_refused_and_the_step_still_lands(quick_store, re
     first, again = asyncio.run(main())
     np.testing.assert_allclose(first, ref.run("sum_sign_lstm", [xs[0]]), atol=TOL)
     np.testing.assert_allclose(again, ref.run("sum_sign_lstm", [xs[1]]), atol=TOL)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_batch_size", 0),
+        ("max_sessions", 0),
+        ("max_steps_per_request", 0),
+        ("executor_threads", -1),
+        ("session_ttl_s", 0.0),
+        ("max_queue_delay_ms", -1.0),
+        ("sweep_interval_s", -1.0),
+        ("session_ttl_s", float("nan")),
+    ],
+)
+def test_a_bad_config_value_is_refused_by_name_before_loading(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(store=tmp_path, **{field: value})
