@@ -212,6 +212,12 @@ class OutputRows:
                 for k in order:
                     out.top_k.add(char=self.labels[k], index=k, p=ps[k])
 
+    def fill(self, reply: pb.StepResponse, start: int = 0, stop: int | None = None) -> None:
+        """A step reply's outputs (rows [start, stop)) and, for next_token models, its text."""
+        self.add_to(reply.outputs, start, stop)
+        if self.kind == "next_token":
+            reply.text = self.text(start, len(self.raw) if stop is None else stop)
+
     def text(self, start: int, stop: int) -> str:
         """next_token models: the most likely char after each of rows [start, stop)."""
         return "".join(self.labels[b] for b in self.best[start:stop])
@@ -395,9 +401,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                 reply.step_index = outcome.step_index
                 reply.expires_at = expires_at
                 rows, start, stop = located[pos]
-                rows.add_to(reply.outputs, start, stop)
-                if rows.kind == "next_token":
-                    reply.text = rows.text(start, stop)
+                rows.fill(reply, start, stop)
             else:
                 assert outcome is not None
                 add(session_id=sid, error=self._entry_error(outcome))
@@ -486,10 +490,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         reply = pb.StepResponse(
             session_id=session_id, step_index=result.step_index, expires_at=e.expires_at(sess)
         )
-        rows = OutputRows(m, result.y, request.top_k or DEFAULT_TOP_K)
-        rows.add_to(reply.outputs)
-        if rows.kind == "next_token":
-            reply.text = rows.text(0, len(result.y))
+        OutputRows(m, result.y, request.top_k or DEFAULT_TOP_K).fill(reply)
         return reply
 
     # generation
