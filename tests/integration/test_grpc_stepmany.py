@@ -93,6 +93,11 @@ def check_terms(m, replies: list[pb.StepResponse]) -> None:
                 p = list(want["probabilities"].values())
                 np.testing.assert_allclose(out.probabilities, p, rtol=1e-5, atol=1e-7)
             else:
-                assert out.char == want["char"] and len(out.top_k) == len(want["top_k"])
+                assert out.char == want["char"] and out.index == want["index"]
+                assert [t.index for t in out.top_k] == [t["index"] for t in want["top_k"]]
+                assert [t.char for t in out.top_k] == [t["char"] for t in want["top_k"]]
+                np.testing.assert_allclose(
+                    [t.p for t in out.top_k], [t["p"] for t in want["top_k"]], rtol=1e-5
+                )
         if m.output.kind == "next_token":
             assert reply.text == "".join(o.char for o in reply.outputs)
