@@ -32,7 +32,14 @@ from serving.engine import (
     StepResult,
     check_predict_rows,
 )
-from serving.errors import InvalidInput, PayloadTooLarge, RnnServeError, StepOutOfOrder, grpc_status
+from serving.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    RnnServeError,
+    SessionNotFound,
+    StepOutOfOrder,
+    grpc_status,
+)
 from serving.manifest import Manifest
 from serving.metrics import Metrics
 
@@ -42,6 +49,16 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name  # "rnnserve
 DEFAULT_TOP_K = 5
 MAX_STEPMANY_ENTRIES = 4096
 MAX_ERROR_MESSAGE = 1024  # characters of a status message (see _clipped)
+
+
+def own_session(session_id: str) -> str:
+    """A session id as this API may address it: only ids the server issued (``token_urlsafe``,
+    never a colon). Client-chosen ids of other transports (OIP's ``oip:<model>:<sequence_id>``)
+    are guessable by design, so from here they do not exist."""
+    if ":" in session_id:
+        raise SessionNotFound(f"unknown session {session_id[:64]!r}")
+    return session_id
+
 
 # ---- errors -----------------------------------------------------------------------------------
 
@@ -319,12 +336,12 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
 
     @_rpc
     async def CloseSession(self, request, context):
-        self.engine.close_session(request.session_id)
+        self.engine.close_session(own_session(request.session_id))
         return pb.CloseSessionResponse()
 
     @_rpc
     async def ResetSession(self, request, context):
-        return session_message(self.engine.reset_session(request.session_id))
+        return session_message(self.engine.reset_session(own_session(request.session_id)))
 
     # steps
     @_rpc
@@ -364,7 +381,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         found: dict[int, tuple[Any, Any]] = {}  # position -> (session, runtime)
         for pos, req in enumerate(requests):
             try:
-                found[pos] = e.lookup(req.session_id)
+                found[pos] = e.lookup(own_session(req.session_id))
             except Exception as err:
                 outcomes[pos] = err
         xs = self._decode_entries(requests, found, outcomes)
@@ -482,7 +499,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
 
     async def _step(self, session_id: str, request: pb.StepRequest) -> pb.StepResponse:
         e = self.engine
-        sess, rt = e.lookup(session_id)
+        sess, rt = e.lookup(own_session(session_id))
         m = rt.manifest
         x = self._decode_one(m, request.input)
         index = request.step_index if request.HasField("step_index") else None
@@ -497,7 +514,7 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
     @_stream
     async def Generate(self, request, context):
         e = self.engine
-        m = e.session_manifest(request.session_id)
+        m = e.session_manifest(own_session(request.session_id))
         prompt = None
         if request.HasField("prompt") and request.prompt.WhichOneof("data"):
             prompt = decode_input(m, request.prompt, e.input_limit(m))

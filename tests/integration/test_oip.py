@@ -307,6 +307,46 @@ def test_end_flag_ends_exactly_its_own_sequence(client, quick_store):
     )
 
 
+def test_our_api_cannot_reach_an_oip_sequence_by_its_guessable_id(server, client, quick_store):
+    """OIP sequence ids are client-chosen; rnnserve.v1 only addresses ids the server issued."""
+    from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
+    from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    m = manifest(quick_store, "elman")
+    chunks = random_chunks(m, [2, 1, 1], seed=33)
+    client.infer(m.name, [infer_input(m, chunks[0])], sequence_id=77, sequence_start=True)
+    guessed = f"oip:{m.name}:77"
+    step = pb.StepRequest(
+        session_id=guessed, input=pb.Input(features=pb.Features(values=[0.5], steps=1))
+    )
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        attempts = {
+            "Step": lambda: stub.Step(step),
+            "ResetSession": lambda: stub.ResetSession(pb.ResetSessionRequest(session_id=guessed)),
+            "CloseSession": lambda: stub.CloseSession(pb.CloseSessionRequest(session_id=guessed)),
+            "Generate": lambda: list(
+                stub.Generate(pb.GenerateRequest(session_id=guessed, max_tokens=2))
+            ),
+        }
+        for rpc, call in attempts.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND, rpc
+        many = next(stub.StepMany(iter([pb.StepManyRequest(steps=[step])])))
+        assert many.results[0].error.reason == "SESSION_NOT_FOUND"
+    # none of that touched the sequence: it goes on exactly as the eager run says
+    got = [
+        client.infer(m.name, [infer_input(m, c)], sequence_id=77, sequence_end=i == 2).as_numpy(
+            "y"
+        )[0]
+        for i, c in enumerate(chunks[1:], start=1)
+    ]
+    np.testing.assert_allclose(
+        np.concatenate(got), eager_steps(quick_store, m, chunks)[2:], atol=TOL, rtol=0
+    )
+
+
 def test_start_on_an_open_sequence_restarts_it(client, quick_store):
     m = manifest(quick_store, "sine")
     chunks = random_chunks(m, [4, 2], seed=40)
