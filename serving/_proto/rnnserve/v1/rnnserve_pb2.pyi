@@ -233,10 +233,28 @@ class GenerateResponse(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., text: _Optional[str] = ..., token: _Optional[int] = ..., value: _Optional[_Iterable[float]] = ..., output: _Optional[_Union[Output, _Mapping]] = ...) -> None: ...
 
 class StepManyRequest(_message.Message):
-    __slots__ = ("steps",)
+    __slots__ = ("steps", "packed")
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
-    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+    packed: PackedSteps
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ..., packed: _Optional[_Union[PackedSteps, _Mapping]] = ...) -> None: ...
+
+class PackedSteps(_message.Message):
+    __slots__ = ("model", "session_ids", "step_indexes", "steps", "features", "tokens")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    step_indexes: _containers.RepeatedScalarFieldContainer[int]
+    steps: int
+    features: bytes
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model: _Optional[str] = ..., session_ids: _Optional[_Iterable[str]] = ..., step_indexes: _Optional[_Iterable[int]] = ..., steps: _Optional[int] = ..., features: _Optional[bytes] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "reason", "message", "expected_step_index", "field")
@@ -263,10 +281,36 @@ class StepResult(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., reply: _Optional[_Union[StepResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class StepManyResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "packed")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[StepResult]
-    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ...) -> None: ...
+    packed: PackedResults
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., packed: _Optional[_Union[PackedResults, _Mapping]] = ...) -> None: ...
+
+class EntryError(_message.Message):
+    __slots__ = ("position", "error")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    error: Error
+    def __init__(self, position: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class PackedResults(_message.Message):
+    __slots__ = ("step_indexes", "raw", "probabilities", "index", "errors", "expires_at")
+    STEP_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    step_indexes: _containers.RepeatedScalarFieldContainer[int]
+    raw: bytes
+    probabilities: bytes
+    index: _containers.RepeatedScalarFieldContainer[int]
+    errors: _containers.RepeatedCompositeFieldContainer[EntryError]
+    expires_at: float
+    def __init__(self, step_indexes: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ..., probabilities: _Optional[bytes] = ..., index: _Optional[_Iterable[int]] = ..., errors: _Optional[_Iterable[_Union[EntryError, _Mapping]]] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
     __slots__ = ("model", "version", "inputs", "top_k")
