@@ -364,7 +364,12 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
 
     @_stream
     async def StepMany(self, request_iterator, context):
+        from serving.grpc_packed import step_packed  # it builds on this module: import it late
+
         async for message in request_iterator:
+            if message.HasField("packed"):
+                yield await step_packed(self.engine, message, self._entry_error)
+                continue
             if len(message.steps) > MAX_STEPMANY_ENTRIES:
                 raise PayloadTooLarge(
                     f"{len(message.steps)} entries in one StepMany message; "
