@@ -8,12 +8,22 @@
 A ``Session`` numbers its steps itself and retries a step whose reply was lost (UNAVAILABLE or
 DEADLINE_EXCEEDED) with the same ``step_index``: the server answers a retry of the last step from
 its cache without advancing the state, so a retry never double-steps.
+
+Gateways stepping many sessions of one model use the packed form of StepMany (NumPy in and out):
+
+    ids = [c.session("seq_lstm").id for _ in range(64)]
+    x = np.zeros((64, 1, 10), np.float32)  # (N, T, F); token models: int ids (N, T)
+    r = c.step_block("seq_lstm", ids, x, step_indexes=[0] * 64)
+    r.y, r.probabilities, r.index, r.errors   # (N, T, O), (N, T, K), (N, T), {position: Error}
+    for r in c.step_blocks("seq_lstm", ((ids, x, [i] * 64) for i in range(1, 10))): ...
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -38,6 +48,63 @@ def make_input(
     arr = np.asarray(values, dtype=np.float32)
     steps = arr.shape[0] if arr.ndim == 2 else 0
     return pb.Input(features=pb.Features(values=arr.reshape(-1).tolist(), steps=steps))
+
+
+def pack_steps(
+    model: str, session_ids: Sequence[str], x: Any, step_indexes: Sequence[int] | None = None
+) -> pb.PackedSteps:
+    """A ``PackedSteps`` block: ``x`` is float features (N, T, F) or integer token ids (N, T)
+    for the N sessions in ``session_ids``; ``step_indexes`` (N) makes the block idempotent."""
+    arr = np.asarray(x)
+    n = len(session_ids)
+    indexes = [] if step_indexes is None else np.asarray(step_indexes, np.uint64).tolist()
+    block = pb.PackedSteps(model=model, session_ids=session_ids, step_indexes=indexes)
+    if arr.dtype.kind in "iu":
+        if arr.ndim != 2 or arr.shape[0] != n:
+            raise ValueError(f"token ids must be shaped (N={n}, T), got {list(arr.shape)}")
+        block.steps = arr.shape[1]
+        block.tokens.extend(arr.reshape(-1).tolist())
+        return block
+    if arr.ndim != 3 or arr.shape[0] != n:
+        raise ValueError(f"features must be shaped (N={n}, T, F), got {list(arr.shape)}")
+    block.steps = arr.shape[1]
+    block.features = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+    return block
+
+
+@dataclass(frozen=True)
+class PackedReply:
+    """A ``PackedResults`` as arrays. Rows of failed entries are zeros; ``errors`` says which."""
+
+    step_indexes: np.ndarray  # (N,) uint64: the index each entry's reply answers
+    y: np.ndarray  # (N, T, O) float32: the head's outputs
+    probabilities: np.ndarray | None  # (N, T, K) float32: classification / next_token models
+    index: np.ndarray | None  # (N, T): the most likely class / token
+    errors: dict[int, pb.Error]  # position in the block -> its error
+    expires_at: float
+
+    @classmethod
+    def from_message(cls, r: pb.PackedResults, n: int, steps: int) -> PackedReply:
+        """``n`` sessions of ``steps`` time steps each, as the block that was sent."""
+        probabilities = index = None
+        if r.probabilities:
+            probabilities = _block(r.probabilities, n, steps)
+            index = np.asarray(r.index, dtype=np.int64).reshape(n, steps)
+        return cls(
+            step_indexes=np.asarray(r.step_indexes, dtype=np.uint64),
+            y=_block(r.raw, n, steps),
+            probabilities=probabilities,
+            index=index,
+            errors={e.position: e.error for e in r.errors},
+            expires_at=r.expires_at,
+        )
+
+
+def _block(buffer: bytes, n: int, steps: int) -> np.ndarray:
+    """float32 little-endian bytes → (N, T, width)."""
+    flat = np.frombuffer(buffer, dtype="<f4")
+    width = flat.size // (n * steps) if n * steps else 0
+    return flat.reshape(n, steps, width)
 
 
 class Client:
@@ -85,6 +152,45 @@ class Client:
     def step_many(self, messages: Iterable[list[pb.StepRequest]]) -> Iterator[pb.StepManyResponse]:
         """The StepMany stream: each item is a list of StepRequests (many sessions) → one reply."""
         return self.stub.StepMany(pb.StepManyRequest(steps=m) for m in messages)
+
+    def step_block(
+        self,
+        model: str,
+        session_ids: Sequence[str],
+        x: Any,
+        step_indexes: Sequence[int] | None = None,
+    ) -> PackedReply:
+        """One packed StepMany block (see ``pack_steps``) on a stream of its own."""
+        replies = self.step_blocks(model, [(session_ids, x, step_indexes)], self.timeout)
+        try:
+            return next(replies)
+        finally:
+            replies.close()
+
+    def step_blocks(
+        self,
+        model: str,
+        blocks: Iterable[tuple[Sequence[str], Any, Sequence[int] | None]],
+        timeout: float | None = None,
+    ) -> Iterator[PackedReply]:
+        """Packed blocks of one model on one StepMany stream, replies in order. Each block is
+        (session_ids, x, step_indexes or None); the iterable may be a generator fed as replies
+        arrive. A message-level error ends the stream (``grpc.RpcError``); ``timeout`` bounds
+        the whole stream (None: no deadline)."""
+        shapes: deque[tuple[int, int]] = deque()  # (N, T) of each block sent, oldest first
+
+        def requests() -> Iterator[pb.StepManyRequest]:
+            for session_ids, x, step_indexes in blocks:
+                packed = pack_steps(model, session_ids, x, step_indexes)
+                shapes.append((len(session_ids), packed.steps))
+                yield pb.StepManyRequest(packed=packed)
+
+        call = self.stub.StepMany(requests(), timeout=timeout)
+        try:
+            for reply in call:
+                yield PackedReply.from_message(reply.packed, *shapes.popleft())
+        finally:
+            call.cancel()  # a no-op once the stream has ended; else the caller stopped early
 
 
 class Session:
