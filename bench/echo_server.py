@@ -4,8 +4,11 @@ It speaks our generated messages (``serving._proto``) on the same grpc.aio stack
 as ``serving.server``, so a client sees the same message shapes and sizes: each Step, Session and
 StepMany reply is a copy of a canned ``StepResponse`` holding what the real model's reply holds
 (built with ``grpc_api.output_message`` from the store's manifest and a zero head output), with
-the request's session id and step index filled in. No model is loaded and no state is kept besides
-which model a session id belongs to, so whatever the real server costs beyond this is ours.
+the request's session id and step index filled in. A packed StepMany block gets a
+``PackedResults`` of the real one's size: zero (N, T, O) outputs and, for classifiers and char
+models, (N, T, K) probabilities and N*T indexes, with the block's step indexes echoed. No model is
+loaded and no state is kept besides which model a session id belongs to, so whatever the real
+server costs beyond this is ours.
 
     python -m bench.echo_server --store STORE [--address 127.0.0.1:0]
 
@@ -16,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import secrets
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,13 +42,33 @@ def canned_reply(m: Manifest) -> pb.StepResponse:
     return pb.StepResponse(outputs=[output_message(m, y)], expires_at=1.0e9)
 
 
+@dataclass(frozen=True)
+class Canned:
+    """What the echo server answers for one model."""
+
+    reply: pb.StepResponse  # one time step of one session
+    outputs: int  # O: head outputs per time step
+    classes: int  # K: probabilities per time step (0 for regression)
+
+    @classmethod
+    def of(cls, m: Manifest) -> Canned:
+        classes = 0 if m.output.kind == "regression" else len(m.labels)
+        return cls(canned_reply(m), m.output.size, classes)
+
+
+@functools.lru_cache(maxsize=64)
+def canned_block(outputs: int, classes: int, rows: int) -> tuple[bytes, bytes, list[int]]:
+    """(raw, probabilities, index) of a PackedResults with ``rows`` = N*T time steps."""
+    return bytes(4 * rows * outputs), bytes(4 * rows * classes), [0] * rows if classes else []
+
+
 class EchoServicer(pb_grpc.RnnServeServicer):
-    def __init__(self, replies: dict[str, pb.StepResponse]) -> None:
-        self._replies = replies  # model name -> canned reply
+    def __init__(self, models: dict[str, Canned]) -> None:
+        self._models = models  # model name -> what to answer
         self._sessions: dict[str, str] = {}  # session id -> model name
 
     async def OpenSession(self, request, context):
-        if request.model not in self._replies:
+        if request.model not in self._models:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {request.model!r}")
         session_id = secrets.token_urlsafe(16)
         self._sessions[session_id] = request.model
@@ -64,6 +89,11 @@ class EchoServicer(pb_grpc.RnnServeServicer):
 
     async def StepMany(self, request_iterator, context):
         async for message in request_iterator:
+            if message.HasField("packed"):
+                if message.packed.model not in self._models:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "unknown model")
+                yield pb.StepManyResponse(packed=self._echo_block(message.packed))
+                continue
             results = [
                 pb.StepResult(session_id=s.session_id, reply=self._echo(s.session_id, s))
                 for s in message.steps
@@ -72,19 +102,33 @@ class EchoServicer(pb_grpc.RnnServeServicer):
 
     def _echo(self, session_id: str, request: pb.StepRequest) -> pb.StepResponse:
         reply = pb.StepResponse()
-        reply.CopyFrom(self._replies[self._sessions[session_id]])
+        reply.CopyFrom(self._models[self._sessions[session_id]].reply)
         reply.session_id = session_id
         reply.step_index = request.step_index
         return reply
 
+    def _echo_block(self, packed: pb.PackedSteps) -> pb.PackedResults:
+        n = len(packed.session_ids)
+        canned = self._models[packed.model]
+        raw, probabilities, index = canned_block(
+            canned.outputs, canned.classes, n * (packed.steps or 1)
+        )
+        return pb.PackedResults(
+            step_indexes=packed.step_indexes or [0] * n,
+            raw=raw,
+            probabilities=probabilities,
+            index=index,
+            expires_at=1.0e9,
+        )
 
-def load_replies(store: Path) -> dict[str, pb.StepResponse]:
-    replies = {}
+
+def load_models(store: Path) -> dict[str, Canned]:
+    models = {}
     for name in list_models(store):
         m = load_manifest(resolve(store, name, list_versions(store, name)[-1]))
         if m.streamable:
-            replies[name] = canned_reply(m)
-    return replies
+            models[name] = Canned.of(m)
+    return models
 
 
 async def serve(store: Path, address: str) -> None:
@@ -95,7 +139,7 @@ async def serve(store: Path, address: str) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_RnnServeServicer_to_server(EchoServicer(load_replies(store)), server)
+    pb_grpc.add_RnnServeServicer_to_server(EchoServicer(load_models(store)), server)
     port = server.add_insecure_port(address)
     await server.start()
     host = address.rsplit(":", 1)[0]
