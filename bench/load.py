@@ -11,12 +11,15 @@ commands over a pipe and every worker answers with a plain dict:
   - ``stream``: one ``Session`` bidi stream per session, write one step, read its reply, repeat;
   - ``stepmany``: the sessions in groups of ``per_message``; one ``StepMany`` stream per group,
     one message (a step for every session of the group) in flight at a time;
+  - ``packed``: as ``stepmany``, but each message is one ``PackedSteps`` block (the group's
+    inputs as one float32 buffer) and each reply one ``PackedResults``;
   the window is given in wall-clock time so that all workers measure the same interval: steps
   that complete inside it are counted, with their round-trip latency (per message for StepMany);
 * ``close``: close the sessions; ``exit``.
 
-Every reply is checked (its step index, or every StepMany entry being a reply, not an error), so a
-fast-but-wrong server cannot pass.
+Every reply is checked (its step index; every StepMany entry being a reply, not an error; every
+packed reply answering exactly the step indexes sent, without errors), so a fast-but-wrong server
+cannot pass.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import numpy as np
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from serving.client import pack_steps
 
 FEATURES = {"seq_lstm": 10, "sine": 1}
+GROUPED = ("stepmany", "packed")  # paths that carry ``per_message`` sessions per message
 OPEN_CONCURRENCY = 64
 
 
@@ -118,9 +123,10 @@ class Worker:
         stub = self.stub(target)
         tally = Tally()
         n = len(sessions.ids)
-        if path == "stepmany":
+        if path in GROUPED:
             groups = [list(range(i, min(i + per_message, n))) for i in range(0, n, per_message)]
-            jobs = [self._stepmany(stub, model, sessions, g, window, tally) for g in groups]
+            loop = self._stepmany if path == "stepmany" else self._packed
+            jobs = [loop(stub, model, sessions, g, window, tally) for g in groups]
         else:
             loop = self._unary if path == "unary" else self._stream
             jobs = [loop(stub, model, sessions, i, window, tally) for i in range(n)]
@@ -174,6 +180,26 @@ class Worker:
         await call.done_writing()
         assert await call.read() == grpc.aio.EOF
 
+    async def _packed(
+        self, stub, model: str, s: SessionSet, group: list[int], w: Window, tally: Tally
+    ):
+        x = self.rng.uniform(-1.0, 1.0, size=(len(group), 1, FEATURES[model]))  # (N, T=1, F)
+        message = pb.StepManyRequest(packed=pack_steps(model, [s.ids[i] for i in group], x))
+        indexes = message.packed.step_indexes
+        call = stub.StepMany()
+        while (t0 := time.perf_counter()) < w.end:
+            sent = [s.next_index[i] for i in group]
+            indexes[:] = sent
+            await call.write(message)
+            reply = await call.read()
+            t1 = time.perf_counter()
+            check_packed(reply.packed, sent)
+            for i in group:
+                s.next_index[i] += 1
+            tally.record(w, t0, t1, len(group))
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+
 
 def check_index(reply: pb.StepResponse, expected: int) -> None:
     if reply.step_index != expected:
@@ -186,6 +212,15 @@ def check_many(reply: pb.StepManyResponse, entries: int) -> None:
     for r in reply.results:
         if r.HasField("error"):
             raise AssertionError(f"StepMany entry failed: {r.error.code} {r.error.message}")
+
+
+def check_packed(reply: pb.PackedResults, sent: list[int]) -> None:
+    if reply.errors:
+        e = reply.errors[0]
+        raise AssertionError(f"packed entry {e.position} failed: {e.error.code} {e.error.message}")
+    if list(reply.step_indexes) != sent:
+        got = list(reply.step_indexes)
+        raise AssertionError(f"packed reply answers steps {got[:4]}…, sent {sent[:4]}…")
 
 
 def serve_commands(conn: Connection, seed: int) -> None:

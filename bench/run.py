@@ -9,7 +9,8 @@ What it does, in this order:
 2. starts two server processes on loopback: ``rnnserve serve`` (the real CLI, ONNX Runtime,
    1 intra-op thread, metrics on a free port) and ``bench.echo_server`` (same messages, no model);
 3. starts ``--workers`` client processes (``bench.load``); for each model, path (unary Step, bidi
-   Session stream, StepMany with ``--per-message`` sessions per message) and session count, opens
+   Session stream, StepMany with ``--per-message`` sessions per message, and the same in StepMany's
+   packed form: one PackedSteps block per message) and session count, opens
    the sessions on both servers, then runs ``--reps`` timed windows (``--warmup`` s not counted,
    ``--duration`` s counted), alternating echo and real, and keeps the median of each metric;
 4. measures the ORT ceiling in this process (``bench.ceiling``) and idle-session memory in a fresh
@@ -39,11 +40,11 @@ import numpy as np
 import onnxruntime
 
 from bench import ceiling, report
-from bench.load import Workers
+from bench.load import GROUPED, Workers
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("seq_lstm", "sine")
-PATHS = ("unary", "stream", "stepmany")
+PATHS = ("unary", "stream", "stepmany", "packed")
 SESSIONS = (1, 16, 64, 256, 1000)
 LISTENING = re.compile(r"on (127\.0\.0\.1:\d+)(?:, metrics on (127\.0\.0\.1:\d+))?")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -147,7 +148,7 @@ def start_servers(store: Path) -> dict[str, Server]:
 
 def split_sessions(n: int, path: str, per_message: int, workers: int) -> list[int]:
     """Sessions per worker; StepMany keeps whole messages (groups) on one worker."""
-    if path == "stepmany":
+    if path in GROUPED:
         groups = [min(per_message, n - i) for i in range(0, n, per_message)]
         counts = [0] * workers
         for g, size in enumerate(groups):
@@ -176,7 +177,7 @@ def run_cell(
         workers.call(
             [("close", {"target": s.address, "model": model}) if c else None for c in counts]
         )
-    per_message = min(args.per_message, n) if path == "stepmany" else 1
+    per_message = min(args.per_message, n) if path in GROUPED else 1
     cell: dict[str, Any] = {
         "model": model,
         "path": path,
