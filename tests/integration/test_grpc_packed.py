@@ -105,6 +105,8 @@ def test_without_step_indexes_each_block_is_the_next_step(client, quick_store, r
     for i in range(3):
         got = np.concatenate([r.y[i] for r in replies])
         np.testing.assert_allclose(got, ref.run("sine", [x[i] for x in sent]), atol=TOL)
+    empty = send(client, "sine", [], np.zeros((0, 1, 1), np.float32))
+    assert empty.y.shape == (0, 1, 0) and empty.errors == {} and empty.expires_at == 0
 
 
 def test_a_session_twice_in_a_block_steps_twice_in_order(client, quick_store, ref):
