@@ -154,20 +154,19 @@ async def step_packed(
     outcomes: list[Outcome] = [None] * n
     checked: list[CheckedStep] = []
     where: list[int] = []  # position of each checked step in the block
-    problems: dict[int, InvalidInput | None] = {}  # id(runtime) -> model_problem
     bad = block.bad if block.bad.any() else None
     indexes = [None] * n if block.step_indexes is None else list(block.step_indexes)
     lookup, x = engine.lookup, block.x
+    last_rt, model_error = None, None  # the sessions of a block almost always share a runtime
     for pos, session_id in enumerate(block.session_ids):  # the per-entry loop: keep it lean
         try:
             sess, rt = lookup(own_session(session_id))
         except Exception as err:
             outcomes[pos] = err
             continue
-        key = id(rt)
-        if key not in problems:
-            problems[key] = model_problem(block, rt.manifest)
-        problem = problems[key]
+        if rt is not last_rt:
+            last_rt, model_error = rt, model_problem(block, rt.manifest)
+        problem = model_error
         if problem is None and bad is not None and bad[pos]:
             problem = row_problem(block, pos)
         if problem is not None:
@@ -187,13 +186,13 @@ def packed_results(
 ) -> pb.PackedResults:
     """The reply: answered rows stacked into (N, T, O) (zeros where an entry failed)."""
     m, n, steps = block.m, len(outcomes), block.steps
-    answered = [
-        pos
-        for pos, o in enumerate(outcomes)
-        if isinstance(o, StepResult) and len(o.y) == steps  # see _failure for other lengths
-    ]
+    answered: list[int] = []
+    rows: list[np.ndarray] = []  # each (T, O)
+    for pos, o in enumerate(outcomes):
+        if type(o) is StepResult and len(o.y) == steps:  # see _failure for other lengths
+            answered.append(pos)
+            rows.append(o.y)
     shape = (len(answered), steps, m.output.size)
-    rows = [outcomes[pos].y for pos in answered]  # type: ignore[union-attr]  # each (T, O)
     # concatenate, then reshape: np.stack costs three times as much for many small arrays
     got = np.concatenate(rows).reshape(shape) if rows else np.zeros(shape)  # (A, T, O)
     if len(answered) == n:
