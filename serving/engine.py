@@ -29,7 +29,7 @@ from typing import Literal, Protocol
 import numpy as np
 
 from serving import codec
-from serving.backends import BACKENDS, LoadedModel, load_model
+from serving.backends import BACKENDS, LoadedModel, initial_states, load_model
 from serving.errors import (
     ArtifactError,
     InvalidInput,
@@ -44,7 +44,7 @@ from serving.errors import (
 )
 from serving.manifest import Manifest, list_models, list_versions
 from serving.predict_batcher import PredictBatcher
-from serving.scheduler import StepScheduler
+from serving.scheduler import StepCost, StepScheduler
 from serving.sessions import Session, SessionStore, StatePool, acquire, release
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ class EngineConfig:
     model_backends: Mapping[str, str] = field(default_factory=dict)  # per-model backend override
     sweep_interval_s: float | None = None  # expiry sweep period; default min(ttl / 2, 30 s)
     executor_threads: int | None = None  # worker threads for backend calls; default max(2, cpus)
+    # a step batch predicted to compute within this runs on the event loop instead of the
+    # executor (see serving.scheduler); 0 = always the executor
+    inline_budget_us: float = 300.0
 
     def __post_init__(self) -> None:
         for name, kind in {"*": self.backend, **self.model_backends}.items():
@@ -84,6 +87,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not self.session_ttl_s > 0:
             raise ValueError(f"session_ttl_s must be > 0, got {self.session_ttl_s}")
+        if not self.inline_budget_us >= 0:
+            raise ValueError(f"inline_budget_us must be >= 0, got {self.inline_budget_us}")
         if not self.max_queue_delay_ms >= 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         if self.sweep_interval_s is not None and not self.sweep_interval_s > 0:
@@ -215,7 +220,9 @@ class Engine:
                 cfg.max_batch_size,
                 cfg.max_queue_delay_ms / 1000.0,
                 on_batch=lambda size, name=rt.manifest.name: self.observer.on_batch(name, size),
+                inline_budget_s=cfg.inline_budget_us / 1e6,
             )
+            rt.scheduler.cost = measure_step_cost(rt.loaded, cfg.max_batch_size)
             rt.scheduler.start()
         interval = cfg.sweep_interval_s or min(cfg.session_ttl_s / 2, 30.0)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(interval))
@@ -601,6 +608,29 @@ class Engine:
             f"{m.name} is not streamable (it reads whole sequences, e.g. bidirectional): "
             "use Predict with the whole sequence instead of sessions/Step"
         )
+
+
+def measure_step_cost(loaded: LoadedModel, max_batch: int, rows: int = 32) -> StepCost:
+    """Time the step graph at 1 row and at ``rows`` (best of 3 after a warm-up call, which also
+    spares the first real request the backend's first-call costs)."""
+    rows = max(1, min(rows, max_batch))
+    m = loaded.manifest
+
+    def best_of(batch: int) -> float:
+        if m.input.kind == "tokens":
+            x = np.zeros((batch, 1), dtype=np.int64)  # (B, T)
+        else:
+            x = np.zeros((batch, 1, m.input.features or 1), dtype=np.float32)  # (B, T, F)
+        states = initial_states(m, batch)
+        loaded.backend.step(x, states)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            loaded.backend.step(x, states)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    return StepCost.from_timings(best_of(1), rows, best_of(rows))
 
 
 def _negative_index(step_index: int) -> InvalidInput:

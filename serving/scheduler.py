@@ -1,9 +1,16 @@
 """StepScheduler: one per streamable model version; many sessions' ready steps → one backend call.
 
 ``submit`` queues one step of one session and returns a future. On the next event-loop turn whatever
-is queued runs as one batch in the executor (off the event loop) and, while that runs, the next
-batch forms in the queue; the batch's completion starts the next one at once. A lone session never
-waits for a timer; ``max_queue_delay_s`` > 0 lets a batch wait that long for company.
+is queued runs as one batch and, while that runs, the next batch forms in the queue; the batch's
+completion starts the next one at once. A lone session never waits for a timer;
+``max_queue_delay_s`` > 0 lets a batch wait that long for company.
+
+Where a batch runs: in the executor (off the event loop), unless its predicted cost is within
+``inline_budget_s``; then it runs right on the loop thread. For small batches of small models the
+hop to a worker thread and back (two thread wake-ups, ~200 µs on a VM) costs several times the
+compute (~35 µs for one LSTM step), and the backends release the GIL while they compute, so the
+gRPC poller keeps receiving meanwhile. The cost is predicted by ``StepCost``, measured per model at
+start.
 Rules a batch obeys:
 
 * at most one step per session (the engine serializes a session's calls; this is a second guard);
@@ -39,6 +46,9 @@ StepDone = Callable[[np.ndarray | None, BaseException | None], None]
 
 
 GroupDone = Callable[[int, np.ndarray | None, BaseException | None], None]
+
+
+Outcome = tuple[np.ndarray, list[np.ndarray]] | BaseException  # a backend call's (y, states)
 
 
 class StepGroup:
@@ -77,6 +87,27 @@ class PendingStep:
     pos: int = 0  # the member's position in its group
 
 
+class StepCost:
+    """Predicted seconds of one backend step call: ``fixed_s + per_row_s * rows``, where rows is
+    batch × time steps; ``StepScheduler`` runs a batch inline when the prediction is within its
+    budget. Unknown until measured: then every batch predicts as infinitely costly (executor)."""
+
+    __slots__ = ("fixed_s", "per_row_s")
+
+    def __init__(self, fixed_s: float = float("inf"), per_row_s: float = 0.0) -> None:
+        self.fixed_s = fixed_s
+        self.per_row_s = per_row_s
+
+    @classmethod
+    def from_timings(cls, one_row_s: float, rows: int, many_rows_s: float) -> StepCost:
+        """The line through (1, one_row_s) and (rows, many_rows_s)."""
+        per_row = max(0.0, (many_rows_s - one_row_s) / max(1, rows - 1))
+        return cls(max(0.0, one_row_s - per_row), per_row)
+
+    def predict(self, rows: int) -> float:
+        return self.fixed_s + self.per_row_s * rows
+
+
 class StepScheduler:
     """Callback-driven, so a step costs few event-loop turns (each turn is latency for a lone
     session): a ``call_soon`` dispatch gathers whatever was submitted in the same turn, the
@@ -92,11 +123,14 @@ class StepScheduler:
         max_batch_size: int = 256,
         max_queue_delay_s: float = 0.0,
         on_batch: Callable[[int], None] | None = None,
+        inline_budget_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_delay_s < 0:
             raise ValueError(f"max_queue_delay must be >= 0, got {max_queue_delay_s}")
+        if inline_budget_s < 0:
+            raise ValueError(f"inline_budget must be >= 0, got {inline_budget_s}")
         self.name = name
         self._backend = backend
         self._pool = pool
@@ -104,6 +138,8 @@ class StepScheduler:
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
         self._on_batch = on_batch or (lambda size: None)
+        self.inline_budget_s = inline_budget_s
+        self.cost = StepCost()  # set by the engine once it has timed the model
         self._queue: deque[PendingStep] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False  # a batch is in the executor
@@ -113,6 +149,7 @@ class StepScheduler:
         self._stopping = False
         self.batches = 0  # counters for tests and the bench
         self.rows = 0
+        self.inline_batches = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -189,6 +226,9 @@ class StepScheduler:
             slots = np.fromiter((p.session.slot for p in batch), dtype=np.int64, count=len(batch))
             x = np.stack([p.x for p in batch])  # (B, T, F) or (B, T)
             states = self._pool.gather(slots)  # [(L, B, H)]
+            if self.cost.predict(x.shape[0] * x.shape[1]) <= self.inline_budget_s:
+                self._run_inline(batch, slots, x, states)
+                return
             work = self._executor.submit(self._backend.step, x, states)
         except Exception as e:  # never let one bad batch stop the model's scheduling
             log.exception("%s: batch of %d failed", self.name, len(batch))
@@ -246,13 +286,37 @@ class StepScheduler:
         self._queue = rest
         return batch
 
+    def _run_inline(
+        self, batch: list[PendingStep], slots: np.ndarray, x: np.ndarray, states: list[np.ndarray]
+    ) -> None:
+        """A batch cheaper than the thread hop: compute, store and answer it right here. The next
+        batch starts on the next loop turn, so steps that arrived meanwhile can join it."""
+        try:
+            outcome: Outcome = self._backend.step(x, states)
+        except Exception as e:
+            outcome = e
+        self.inline_batches += 1
+        self._complete(batch, slots, outcome)
+        self._schedule()
+
     def _finish(self, batch: list[PendingStep], slots: np.ndarray, work: Future) -> None:
-        """On the loop: store the new states, answer the batch, start the next one."""
+        """On the loop, for a batch the executor ran: store, answer, start the next one."""
         self._busy = False
         try:
-            y, new_states = work.result()
-            self._pool.scatter(slots, new_states)
+            outcome: Outcome = work.result()
         except BaseException as e:  # the backend raised, or the executor was shut down
+            outcome = e
+        self._complete(batch, slots, outcome)
+        self._dispatch()
+
+    def _complete(self, batch: list[PendingStep], slots: np.ndarray, outcome: Outcome) -> None:
+        """Store the new states and answer the batch (or fail it with the backend's error)."""
+        try:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            y, new_states = outcome
+            self._pool.scatter(slots, new_states)
+        except BaseException as e:  # the backend's error (or the executor's), or the scatter's
             if not isinstance(e, RnnServeError | CancelledError):
                 log.error("%s: batch of %d failed: %r", self.name, len(batch), e)
             self._fail(batch, e)
@@ -262,7 +326,6 @@ class StepScheduler:
             self._on_batch(len(batch))
             for i, p in enumerate(batch):
                 _answer(p, y[i], None)  # (T, O)
-        self._dispatch()
 
     def _fail(self, batch: list[PendingStep], err: BaseException) -> None:
         wrapped = (

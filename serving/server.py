@@ -252,6 +252,8 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--max-batch", "RNNSERVE_MAX_BATCH", int, 256, "sessions per backend call"),
     ("--max-queue-delay-ms", "RNNSERVE_MAX_QUEUE_DELAY_MS", float, 0.0,
      "wait up to this long for a fuller batch (0 = never wait)"),
+    ("--inline-budget-us", "RNNSERVE_INLINE_BUDGET_US", float, 300.0,
+     "step batches predicted to compute within this run on the event loop (0 = never)"),
     ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
 ]  # fmt: skip
 
@@ -281,6 +283,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_sessions=args.max_sessions,
         max_batch_size=args.max_batch,
         max_queue_delay_ms=args.max_queue_delay_ms,
+        inline_budget_us=args.inline_budget_us,
     )
     return ServerConfig(
         engine=engine,

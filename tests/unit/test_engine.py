@@ -108,11 +108,12 @@ def streamable_models(store: Path) -> list[str]:
     return [n for n in names if load_manifest(store / n / "1", verify=False).streamable]
 
 
-def test_hundreds_of_interleaved_sessions_equal_the_offline_run(quick_store, ref):
+@pytest.mark.parametrize("inline_budget_us", [0.0, 300.0], ids=["executor", "inline-when-cheap"])
+def test_hundreds_of_interleaved_sessions_equal_the_offline_run(quick_store, ref, inline_budget_us):
     rng = np.random.default_rng(2)
 
     async def main():
-        async with running(quick_store, max_batch_size=64) as e:
+        async with running(quick_store, max_batch_size=64, inline_budget_us=inline_budget_us) as e:
             plan = {}
             models = streamable_models(quick_store)
             assert len(models) >= 8
@@ -377,6 +378,7 @@ def test_reset_during_a_step_is_refused_and_the_step_still_lands(quick_store, re
         ("executor_threads", -1),
         ("session_ttl_s", 0.0),
         ("max_queue_delay_ms", -1.0),
+        ("inline_budget_us", -1.0),
         ("sweep_interval_s", -1.0),
         ("session_ttl_s", float("nan")),
     ],
@@ -384,3 +386,22 @@ def test_reset_during_a_step_is_refused_and_the_step_still_lands(quick_store, re
 def test_a_bad_config_value_is_refused_by_name_before_loading(tmp_path, field, value):
     with pytest.raises(ValueError, match=field):
         EngineConfig(store=tmp_path, **{field: value})
+
+
+def test_each_model_is_timed_at_start_and_cheap_lone_steps_skip_the_thread_hop(quick_store, ref):
+    rng = np.random.default_rng(5)
+    xs = [features(rng, 1, 10) for _ in range(5)]
+
+    async def steps(budget_us: float) -> tuple[np.ndarray, int, float]:
+        async with running(quick_store, inline_budget_us=budget_us) as e:
+            sid = e.open_session("seq_lstm").session_id
+            y = np.concatenate([(await e.step(sid, x)).y for x in xs])
+            sched = e._runtimes["seq_lstm:1"].scheduler
+            return y, sched.inline_batches, sched.cost.predict(1)
+
+    inline_y, inline_batches, one_row_s = asyncio.run(steps(1e6))
+    hop_y, hop_batches, _ = asyncio.run(steps(0.0))
+    assert 0 < one_row_s < 0.05, "the start-up timing should give a finite, plausible cost"
+    assert (inline_batches, hop_batches) == (5, 0)
+    np.testing.assert_allclose(inline_y, ref.run("seq_lstm", xs), atol=TOL)
+    np.testing.assert_allclose(hop_y, inline_y, atol=TOL)

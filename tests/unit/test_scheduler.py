@@ -206,3 +206,87 @@ def test_bad_settings_are_refused_with_the_value():
         StepScheduler("m", NumpyElman(), pool, None, max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_delay"):
         StepScheduler("m", NumpyElman(), pool, None, max_queue_delay_s=-1)
+
+
+class ThreadRecordingElman(NumpyElman):
+    """Also records which thread ran each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def step(self, x, states):
+        import threading
+
+        self.threads.append(threading.get_ident())
+        return super().step(x, states)
+
+
+def test_batches_within_the_inline_budget_run_on_the_loop_and_larger_ones_in_the_executor():
+    import threading
+
+    from serving.scheduler import StepCost
+
+    model = ThreadRecordingElman()
+    rng = np.random.default_rng(3)
+    xs = {i: [rng.normal(size=(1, F)).astype(np.float32) for _ in range(4)] for i in range(12)}
+
+    async def main():
+        # predicted cost: 10 µs per row; budget 50 µs → batches of up to 5 rows run inline
+        sched, pool, ex = await make(model, inline_budget_s=50e-6)
+        sched.cost = StepCost(0.0, 10e-6)
+        sessions = [session(pool, i) for i in range(12)]
+        loop_thread = threading.get_ident()
+        lone = [await sched.submit(sessions[0], x) for x in xs[0]]  # batches of 1: inline
+        many = await asyncio.gather(  # one batch of 11 rows: executor
+            *(sched.submit(sessions[i], xs[i][0]) for i in range(1, 12))
+        )
+        await sched.stop()
+        ex.shutdown()
+        return loop_thread, lone, many
+
+    loop_thread, lone, many = run(main())
+    sizes = [b for b, _, _ in model.calls]
+    assert sizes == [1, 1, 1, 1, 11]
+    assert model.threads[:4] == [loop_thread] * 4, "cheap batches should not hop threads"
+    assert model.threads[4] != loop_thread, "a batch over budget must not block the loop"
+    np.testing.assert_allclose(np.concatenate(lone), reference(model, xs[0]), atol=1e-6)
+    for i, y in enumerate(many, start=1):
+        np.testing.assert_allclose(y, reference(model, xs[i][:1]), atol=1e-6)
+
+
+def test_an_inline_batch_that_raises_fails_only_that_batch():
+    from serving.scheduler import StepCost
+
+    model = NumpyElman(fail_when_batch_has=2)
+
+    async def main():
+        sched, pool, ex = await make(model, inline_budget_s=1.0)
+        sched.cost = StepCost(0.0, 0.0)
+        a, b, c = session(pool, 0), session(pool, 1), session(pool, 2)
+        x = np.ones((1, F), np.float32)
+        failed = await asyncio.gather(
+            sched.submit(a, x), sched.submit(b, x), return_exceptions=True
+        )
+        alone = await sched.submit(c, x)  # the scheduler keeps going after the failure
+        await sched.stop()
+        ex.shutdown()
+        return failed, alone, sched
+
+    failed, alone, sched = run(main())
+    assert all(isinstance(f, RnnServeError) and "backend exploded" in str(f) for f in failed)
+    np.testing.assert_allclose(alone, reference(model, [np.ones((1, F), np.float32)]), atol=1e-6)
+    assert sched.inline_batches == 2
+
+
+def test_step_cost_is_the_line_through_two_timings():
+    from serving.scheduler import StepCost
+
+    cost = StepCost.from_timings(40e-6, 32, 350e-6)
+    assert cost.predict(1) == pytest.approx(40e-6)
+    assert cost.predict(32) == pytest.approx(350e-6)
+    assert StepCost().predict(1) == float("inf"), "an unmeasured model always uses the executor"
+    with pytest.raises(ValueError, match="inline_budget"):
+        StepScheduler(
+            "m", NumpyElman(), StatePool([StateSpec("h", 1, H)]), None, inline_budget_s=-1
+        )
