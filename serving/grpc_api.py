@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -49,6 +50,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name  # "rnnserve
 DEFAULT_TOP_K = 5
 MAX_STEPMANY_ENTRIES = 4096
 MAX_ERROR_MESSAGE = 1024  # characters of a status message (see _clipped)
+FEW_ROWS = 4  # OutputRows converts up to this many rows in plain Python, more with NumPy
 
 
 def own_session(session_id: str) -> str:
@@ -196,7 +198,7 @@ class OutputRows:
     numbers are those ``codec.format_output`` gives; its dict per row costs more than the message.
     """
 
-    __slots__ = ("best", "kind", "labels", "p", "probs", "raw", "top_k")
+    __slots__ = ("best", "kind", "labels", "probs", "raw", "top_k")
 
     def __init__(self, m: Manifest, y: np.ndarray, top_k: int = DEFAULT_TOP_K) -> None:
         self.kind = m.output.kind
@@ -205,9 +207,13 @@ class OutputRows:
         if self.kind == "regression":
             return
         self.labels = m.labels
-        self.p = codec.probabilities(m, y)  # (N, K) aligned with the labels
-        self.best = self.p.argmax(axis=-1).tolist()
-        self.probs = self.p.tolist()
+        if len(self.raw) <= FEW_ROWS:  # one Step's usual reply: plain Python beats NumPy calls
+            self.probs = [codec.probabilities_row(m, row) for row in self.raw]
+            self.best = [max(range(len(ps)), key=ps.__getitem__) for ps in self.probs]
+            return
+        p = codec.probabilities(m, y)  # (N, K) aligned with the labels
+        self.best = p.argmax(axis=-1).tolist()
+        self.probs = p.tolist()
 
     def add_to(self, outputs: Any, start: int = 0, stop: int | None = None) -> None:
         """Append rows [start, stop) to a repeated ``Output`` field."""
@@ -224,9 +230,8 @@ class OutputRows:
         else:
             for i in rows:
                 out = add(raw=raw[i], char=self.labels[self.best[i]], index=self.best[i])
-                order = np.argsort(-self.p[i])[: self.top_k].tolist()
                 ps = self.probs[i]
-                for k in order:
+                for k in sorted(range(len(ps)), key=ps.__getitem__, reverse=True)[: self.top_k]:
                     out.top_k.add(char=self.labels[k], index=k, p=ps[k])
 
     def fill(self, reply: pb.StepResponse, start: int = 0, stop: int | None = None) -> None:
@@ -490,10 +495,10 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
             f = int(m.input.features or 0)
             v = inp.features.values
             steps = _plain_steps(f, len(v), inp.features.steps, limit)
-            if steps:
-                x = np.array(v, dtype=np.float32).reshape(steps, f)  # (T, F)
-                if np.isfinite(x).all():
-                    return x
+            # the sum of float32 values cannot overflow a Python float, so it is finite exactly
+            # when every value is (NaN and ±inf propagate): one C loop, no array yet
+            if steps and math.isfinite(sum(v)):
+                return np.array(v, dtype=np.float32).reshape(steps, f)  # (T, F)
         return decode_input(m, inp, limit)  # anything else, and the exact error
 
     def _entry_error(self, err: Exception) -> pb.Error:
