@@ -1,9 +1,12 @@
 """StepScheduler: one per streamable model version; many sessions' ready steps → one backend call.
 
-``submit`` queues one step of one session and returns a future. On the next event-loop turn whatever
-is queued runs as one batch and, while that runs, the next batch forms in the queue; the batch's
-completion starts the next one at once. A lone session never waits for a timer;
-``max_queue_delay_s`` > 0 lets a batch wait that long for company.
+``submit`` queues one step of one session and returns a future; ``submit_block`` queues one step
+for each of many distinct sessions as one item (a packed StepMany block), whose rows travel as one
+array from submission to the answer, with no per-row work but the state slots' gather.
+
+On the next event-loop turn whatever is queued runs as one batch and, while that runs, the next
+batch forms in the queue; the batch's completion starts the next one at once. A lone session never
+waits for a timer; ``max_queue_delay_s`` > 0 lets a batch wait that long for company.
 
 Where a batch runs: in the executor (off the event loop), unless its predicted cost is within
 ``inline_budget_s``; then it runs right on the loop thread. For small batches of small models the
@@ -17,7 +20,10 @@ Rules a batch obeys:
 * one time length T per batch: rows stack on the batch dim without padding, so outputs are exact
   (padding would push the padded steps through the recurrence); other lengths wait for the next
   batch, which starts as soon as this one finishes;
-* at most ``max_batch_size`` rows.
+* at most ``max_batch_size`` rows (a block that does not fit is split: its first rows join this
+  batch, the rest stays in line for the next).
+
+Single steps and blocks of one model and one T share a batch (one backend call).
 
 States are gathered from the model's ``StatePool`` before the call and scattered back after it, on
 the event loop thread, so pool growth and slot reuse never race with a running batch.
@@ -49,6 +55,9 @@ GroupDone = Callable[[int, np.ndarray | None, BaseException | None], None]
 
 
 Outcome = tuple[np.ndarray, list[np.ndarray]] | BaseException  # a backend call's (y, states)
+
+
+BlockDone = Callable[[int, int, np.ndarray | None, BaseException | None], None]
 
 
 class StepGroup:
@@ -85,6 +94,86 @@ class PendingStep:
     on_done: StepDone | None = None  # called (y, None) or (None, error) even if future is cancelled
     group: StepGroup | None = None  # set for members of submit_many (then future is None)
     pos: int = 0  # the member's position in its group
+
+    def answer(self, y: np.ndarray | None, err: BaseException | None) -> None:
+        """y (T, O), or the error."""
+        if self.group is not None:
+            self.group.answer(self.pos, y, err)
+            return
+        if self.on_done is not None:
+            self.on_done(y, err)
+        assert self.future is not None
+        if self.future.done():  # the caller gave up; on_done has recorded the outcome
+            return
+        if err is None:
+            self.future.set_result(y)
+        else:
+            self.future.set_exception(err)
+
+
+class BlockJoin:
+    """One submitted block: its parts may run in different batches (a block larger than the room
+    left in a batch is split); the future resolves once every row is answered."""
+
+    __slots__ = ("future", "on_done", "remaining")
+
+    def __init__(self, future: asyncio.Future[None], rows: int, on_done: BlockDone) -> None:
+        self.future = future
+        self.on_done = on_done
+        self.remaining = rows
+
+    def answer(
+        self, start: int, stop: int, y: np.ndarray | None, err: BaseException | None
+    ) -> None:
+        try:
+            self.on_done(start, stop, y, err)
+        finally:  # the waiter must wake even if on_done failed
+            self.remaining -= stop - start
+            if self.remaining == 0 and not self.future.done():
+                self.future.set_result(None)
+
+
+@dataclass(slots=True)
+class PendingBlock:
+    """Rows ``start:start + len(sessions)`` of a submitted block (all of it unless split)."""
+
+    sessions: list[Session]  # distinct
+    slots: np.ndarray  # (n,) int64: the sessions' state rows
+    x: np.ndarray  # (n, T, F) float32 or (n, T) int64
+    join: BlockJoin
+    enqueued: float
+    start: int = 0
+
+    @property
+    def rows(self) -> int:
+        return len(self.sessions)
+
+    def split(self, head: int) -> tuple[PendingBlock, PendingBlock]:
+        """The first ``head`` rows and the rest, as two parts of the same block."""
+        s, j, t = self.sessions, self.join, self.enqueued
+        return (
+            PendingBlock(s[:head], self.slots[:head], self.x[:head], j, t, self.start),
+            PendingBlock(s[head:], self.slots[head:], self.x[head:], j, t, self.start + head),
+        )
+
+    def answer(self, y: np.ndarray | None, err: BaseException | None) -> None:
+        """y (n, T, O), or the error for every row."""
+        self.join.answer(self.start, self.start + len(self.sessions), y, err)
+
+
+Pending = PendingStep | PendingBlock
+
+
+class Batch:
+    """What one backend call answers: queue items, their rows in order, and whether any is a
+    block (a batch of single steps only keeps the simple one-row-per-item paths)."""
+
+    __slots__ = ("blocks", "items", "rows")
+
+    def __init__(self, items: list[Pending], rows: int, blocks: int) -> None:
+        self.items = items
+        self.rows = rows
+        self.blocks = blocks
 
 
 class StepCost:
@@ -140,7 +229,8 @@ class StepScheduler:
         self._on_batch = on_batch or (lambda size: None)
         self.inline_budget_s = inline_budget_s
         self.cost = StepCost()  # set by the engine once it has timed the model
-        self._queue: deque[PendingStep] = deque()
+        self._queue: deque[Pending] = deque()
+        self._queued_rows = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._busy = False  # a batch is in the executor
         self._dispatch_pending = False  # a _dispatch is scheduled with call_soon
@@ -168,7 +258,8 @@ class StepScheduler:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        """Rows (steps) waiting for a batch."""
+        return self._queued_rows
 
     # ---- work ----------------------------------------------------------------------------------
     def submit(
@@ -180,6 +271,7 @@ class StepScheduler:
             raise Unavailable(f"{self.name} is not accepting steps (stopping or not started)")
         fut: asyncio.Future[np.ndarray] = self._loop.create_future()
         self._queue.append(PendingStep(session, x, fut, time.monotonic(), on_done))
+        self._queued_rows += 1
         self._schedule()
         return fut
 
@@ -201,8 +293,36 @@ class StepScheduler:
             PendingStep(sess, x, None, now, None, group, pos)
             for pos, (sess, x) in enumerate(zip(sessions, xs, strict=True))
         )
+        self._queued_rows += len(sessions)
         if not sessions:
             fut.set_result([])
+        self._schedule()
+        return fut
+
+    def submit_block(
+        self, sessions: list[Session], x: np.ndarray, on_done: BlockDone
+    ) -> asyncio.Future[None]:
+        """Queue one step for each of ``sessions`` (distinct) as one item: ``x`` is (N, T, F) or
+        (N, T), row i being session i's step. ``on_done(start, stop, y, err)`` runs on the loop for
+        rows start:stop as they are answered — y (stop - start, T, O) with the states stored, or
+        the error — even if the returned future (set once every row is answered) was cancelled.
+        Usually that is one call for the whole block; a block split over batches gets one per part.
+        """
+        if self._stopping or self._loop is None:
+            raise Unavailable(f"{self.name} is not accepting steps (stopping or not started)")
+        n = len(sessions)
+        if len(x) != n:
+            raise ValueError(f"{n} sessions for {len(x)} rows of inputs")
+        if len(set(map(id, sessions))) != n:  # one batch must never step a session twice
+            raise ValueError("a block's sessions must be distinct")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        if not n:
+            fut.set_result(None)
+            return fut
+        slots = np.fromiter([s.slot for s in sessions], np.int64, n)  # (N,)
+        join = BlockJoin(fut, n, on_done)
+        self._queue.append(PendingBlock(sessions, slots, x, join, time.monotonic()))
+        self._queued_rows += n
         self._schedule()
         return fut
 
@@ -223,15 +343,14 @@ class StepScheduler:
         self._cancel_timer()
         batch = self._take_batch()
         try:
-            slots = np.fromiter((p.session.slot for p in batch), dtype=np.int64, count=len(batch))
-            x = np.stack([p.x for p in batch])  # (B, T, F) or (B, T)
+            slots, x = _rows_of(batch)  # (B,), (B, T, F) or (B, T)
             states = self._pool.gather(slots)  # [(L, B, H)]
             if self.cost.predict(x.shape[0] * x.shape[1]) <= self.inline_budget_s:
                 self._run_inline(batch, slots, x, states)
                 return
             work = self._executor.submit(self._backend.step, x, states)
         except Exception as e:  # never let one bad batch stop the model's scheduling
-            log.exception("%s: batch of %d failed", self.name, len(batch))
+            log.exception("%s: batch of %d failed", self.name, batch.rows)
             self._fail(batch, e)
             self._schedule()
             return
@@ -246,7 +365,7 @@ class StepScheduler:
         """With a queue delay set, wait for a fuller batch until the oldest step's deadline."""
         if self.max_queue_delay_s <= 0 or self._stopping:
             return False
-        if len(self._queue) >= self.max_batch_size:
+        if self._queued_rows >= self.max_batch_size:
             return False
         remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
         if remaining <= 0:
@@ -265,29 +384,54 @@ class StepScheduler:
             self._timer.cancel()
             self._timer = None
 
-    def _take_batch(self) -> list[PendingStep]:
-        """Up to max_batch_size steps of distinct sessions, all with the first step's T (FIFO).
+    def _take_batch(self) -> Batch:
+        """Up to max_batch_size rows of distinct sessions, all with the first item's T (FIFO).
 
         A session whose step is left behind has its later steps left behind too, so a session's
-        steps never overtake each other (the engine's gate already sends one at a time).
+        steps never overtake each other (the engine's gate already sends one at a time). A block
+        joins whole, or split when it does not fit (the rest keeps its place in line), or not at all
+        when one of its sessions is already in the batch or left behind.
         """
-        steps = self._queue[0].x.shape[0]
-        batch: list[PendingStep] = []
-        seen: set[int] = set()
-        rest: deque[PendingStep] = deque()
-        while self._queue:
-            p = self._queue.popleft()
-            key = id(p.session)
-            if key not in seen and len(batch) < self.max_batch_size and p.x.shape[0] == steps:
-                batch.append(p)
+        queue, room, blocks = self._queue, self.max_batch_size, 0
+        first = queue[0]
+        steps = first.x.shape[0] if type(first) is PendingStep else first.x.shape[1]
+        items: list[Pending] = []
+        seen: set[int] = set()  # sessions taken or left behind so far
+        rest: deque[Pending] = deque()
+        while queue:
+            if not room:  # nothing more can join: the rest keeps its order
+                rest.extend(queue)
+                queue.clear()
+                break
+            p = queue.popleft()
+            if type(p) is PendingStep:
+                key = id(p.session)
+                if key not in seen and p.x.shape[0] == steps:
+                    items.append(p)
+                    room -= 1
+                else:
+                    rest.append(p)
+                seen.add(key)
+                continue
+            if p.x.shape[1] == steps and (not seen or seen.isdisjoint(map(id, p.sessions))):
+                taken = p
+                if p.rows > room:
+                    taken, left = p.split(room)
+                    rest.append(left)
+                items.append(taken)
+                room -= taken.rows
+                blocks += 1
             else:
                 rest.append(p)
-            seen.add(key)
+            if queue and room:  # later steps of its sessions must not join or overtake it
+                seen.update(map(id, p.sessions))
         self._queue = rest
-        return batch
+        rows = self.max_batch_size - room
+        self._queued_rows -= rows
+        return Batch(items, rows, blocks)
 
     def _run_inline(
-        self, batch: list[PendingStep], slots: np.ndarray, x: np.ndarray, states: list[np.ndarray]
+        self, batch: Batch, slots: np.ndarray, x: np.ndarray, states: list[np.ndarray]
     ) -> None:
         """A batch cheaper than the thread hop: compute, store and answer it right here. The next
         batch starts on the next loop turn, so steps that arrived meanwhile can join it."""
@@ -299,7 +443,7 @@ class StepScheduler:
         self._complete(batch, slots, outcome)
         self._schedule()
 
-    def _finish(self, batch: list[PendingStep], slots: np.ndarray, work: Future) -> None:
+    def _finish(self, batch: Batch, slots: np.ndarray, work: Future) -> None:
         """On the loop, for a batch the executor ran: store, answer, start the next one."""
         self._busy = False
         try:
@@ -309,7 +453,7 @@ class StepScheduler:
         self._complete(batch, slots, outcome)
         self._dispatch()
 
-    def _complete(self, batch: list[PendingStep], slots: np.ndarray, outcome: Outcome) -> None:
+    def _complete(self, batch: Batch, slots: np.ndarray, outcome: Outcome) -> None:
         """Store the new states and answer the batch (or fail it with the backend's error)."""
         try:
             if isinstance(outcome, BaseException):
@@ -318,37 +462,51 @@ class StepScheduler:
             self._pool.scatter(slots, new_states)
         except BaseException as e:  # the backend's error (or the executor's), or the scatter's
             if not isinstance(e, RnnServeError | CancelledError):
-                log.error("%s: batch of %d failed: %r", self.name, len(batch), e)
+                log.error("%s: batch of %d failed: %r", self.name, batch.rows, e)
             self._fail(batch, e)
         else:
             self.batches += 1
-            self.rows += len(batch)
-            self._on_batch(len(batch))
-            for i, p in enumerate(batch):
-                _answer(p, y[i], None)  # (T, O)
+            self.rows += batch.rows
+            self._on_batch(batch.rows)
+            _answer_rows(batch, y)
 
-    def _fail(self, batch: list[PendingStep], err: BaseException) -> None:
+    def _fail(self, batch: Batch, err: BaseException) -> None:
         wrapped = (
             err if isinstance(err, RnnServeError) else RnnServeError(f"inference failed: {err!r}")
         )
-        for p in batch:
-            _answer(p, None, wrapped)
+        for p in batch.items:
+            p.answer(None, wrapped)
 
     def _notify_if_drained(self) -> None:
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
 
-def _answer(p: PendingStep, y: np.ndarray | None, err: BaseException | None) -> None:
-    if p.group is not None:
-        p.group.answer(p.pos, y, err)
+def _rows_of(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's state slots (B,) and inputs (B, T, F) or (B, T), in item order."""
+    items = batch.items
+    if not batch.blocks:
+        slots = np.fromiter([p.session.slot for p in items], np.int64, len(items))
+        return slots, np.stack([p.x for p in items])
+    if len(items) == 1:  # a block alone: its arrays as they are
+        return items[0].slots, items[0].x  # type: ignore[union-attr]
+    slots = np.concatenate(
+        [p.slots if type(p) is PendingBlock else [p.session.slot] for p in items]
+    ).astype(np.int64, copy=False)
+    return slots, np.concatenate([p.x if type(p) is PendingBlock else p.x[None] for p in items])
+
+
+def _answer_rows(batch: Batch, y: np.ndarray) -> None:
+    """Hand each item its rows of y (B, T, O)."""
+    if not batch.blocks:
+        for i, p in enumerate(batch.items):
+            p.answer(y[i], None)  # (T, O)
         return
-    if p.on_done is not None:
-        p.on_done(y, err)
-    assert p.future is not None
-    if p.future.done():  # the caller gave up; on_done has recorded the outcome
-        return
-    if err is None:
-        p.future.set_result(y)
-    else:
-        p.future.set_exception(err)
+    row = 0
+    for p in batch.items:
+        if type(p) is PendingBlock:
+            p.answer(y[row : row + p.rows], None)  # (n, T, O)
+            row += p.rows
+        else:
+            p.answer(y[row], None)  # type: ignore[arg-type]  # (T, O)
+            row += 1
