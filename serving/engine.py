@@ -111,6 +111,16 @@ class StepResult:
     y: np.ndarray  # (T, O) head outputs, one row per time step sent
 
 
+@dataclass(slots=True)
+class BlockResult:
+    """``step_block``'s answer; row i belongs to the block's session i."""
+
+    y: np.ndarray  # (N, T, O) head outputs, zeros where the entry failed; read-only: the sessions'
+    # cached replies (for retries) are views of it
+    step_indexes: list[int]  # N: the index each row answers (0 where the entry failed)
+    errors: dict[int, Exception]  # position -> why that entry failed
+
+
 @dataclass(frozen=True)
 class Generated:
     """One generated token (char models) or forecast value (regression), already fed back."""
@@ -169,6 +179,152 @@ class _StepGroupBuilder:
         self.sessions: list[Session] = []
         self.xs: list[np.ndarray] = []
         self.indexes: list[int] = []  # the step_index each step runs as
+
+
+class _Block:
+    """One ``step_block`` call: the claim loop, the scheduler's block, the gated stragglers."""
+
+    __slots__ = (
+        "cached",
+        "claimed",
+        "engine",
+        "errors",
+        "indexes",
+        "parts",
+        "positions",
+        "rt",
+        "sessions",
+        "slow",
+        "wants",
+        "x",
+    )
+
+    def __init__(
+        self,
+        engine: Engine,
+        rt: ModelRuntime,
+        sessions: Sequence[Session],
+        x: np.ndarray,
+        wants: Sequence[int | None],
+    ) -> None:
+        self.engine, self.rt, self.sessions, self.x, self.wants = engine, rt, sessions, x, wants
+        self.indexes = [0] * len(sessions)  # the index each entry runs as / answers
+        self.errors: dict[int, Exception] = {}
+        self.positions: list[int] = []  # of the claimed entries, in order
+        self.claimed: list[Session] = []  # their sessions (whose gates this call holds)
+        self.cached: list[tuple[int, StepResult]] = []  # retries answered from the cache
+        self.slow: list[tuple[int, StepResult]] = []  # the gated path's answers
+        self.parts: list[tuple[int, np.ndarray]] = []  # (first claimed row, y) as answered
+
+    async def run(self) -> None:
+        """Claim, queue the claimed rows, and wait for them and for the gated entries. The claims
+        and the queueing happen before the first await, and the scheduler commits each row even
+        if this call is cancelled, so no session is left holding its gate."""
+        try:
+            gated = self._claim_all()
+        except BaseException:  # not expected; but a gate this call took must not stay taken
+            for sess in self.claimed:
+                release(sess)
+            raise
+        queued = self._submit() if self.claimed else None
+        tasks = [asyncio.ensure_future(self._step_gated(pos)) for pos in gated]
+        if tasks:
+            await asyncio.gather(*([queued] if queued else []), *tasks)
+        elif queued is not None:
+            await queued
+
+    def _claim_all(self) -> list[int]:
+        """The claim loop (keep it lean); returns the entries for the gated path."""
+        gated: list[int] = []
+        positions, claimed, indexes = self.positions, self.claimed, self.indexes
+        for pos, (sess, want) in enumerate(zip(self.sessions, self.wants, strict=True)):
+            if sess.busy:  # in flight elsewhere, or claimed earlier in this block
+                gated.append(pos)
+                continue
+            index = sess.next_index
+            if (want is None or want == index) and not sess.closed:
+                sess.busy = True  # the common case inline: free, in order, open
+            else:  # a retry, a gap, a bad index, or closed
+                outcome = self.engine._claim(sess, want)
+                if type(outcome) is not int:
+                    self._answered(pos, outcome)  # type: ignore[arg-type]
+                    continue
+                index = outcome
+            indexes[pos] = index
+            positions.append(pos)
+            claimed.append(sess)
+        return gated
+
+    def _answered(self, pos: int, outcome: StepResult | Exception) -> None:
+        """An entry answered without running: a cached reply, or an error."""
+        if not isinstance(outcome, StepResult):
+            self.errors[pos] = outcome
+        elif len(outcome.y) != self.x.shape[1]:
+            self.errors[pos] = _retry_of_another_length(outcome, self.x.shape[1])
+        else:
+            self.indexes[pos] = outcome.step_index
+            self.cached.append((pos, outcome))
+
+    def _submit(self) -> asyncio.Future[None] | None:
+        """The claimed rows to the scheduler as one block; None (gates released) if refused."""
+        x = self.x if len(self.claimed) == len(self.sessions) else self.x[self.positions]
+        scheduler = self.rt.scheduler
+        assert scheduler is not None
+        try:
+            return scheduler.submit_block(self.claimed, x, self._commit)
+        except Exception as err:
+            self._commit(0, len(self.claimed), None, err)
+            return None
+
+    def _commit(
+        self, start: int, stop: int, y: np.ndarray | None, err: BaseException | None
+    ) -> None:
+        """Claimed rows start:stop answered (y (stop - start, T, O)) or failed: record each reply
+        for retries, advance the index, release the gate. Runs on the loop, called by the
+        scheduler even if the caller was cancelled meanwhile."""
+        sessions = self.claimed[start:stop]
+        if y is None:
+            for sess in sessions:
+                release(sess)
+            for pos in self.positions[start:stop]:
+                self.errors[pos] = err  # type: ignore[assignment]  # RnnServeErrors
+            return
+        for sess, row in zip(sessions, y, strict=True):
+            index = sess.next_index  # still the claimed index: the gate was held throughout
+            sess.last = StepResult(index, row)
+            sess.next_index = index + 1
+            if sess.waiters is None and not sess.closed:
+                sess.busy = False  # what release() does when nobody waits
+            else:
+                release(sess)
+        self.parts.append((start, y))
+
+    async def _step_gated(self, pos: int) -> None:
+        sess, want = self.sessions[pos], self.wants[pos]
+        try:
+            result = await self.engine.step_checked(sess, self.rt, self.x[pos], want)
+        except Exception as err:
+            self.errors[pos] = err
+            return
+        if len(result.y) != self.x.shape[1]:
+            self.errors[pos] = _retry_of_another_length(result, self.x.shape[1])
+            return
+        self.indexes[pos] = result.step_index
+        self.slow.append((pos, result))
+
+    def result(self) -> BlockResult:
+        n, (start, y) = len(self.sessions), (self.parts[0] if self.parts else (0, None))
+        if y is not None and len(y) == n:  # every entry ran, in one batch: y as the model gave it
+            return BlockResult(y, self.indexes, self.errors)
+        out = np.zeros((n, self.x.shape[1], self.rt.manifest.output.size), np.float32)
+        for start, y in self.parts:
+            out[self.positions[start : start + len(y)]] = y
+        for pos, answered in (*self.cached, *self.slow):
+            out[pos] = answered.y
+        indexes = self.indexes
+        if self.errors:  # failed entries answer index 0
+            indexes = [0 if pos in self.errors else i for pos, i in enumerate(indexes)]
+        return BlockResult(out, indexes, self.errors)
 
 
 class Engine:
@@ -321,6 +477,21 @@ class Engine:
         sess = self.sessions.get(session_id)
         return sess, self._runtimes[sess.key]
 
+    def lookup_many(
+        self, session_ids: Sequence[str]
+    ) -> list[tuple[Session, ModelRuntime] | RnnServeError]:
+        """``lookup`` for many ids (one clock read): each id's session and model, or its error
+        (SessionExpired / SessionNotFound), in order."""
+        runtimes = self._runtimes
+        return [
+            found if type(found) is not Session else (found, runtimes[found.key])
+            for found in self.sessions.get_many(session_ids)
+        ]
+
+    def runtime_of(self, sess: Session) -> ModelRuntime:
+        """The model version a session (from ``sessions.get_many``) runs."""
+        return self._runtimes[sess.key]
+
     def input_limit(self, m: Manifest) -> int:
         """Most time steps one step call may carry for this model."""
         return min(self.config.max_steps_per_request, m.input.max_steps)
@@ -405,6 +576,43 @@ class Engine:
         for g in groups.values():
             self.observer.on_step(g.runtime.manifest.name, elapsed)
         return outcomes  # type: ignore[return-value]  # every slot is filled by now
+
+    async def step_block(
+        self,
+        rt: ModelRuntime,
+        sessions: Sequence[Session],
+        x: np.ndarray,
+        step_indexes: Sequence[int | None] | None = None,
+    ) -> BlockResult:
+        """One step for each of ``sessions`` (all of model ``rt``) with inputs ``x`` (N, T, F)
+        float32 or (N, T) int64, already checked (``step_checked``'s contract, row by row), and
+        ``step_indexes`` (N, or None for "the next one" everywhere).
+
+        ``step_many`` for a packed block, with per-entry work cut to a few attribute operations:
+        sessions that are free, in order and open are claimed in one loop and go to the scheduler
+        as one block (x as it is, or one fancy index of it); their states are stored in one
+        scatter, and one loop records each reply (for retries), advances the index and releases
+        the gate. A retry of the last index answers from the cache; a session that is busy, or
+        came earlier in this block and still holds the gate, takes the ordinary gated path in
+        block order (as in ``step_many``). One entry's error never fails the others.
+        """
+        n = len(sessions)
+        wants = [None] * n if step_indexes is None else step_indexes
+        if len(x) != n or len(wants) != n:
+            raise ValueError(f"{n} sessions, {len(x)} input rows, {len(wants)} step indexes")
+        if self.stopping:
+            gone = Unavailable("server is shutting down; retry on another instance")
+            y = np.zeros((n, x.shape[1], rt.manifest.output.size), np.float32)  # (N, T, O)
+            return BlockResult(y, [0] * n, dict.fromkeys(range(n), gone))
+        started = time.perf_counter()
+        self._inflight += n
+        try:
+            block = _Block(self, rt, sessions, x, wants)
+            await block.run()
+        finally:
+            self._inflight -= n
+        self.observer.on_step(rt.manifest.name, time.perf_counter() - started)
+        return block.result()
 
     def _claim(self, sess: Session, step_index: int | None) -> int | StepResult | Exception:
         """Take a free session's gate and check the index: the index to run (gate kept), or the
@@ -631,6 +839,15 @@ def measure_step_cost(loaded: LoadedModel, max_batch: int, rows: int = 32) -> St
         return min(times)
 
     return StepCost.from_timings(best_of(1), rows, best_of(rows))
+
+
+def _retry_of_another_length(cached: StepResult, steps: int) -> InvalidInput:
+    """A block row can only be filled by a reply of the block's own time length."""
+    return InvalidInput(
+        f"step_index {cached.step_index} was answered with {len(cached.y)} time steps; "
+        f"this block carries {steps}",
+        field="steps",
+    )
 
 
 def _negative_index(step_index: int) -> InvalidInput:
