@@ -15,6 +15,7 @@ out-of-order step index) fail that entry alone, reported by position; the others
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,14 +23,14 @@ import numpy as np
 
 from serving import codec
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from serving.engine import CheckedStep, Engine, StepResult
-from serving.errors import InvalidInput, NotStreamable, PayloadTooLarge
+from serving.engine import BlockResult, Engine, ModelRuntime
+from serving.errors import InvalidInput, NotStreamable, PayloadTooLarge, SessionNotFound
 from serving.grpc_api import MAX_STEPMANY_ENTRIES, own_session
 from serving.manifest import Manifest
+from serving.sessions import Session
 
 FLOAT32_LE = np.dtype("<f4")
 
-Outcome = StepResult | Exception | None
 EntryErrorFn = Callable[[Exception], pb.Error]  # counts the error and builds its message
 
 
@@ -84,7 +85,10 @@ def decode_block(engine: Engine, message: pb.StepManyRequest) -> Block:
         x, bad = _tokens(m, packed, n, steps)
     else:
         x, bad = _features(m, packed, n, steps)
-    return Block(m, packed.session_ids, indexes if len(indexes) else None, x, bad)
+    # plain lists: every read of a protobuf repeated field builds a new Python object (a str
+    # whose hash is not cached yet), which made the session lookups three times as slow
+    ids, wants = list(packed.session_ids), list(indexes) if len(indexes) else None
+    return Block(m, ids, wants, x, bad)
 
 
 def _features(m: Manifest, packed: pb.PackedSteps, n: int, steps: int) -> tuple[np.ndarray, ...]:
@@ -144,94 +148,146 @@ def row_problem(block: Block, pos: int) -> InvalidInput:
     return InvalidInput(f"entry {pos}: inputs contain NaN or Inf", field="packed.features")
 
 
+class _Group:
+    """The block's entries whose sessions run one model version (almost always all of them)."""
+
+    __slots__ = ("key", "positions", "problem", "rt", "sessions")
+
+    def __init__(self, rt: ModelRuntime, problem: InvalidInput | None) -> None:
+        self.rt = rt
+        self.key = rt.loaded.key  # "name:version", as its sessions carry it
+        self.problem = problem  # why none of them can run here, if so
+        self.positions: list[int] = []
+        self.sessions: list[Session] = []
+
+
 async def step_packed(
     engine: Engine, message: pb.StepManyRequest, entry_error: EntryErrorFn
 ) -> pb.StepManyResponse:
-    """One packed StepMany message → its reply: every valid entry through one
-    ``Engine.step_many``, the outputs back as (N, T, ...) buffers."""
+    """One packed StepMany message → its reply: the sessions looked up at once, each model
+    version's valid entries through one ``Engine.step_block``, the outputs back as (N, T, ...)
+    buffers."""
     block = decode_block(engine, message)
-    n = len(block.session_ids)
-    outcomes: list[Outcome] = [None] * n
-    checked: list[CheckedStep] = []
-    where: list[int] = []  # position of each checked step in the block
-    bad = block.bad if block.bad.any() else None
-    indexes = [None] * n if block.step_indexes is None else list(block.step_indexes)
-    lookup, x = engine.lookup, block.x
-    last_rt, model_error = None, None  # the sessions of a block almost always share a runtime
-    for pos, session_id in enumerate(block.session_ids):  # the per-entry loop: keep it lean
-        try:
-            sess, rt = lookup(own_session(session_id))
-        except Exception as err:
-            outcomes[pos] = err
-            continue
-        if rt is not last_rt:
-            last_rt, model_error = rt, model_problem(block, rt.manifest)
-        problem = model_error
-        if problem is None and bad is not None and bad[pos]:
-            problem = row_problem(block, pos)
-        if problem is not None:
-            outcomes[pos] = problem
-            continue
-        checked.append((sess, rt, x[pos], indexes[pos]))
-        where.append(pos)
+    errors: dict[int, Exception] = {}
+    groups = _grouped(engine, block, errors)
+    if len(groups) == 1:  # the common case, without a task
+        results = [await _step_group(engine, block, groups[0])]
+    else:  # none, or sessions of several versions (rare): their blocks run side by side
+        results = list(await asyncio.gather(*(_step_group(engine, block, g) for g in groups)))
+    y, step_indexes = _merged(block, groups, results, errors)
     # every lookup pushed its session's deadline to now + TTL: one answers for all of them
-    expires_at = engine.expires_at(checked[0][0]) if checked else 0.0
-    for pos, outcome in zip(where, await engine.step_many(checked), strict=True):
-        outcomes[pos] = outcome
-    return pb.StepManyResponse(packed=packed_results(block, outcomes, entry_error, expires_at))
+    first = next((g.sessions[0] for g in groups if g.sessions), None)
+    expires_at = engine.expires_at(first) if first is not None else 0.0
+    reply = packed_results(block.m, y, step_indexes, errors, entry_error, expires_at)
+    return pb.StepManyResponse(packed=reply)
+
+
+def _grouped(engine: Engine, block: Block, errors: dict[int, Exception]) -> list[_Group]:
+    """The block's entries that can run, by model version; the others' errors into ``errors``."""
+    ids = block.session_ids
+    foreign = ":" in "".join(ids)  # another transport's ids are unknown here (own_session)
+    found = engine.sessions.get_many([i if ":" not in i else "" for i in ids] if foreign else ids)
+    groups: dict[str, _Group] = {}  # by the sessions' "name:version"
+    group: _Group | None = None
+    for pos, sess in enumerate(found):  # the per-entry loop: keep it lean
+        if type(sess) is not Session:
+            errors[pos] = sess  # type: ignore[assignment]  # SessionExpired / SessionNotFound
+            continue
+        if group is None or sess.key != group.key:
+            group = groups.get(sess.key)
+            if group is None:
+                rt = engine.runtime_of(sess)
+                group = groups[sess.key] = _Group(rt, model_problem(block, rt.manifest))
+        if group.problem is not None:
+            errors[pos] = group.problem
+            continue
+        group.positions.append(pos)
+        group.sessions.append(sess)
+    if foreign:
+        for pos, session_id in enumerate(ids):
+            if ":" in session_id:
+                errors[pos] = _foreign(session_id)
+    if block.bad.any():
+        for g in groups.values():
+            _drop_bad_rows(block, g, errors)
+    return [g for g in groups.values() if g.positions]
+
+
+def _foreign(session_id: str) -> Exception:
+    try:
+        own_session(session_id)
+    except SessionNotFound as err:
+        return err
+    raise AssertionError(f"{session_id!r} is not another transport's id")
+
+
+def _drop_bad_rows(block: Block, g: _Group, errors: dict[int, Exception]) -> None:
+    """Entries whose rows ``block.bad`` marks fail alone."""
+    keep = [i for i, pos in enumerate(g.positions) if not block.bad[pos]]
+    for i in set(range(len(g.positions))).difference(keep):
+        errors[g.positions[i]] = row_problem(block, g.positions[i])
+    g.positions = [g.positions[i] for i in keep]
+    g.sessions = [g.sessions[i] for i in keep]
+
+
+async def _step_group(engine: Engine, block: Block, g: _Group) -> BlockResult:
+    whole = len(g.positions) == len(block.session_ids)
+    x = block.x if whole else block.x[g.positions]  # (n, T, ...)
+    indexes = block.step_indexes
+    if indexes is not None and not whole:
+        indexes = [indexes[pos] for pos in g.positions]
+    return await engine.step_block(g.rt, g.sessions, x, indexes)
+
+
+def _merged(
+    block: Block, groups: list[_Group], results: list[BlockResult], errors: dict[int, Exception]
+) -> tuple[np.ndarray, list[int]]:
+    """The groups' answers as the block's y (N, T, O) and step indexes; their errors into
+    ``errors`` by block position."""
+    n, m = len(block.session_ids), block.m
+    if len(groups) == 1 and not errors and not results[0].errors and len(groups[0].positions) == n:
+        return results[0].y, results[0].step_indexes  # the common case: every entry ran
+    y = np.zeros((n, block.steps, m.output.size), FLOAT32_LE)  # (N, T, O)
+    step_indexes = [0] * n
+    for g, r in zip(groups, results, strict=True):
+        y[g.positions] = r.y
+        for pos, index in zip(g.positions, r.step_indexes, strict=True):
+            step_indexes[pos] = index
+        for i, err in r.errors.items():
+            errors[g.positions[i]] = _in_packed_terms(err)
+    return y, step_indexes
+
+
+def _in_packed_terms(err: Exception) -> Exception:
+    """The engine names the block's time length ``steps``; this message calls it packed.steps."""
+    if type(err) is InvalidInput and err.field == "steps":
+        return InvalidInput(str(err), field="packed.steps")
+    return err
 
 
 def packed_results(
-    block: Block, outcomes: Sequence[Outcome], entry_error: EntryErrorFn, expires_at: float
+    m: Manifest,
+    y: np.ndarray,
+    step_indexes: list[int],
+    errors: dict[int, Exception],
+    entry_error: EntryErrorFn,
+    expires_at: float,
 ) -> pb.PackedResults:
-    """The reply: answered rows stacked into (N, T, O) (zeros where an entry failed)."""
-    m, n, steps = block.m, len(outcomes), block.steps
-    answered: list[int] = []
-    rows: list[np.ndarray] = []  # each (T, O)
-    for pos, o in enumerate(outcomes):
-        if type(o) is StepResult and len(o.y) == steps:  # see _failure for other lengths
-            answered.append(pos)
-            rows.append(o.y)
-    shape = (len(answered), steps, m.output.size)
-    # concatenate, then reshape: np.stack costs three times as much for many small arrays
-    got = np.concatenate(rows).reshape(shape) if rows else np.zeros(shape)  # (A, T, O)
-    if len(answered) == n:
-        y = got.astype(FLOAT32_LE, copy=False)  # (N, T, O)
-        step_indexes = [o.step_index for o in outcomes]  # type: ignore[union-attr]
-    else:
-        y = np.zeros((n, *shape[1:]), FLOAT32_LE)  # (N, T, O): zeros where an entry failed
-        y[answered] = got
-        step_indexes = [0] * n
-        for pos in answered:
-            step_indexes[pos] = outcomes[pos].step_index  # type: ignore[union-attr]
-    errors = []
-    if len(answered) < n:
-        done = set(answered)
-        errors = [
-            pb.EntryError(position=pos, error=entry_error(_failure(o, steps)))
-            for pos, o in enumerate(outcomes)
-            if pos not in done
-        ]
+    """The reply from y (N, T, O) (zeros where an entry failed) and the errors by position."""
+    y = y.astype(FLOAT32_LE, copy=False)
     reply = pb.PackedResults(
-        step_indexes=step_indexes, raw=y.tobytes(), errors=errors, expires_at=expires_at
+        step_indexes=step_indexes,
+        raw=y.tobytes(),
+        errors=[
+            pb.EntryError(position=pos, error=entry_error(err))
+            for pos, err in sorted(errors.items())
+        ],
+        expires_at=expires_at,
     )
     if m.output.kind != "regression":
         p = codec.probabilities(m, y).astype(FLOAT32_LE, copy=False)  # (N, T, K)
-        if len(answered) < n:
-            p[np.isin(np.arange(n), answered, invert=True)] = 0.0
+        if errors:
+            p[list(errors)] = 0.0  # a failed entry has no distribution
         reply.probabilities = p.tobytes()
         reply.index.extend(p.argmax(axis=-1).ravel().tolist())  # (N * T,)
     return reply
-
-
-def _failure(outcome: Outcome, steps: int) -> Exception:
-    """An entry's error; a reply that does not fit the block is one too."""
-    if isinstance(outcome, StepResult):
-        # a retry answered from the cache of a step that carried another number of time steps
-        return InvalidInput(
-            f"step_index {outcome.step_index} was answered with {len(outcome.y)} time steps; "
-            f"this block carries {steps}",
-            field="packed.steps",
-        )
-    assert outcome is not None, "every entry has an outcome"
-    return outcome
