@@ -132,3 +132,34 @@ def test_step_many_cancelled_before_its_groups_start_leaves_sessions_usable(quic
 
     result = asyncio.run(main())
     assert result.y.shape[0] == 1
+
+
+def test_step_block_cancelled_before_its_block_runs_leaves_sessions_committed_and_usable(
+    quick_store,
+):
+    """The block equivalent: the caller is cancelled after step_block claimed its sessions and
+    queued the block, before the block ran. Each claimed step still happens (its reply cached)
+    and every gate is released."""
+    rng = np.random.default_rng(14)
+
+    async def main():
+        async with running(quick_store) as e:
+            sids = [e.open_session("elman").session_id for _ in range(3)]
+            sessions = [e.lookup(sid)[0] for sid in sids]
+            x = np.stack([features(rng, 1) for _ in sids])  # (N, T, F)
+            call = asyncio.ensure_future(e.step_block(e.runtime_of(sessions[0]), sessions, x))
+            await asyncio.sleep(0)  # claimed and queued; the block has not run yet
+            assert all(s.busy for s in sessions)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            assert call.cancelled()
+            retries = [
+                await asyncio.wait_for(e.step(sid, x[i], 0), 5.0) for i, sid in enumerate(sids)
+            ]
+            nexts = [await asyncio.wait_for(e.step(sid, features(rng, 1)), 5.0) for sid in sids]
+            return retries, nexts, sessions
+
+    retries, nexts, sessions = asyncio.run(main())
+    assert [r.step_index for r in retries] == [0, 0, 0]  # the cancelled block's steps happened
+    assert [r.step_index for r in nexts] == [1, 1, 1]
+    assert not any(s.busy for s in sessions)
