@@ -68,7 +68,7 @@ class EngineConfig:
     executor_threads: int | None = None  # worker threads for backend calls; default max(2, cpus)
     # a step batch predicted to compute within this runs on the event loop instead of the
     # executor (see serving.scheduler); 0 = always the executor
-    inline_budget_us: float = 300.0
+    inline_budget_us: float = 500.0
 
     def __post_init__(self) -> None:
         for name, kind in {"*": self.backend, **self.model_backends}.items():
@@ -105,8 +105,8 @@ class SessionInfo:
     next_step_index: int
 
 
-@dataclass(frozen=True)
-class StepResult:
+@dataclass(slots=True)  # not frozen: a frozen __init__ sets each field through object.__setattr__,
+class StepResult:  # and one is built per answered step (treat it as read-only all the same)
     step_index: int  # the index this reply answers
     y: np.ndarray  # (T, O) head outputs, one row per time step sent
 

@@ -252,7 +252,7 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--max-batch", "RNNSERVE_MAX_BATCH", int, 256, "sessions per backend call"),
     ("--max-queue-delay-ms", "RNNSERVE_MAX_QUEUE_DELAY_MS", float, 0.0,
      "wait up to this long for a fuller batch (0 = never wait)"),
-    ("--inline-budget-us", "RNNSERVE_INLINE_BUDGET_US", float, 300.0,
+    ("--inline-budget-us", "RNNSERVE_INLINE_BUDGET_US", float, 500.0,
      "step batches predicted to compute within this run on the event loop (0 = never)"),
     ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
 ]  # fmt: skip
