@@ -9,11 +9,14 @@ batch forms in the queue; the batch's completion starts the next one at once. A 
 waits for a timer; ``max_queue_delay_s`` > 0 lets a batch wait that long for company.
 
 Where a batch runs: in the executor (off the event loop), unless its predicted cost is within
-``inline_budget_s``; then it runs right on the loop thread. For small batches of small models the
-hop to a worker thread and back (two thread wake-ups, ~200 µs on a VM) costs several times the
-compute (~35 µs for one LSTM step), and the backends release the GIL while they compute, so the
-gRPC poller keeps receiving meanwhile. The cost is predicted by ``StepCost``, measured per model at
-start.
+``inline_budget_s`` and the model was idle; then it runs right on the loop thread. For small batches
+of small models the hop to a worker thread and back (two thread wake-ups, ~200 µs on a VM) costs
+several times the compute (~35 µs for one LSTM step), and the backends release the GIL while they
+compute, so the gRPC poller keeps receiving meanwhile. The cost is predicted by ``StepCost``,
+measured per model at start. "Idle" means no batch was answered in the last ``BUSY_GAP_S``: under
+load the next steps are already on their way, and the hop is what lets them gather into the next
+batch (run inline, unary calls arriving one per loop turn each made a batch of one, and 1,000
+unary sessions got less done than 64).
 Rules a batch obeys:
 
 * at most one step per session (the engine serializes a session's calls; this is a second guard);
@@ -176,6 +179,9 @@ class Batch:
         self.blocks = blocks
 
 
+BUSY_GAP_S = 200e-6  # a step this soon after the last answer means load: no inline run
+
+
 class StepCost:
     """Predicted seconds of one backend step call: ``fixed_s + per_row_s * rows``, where rows is
     batch × time steps; ``StepScheduler`` runs a batch inline when the prediction is within its
@@ -240,6 +246,7 @@ class StepScheduler:
         self.batches = 0  # counters for tests and the bench
         self.rows = 0
         self.inline_batches = 0
+        self._answered_at = -float("inf")  # perf_counter() when the last batch was answered
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -345,7 +352,7 @@ class StepScheduler:
         try:
             slots, x = _rows_of(batch)  # (B,), (B, T, F) or (B, T)
             states = self._pool.gather(slots)  # [(L, B, H)]
-            if self.cost.predict(x.shape[0] * x.shape[1]) <= self.inline_budget_s:
+            if self._runs_inline(x.shape[0] * x.shape[1]):
                 self._run_inline(batch, slots, x, states)
                 return
             work = self._executor.submit(self._backend.step, x, states)
@@ -430,6 +437,12 @@ class StepScheduler:
         self._queued_rows -= rows
         return Batch(items, rows, blocks)
 
+    def _runs_inline(self, rows: int) -> bool:
+        """Cheap enough, and the model idle (see the module docstring)."""
+        if self.cost.predict(rows) > self.inline_budget_s:
+            return False
+        return time.perf_counter() - self._answered_at >= BUSY_GAP_S
+
     def _run_inline(
         self, batch: Batch, slots: np.ndarray, x: np.ndarray, states: list[np.ndarray]
     ) -> None:
@@ -469,6 +482,7 @@ class StepScheduler:
             self.rows += batch.rows
             self._on_batch(batch.rows)
             _answer_rows(batch, y)
+        self._answered_at = time.perf_counter()
 
     def _fail(self, batch: Batch, err: BaseException) -> None:
         wrapped = (

@@ -395,7 +395,11 @@ def test_each_model_is_timed_at_start_and_cheap_lone_steps_skip_the_thread_hop(q
     async def steps(budget_us: float) -> tuple[np.ndarray, int, float]:
         async with running(quick_store, inline_budget_us=budget_us) as e:
             sid = e.open_session("seq_lstm").session_id
-            y = np.concatenate([(await e.step(sid, x)).y for x in xs])
+            ys = []
+            for x in xs:  # a lone session: the model is idle between its steps
+                await asyncio.sleep(0.002)
+                ys.append((await e.step(sid, x)).y)
+            y = np.concatenate(ys)
             sched = e._runtimes["seq_lstm:1"].scheduler
             return y, sched.inline_batches, sched.cost.predict(1)
 

@@ -237,7 +237,10 @@ def test_batches_within_the_inline_budget_run_on_the_loop_and_larger_ones_in_the
         sched.cost = StepCost(0.0, 10e-6)
         sessions = [session(pool, i) for i in range(12)]
         loop_thread = threading.get_ident()
-        lone = [await sched.submit(sessions[0], x) for x in xs[0]]  # batches of 1: inline
+        lone = []
+        for x in xs[0]:  # batches of 1 on an idle model: inline
+            await asyncio.sleep(0.002)
+            lone.append(await sched.submit(sessions[0], x))
         many = await asyncio.gather(  # one batch of 11 rows: executor
             *(sched.submit(sessions[i], xs[i][0]) for i in range(1, 12))
         )
@@ -268,6 +271,7 @@ def test_an_inline_batch_that_raises_fails_only_that_batch():
         failed = await asyncio.gather(
             sched.submit(a, x), sched.submit(b, x), return_exceptions=True
         )
+        await asyncio.sleep(0.002)  # idle again, so the next batch runs inline too
         alone = await sched.submit(c, x)  # the scheduler keeps going after the failure
         await sched.stop()
         ex.shutdown()
@@ -290,3 +294,34 @@ def test_step_cost_is_the_line_through_two_timings():
         StepScheduler(
             "m", NumpyElman(), StatePool([StateSpec("h", 1, H)]), None, inline_budget_s=-1
         )
+
+
+def test_a_cheap_batch_right_after_an_answer_takes_the_executor_so_the_next_ones_can_gather(
+    monkeypatch,
+):
+    """Under load (steps keep coming right after answers) inline runs would be batches of one;
+    the executor's hop is what lets the next steps gather. BUSY_GAP_S is stretched so "right
+    after" does not depend on this machine's speed."""
+    import threading
+
+    from serving import scheduler
+    from serving.scheduler import StepCost
+
+    monkeypatch.setattr(scheduler, "BUSY_GAP_S", 60.0)
+    model = ThreadRecordingElman()
+    x = np.ones((1, F), np.float32)
+
+    async def main():
+        sched, pool, ex = await make(model, inline_budget_s=1.0)
+        sched.cost = StepCost(0.0, 0.0)
+        a = session(pool, 0)
+        ys = [await sched.submit(a, x) for _ in range(3)]
+        await sched.stop()
+        ex.shutdown()
+        return threading.get_ident(), ys, sched
+
+    loop_thread, ys, sched = run(main())
+    assert model.threads[0] == loop_thread, "the first batch finds the model idle"
+    assert all(t != loop_thread for t in model.threads[1:]), "later ones follow an answer at once"
+    assert sched.inline_batches == 1
+    np.testing.assert_allclose(np.concatenate(ys), reference(model, [x, x, x]), atol=1e-6)

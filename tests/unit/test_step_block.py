@@ -240,6 +240,7 @@ def test_blocks_follow_the_inline_budget_and_the_queue_delay_counts_their_rows()
         small_parts, large_parts = Parts(), Parts()
         await asyncio.wait_for(sched.submit_block(sessions[4:], large, large_parts), 5.0)
         sched.max_queue_delay_s = 0.0
+        await asyncio.sleep(0.002)  # idle again: a cheap batch right after an answer hops
         await sched.submit_block(sessions[:4], small, small_parts)
         await sched.stop()
         ex.shutdown()
