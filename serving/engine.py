@@ -819,16 +819,20 @@ class Engine:
 
 
 def measure_step_cost(loaded: LoadedModel, max_batch: int, rows: int = 32) -> StepCost:
-    """Time the step graph at 1 row and at ``rows`` (best of 3 after a warm-up call, which also
-    spares the first real request the backend's first-call costs)."""
-    rows = max(1, min(rows, max_batch))
+    """Time the step graph at 1 row and at ``rows`` rows (best of 3 after a warm-up call, which
+    also spares the first real request the backend's first-call costs). Rows are batch × time
+    steps: the batch is capped at ``max_batch`` and the time steps make up the rest, so the slope
+    is measured even when batches stay small (with a batch of 1 alone it was noise, ~0, and a
+    1,024-step call was predicted as cheap as one step and ran on the event loop)."""
+    batch = max(1, min(rows, max_batch))
+    steps = -(-rows // batch)  # ceil
     m = loaded.manifest
 
-    def best_of(batch: int) -> float:
+    def best_of(batch: int, steps: int) -> float:
         if m.input.kind == "tokens":
-            x = np.zeros((batch, 1), dtype=np.int64)  # (B, T)
+            x = np.zeros((batch, steps), dtype=np.int64)  # (B, T)
         else:
-            x = np.zeros((batch, 1, m.input.features or 1), dtype=np.float32)  # (B, T, F)
+            x = np.zeros((batch, steps, m.input.features or 1), dtype=np.float32)  # (B, T, F)
         states = initial_states(m, batch)
         loaded.backend.step(x, states)
         times = []
@@ -838,7 +842,7 @@ def measure_step_cost(loaded: LoadedModel, max_batch: int, rows: int = 32) -> St
             times.append(time.perf_counter() - started)
         return min(times)
 
-    return StepCost.from_timings(best_of(1), rows, best_of(rows))
+    return StepCost.from_timings(best_of(1, 1), batch * steps, best_of(batch, steps))
 
 
 def _retry_of_another_length(cached: StepResult, steps: int) -> InvalidInput:

@@ -409,3 +409,24 @@ def test_each_model_is_timed_at_start_and_cheap_lone_steps_skip_the_thread_hop(q
     assert (inline_batches, hop_batches) == (5, 0)
     np.testing.assert_allclose(inline_y, ref.run("seq_lstm", xs), atol=TOL)
     np.testing.assert_allclose(hop_y, inline_y, atol=TOL)
+
+
+def test_without_batching_a_long_step_is_still_priced_by_its_length_and_leaves_the_loop(
+    quick_store, ref
+):
+    """max_batch_size=1: the start-up timing must still measure what a row costs (along the time
+    steps), or a 1,024-step call would be priced as one step and block the event loop."""
+    rng = np.random.default_rng(6)
+
+    async def long_step() -> tuple[np.ndarray, np.ndarray, int, float, float]:
+        async with running(quick_store, max_batch_size=1) as e:
+            m = e.model("char").manifest
+            x = tokens(e, "char", rng, e.input_limit(m))
+            y = (await e.step(e.open_session("char").session_id, x)).y
+            sched = e._runtimes[f"char:{m.version}"].scheduler
+            return x, y, sched.inline_batches, sched.cost.predict(1), sched.cost.predict(len(x))
+
+    x, y, inline_batches, one_step_s, long_step_s = asyncio.run(long_step())
+    assert long_step_s > 20 * one_step_s, "a row's cost is measured even without batches"
+    assert inline_batches == 0, "a step of ~10 ms must not run on the event loop"
+    np.testing.assert_allclose(y, ref.run("char", [x]), atol=TOL)
