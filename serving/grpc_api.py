@@ -62,6 +62,20 @@ def own_session(session_id: str) -> str:
     return session_id
 
 
+def own_session_ids(session_ids: Sequence[str]) -> tuple[Sequence[str], dict[int, Exception]]:
+    """``own_session`` for many ids: the ids to look up ("" in place of another transport's id,
+    so that session is neither found nor touched) and each such id's error by position."""
+    if ":" not in "".join(session_ids):  # the common case: one scan, no copy
+        return session_ids, {}
+    errors: dict[int, Exception] = {}
+    for pos, session_id in enumerate(session_ids):
+        try:
+            own_session(session_id)
+        except SessionNotFound as err:
+            errors[pos] = err
+    return [("" if pos in errors else i) for pos, i in enumerate(session_ids)], errors
+
+
 # ---- errors -----------------------------------------------------------------------------------
 
 
@@ -389,11 +403,12 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         e = self.engine
         outcomes: list[StepResult | Exception | None] = [None] * len(requests)
         found: dict[int, tuple[Any, Any]] = {}  # position -> (session, runtime)
-        for pos, req in enumerate(requests):
-            try:
-                found[pos] = e.lookup(own_session(req.session_id))
-            except Exception as err:
-                outcomes[pos] = err
+        ids, foreign = own_session_ids([req.session_id for req in requests])
+        for pos, hit in enumerate(e.lookup_many(ids)):
+            if type(hit) is tuple:
+                found[pos] = hit
+            else:  # SessionExpired / SessionNotFound
+                outcomes[pos] = foreign.get(pos, hit)
         xs = self._decode_entries(requests, found, outcomes)
         checked: list[CheckedStep] = []
         where: list[int] = []  # position in the message of each checked step, in message order

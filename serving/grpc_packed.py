@@ -24,8 +24,8 @@ import numpy as np
 from serving import codec
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.engine import BlockResult, Engine, ModelRuntime
-from serving.errors import InvalidInput, NotStreamable, PayloadTooLarge, SessionNotFound
-from serving.grpc_api import MAX_STEPMANY_ENTRIES, own_session
+from serving.errors import InvalidInput, NotStreamable, PayloadTooLarge
+from serving.grpc_api import MAX_STEPMANY_ENTRIES, own_session_ids
 from serving.manifest import Manifest
 from serving.sessions import Session
 
@@ -184,9 +184,8 @@ async def step_packed(
 
 def _grouped(engine: Engine, block: Block, errors: dict[int, Exception]) -> list[_Group]:
     """The block's entries that can run, by model version; the others' errors into ``errors``."""
-    ids = block.session_ids
-    foreign = ":" in "".join(ids)  # another transport's ids are unknown here (own_session)
-    found = engine.sessions.get_many([i if ":" not in i else "" for i in ids] if foreign else ids)
+    ids, foreign = own_session_ids(block.session_ids)  # another transport's ids: unknown here
+    found = engine.sessions.get_many(ids)
     groups: dict[str, _Group] = {}  # by the sessions' "name:version"
     group: _Group | None = None
     for pos, sess in enumerate(found):  # the per-entry loop: keep it lean
@@ -203,22 +202,11 @@ def _grouped(engine: Engine, block: Block, errors: dict[int, Exception]) -> list
             continue
         group.positions.append(pos)
         group.sessions.append(sess)
-    if foreign:
-        for pos, session_id in enumerate(ids):
-            if ":" in session_id:
-                errors[pos] = _foreign(session_id)
+    errors.update(foreign)
     if block.bad.any():
         for g in groups.values():
             _drop_bad_rows(block, g, errors)
     return [g for g in groups.values() if g.positions]
-
-
-def _foreign(session_id: str) -> Exception:
-    try:
-        own_session(session_id)
-    except SessionNotFound as err:
-        return err
-    raise AssertionError(f"{session_id!r} is not another transport's id")
 
 
 def _drop_bad_rows(block: Block, g: _Group, errors: dict[int, Exception]) -> None:
