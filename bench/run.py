@@ -40,7 +40,7 @@ import numpy as np
 import onnxruntime
 
 from bench import ceiling, report
-from bench.load import GROUPED, Workers
+from bench.load import FEATURES, GROUPED, Workers
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("seq_lstm", "sine")
@@ -277,23 +277,42 @@ def machine() -> dict[str, Any]:
     }
 
 
+def bounded(kind: type[int] | type[float], low: float, strict: bool = False):
+    """An argparse ``type`` for a number >= ``low`` (> with ``strict``): a bad flag stops the run
+    before any server starts, not with a ZeroDivisionError after minutes of measuring."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)  # a ValueError here reads "invalid int value: 'x'"
+        if not (value > low if strict else value >= low):  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    count, seconds = bounded(int, 1), bounded(float, 0.0)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, default=None)
-    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(FEATURES))
     p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    p.add_argument("--sessions", nargs="+", type=int, default=list(SESSIONS))
-    p.add_argument("--per-message", type=int, default=64, help="StepMany sessions per message")
-    p.add_argument("--workers", type=int, default=2, help="client processes")
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--warmup", type=float, default=0.4, help="seconds per window not counted")
-    p.add_argument("--duration", type=float, default=1.0, help="seconds per window counted")
-    p.add_argument("--idle-sessions", type=int, default=100_000)
-    p.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many seconds "
+    p.add_argument("--sessions", nargs="+", type=count, default=list(SESSIONS))
+    p.add_argument("--per-message", type=count, default=64, help="StepMany sessions per message")
+    p.add_argument("--workers", type=count, default=2, help="client processes")
+    p.add_argument("--reps", type=count, default=3)
+    p.add_argument("--warmup", type=seconds, default=0.4, help="seconds per window not counted")
+    p.add_argument("--duration", type=bounded(float, 0.0, strict=True), default=1.0,
+                   help="seconds per window counted")  # fmt: skip
+    p.add_argument("--idle-sessions", type=count, default=100_000)
+    p.add_argument("--wait-quiet", type=seconds, default=0.0, help="wait up to this many seconds "
                    "for a 1-minute load average < 1.0 before measuring")  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 16 sessions, 1 rep")
     args = p.parse_args(argv)
+    missing = [m for m in args.models if args.store and not (args.store / m).is_dir()]
+    if missing:
+        p.error(f"--store {args.store} has no {', '.join(missing)}")
     if args.quick:
         args.sessions, args.reps, args.warmup, args.duration = [1, 16], 1, 0.2, 0.5
         args.idle_sessions = 10_000
