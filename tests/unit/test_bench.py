@@ -4,10 +4,11 @@ processes, and the report's targets (each a pure function of a results dict)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench import run
+from bench import report, run
 
 
 @pytest.mark.parametrize(
@@ -61,3 +62,26 @@ def test_split_sessions_keeps_messages_whole(
 ) -> None:
     assert run.split_sessions(n, path, 64, workers) == counts
     assert sum(counts) == n
+
+
+def cell(path: str, sessions: int, steps_per_s: float, per_message: int = 64) -> dict[str, Any]:
+    side = {"steps_per_s": steps_per_s, "msgs_per_s": steps_per_s / per_message}
+    return {
+        "model": "seq_lstm",
+        "path": path,
+        "sessions": sessions,
+        "per_message": per_message,
+        "rnnserve": side,
+        "echo": side,
+    }
+
+
+def test_ceiling_targets_rate_only_messages_of_64() -> None:
+    """The targets say "@64/msg": a run with --per-message 32 must not be rated under them."""
+    ceiling = [{"model": "seq_lstm", "batch": 64, "steps_per_s": 100_000.0}]
+    rated = {"cells": [cell("packed", 64, 60_000.0)], "ceiling": ceiling}
+    [t] = report.targets(rated)
+    assert t["target"] == report.CEILING_TARGETS[("packed", 64)]
+    assert t["value"] == pytest.approx(0.6) and t["met"]
+    other = {"cells": [cell("packed", 64, 60_000.0, per_message=32)], "ceiling": ceiling}
+    assert report.targets(other) == []
