@@ -36,7 +36,7 @@ import numpy as np
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from serving.client import pack_steps
+from serving.client import make_input, pack_steps
 
 FEATURES = {"seq_lstm": 10, "sine": 1}
 GROUPED = ("stepmany", "packed")  # paths that carry ``per_message`` sessions per message
@@ -74,10 +74,9 @@ class Tally:
             self.latencies.append(t1 - t0)
 
 
-def make_input(model: str, rng: np.random.Generator) -> pb.Input:
-    f = FEATURES[model]
-    values = rng.uniform(-1.0, 1.0, size=f).astype(np.float32)  # one time step (1, F)
-    return pb.Input(features=pb.Features(values=values.tolist(), steps=1))
+def random_input(model: str, rng: np.random.Generator) -> pb.Input:
+    """One time step of random features, as the Python client sends it."""
+    return make_input(rng.uniform(-1.0, 1.0, size=(1, FEATURES[model])))  # (T=1, F)
 
 
 class Worker:
@@ -134,7 +133,7 @@ class Worker:
         return {"steps": tally.steps, "latencies": tally.latencies}
 
     async def _unary(self, stub, model: str, s: SessionSet, i: int, w: Window, tally: Tally):
-        req = pb.StepRequest(session_id=s.ids[i], input=make_input(model, self.rng))
+        req = pb.StepRequest(session_id=s.ids[i], input=random_input(model, self.rng))
         while (t0 := time.perf_counter()) < w.end:
             req.step_index = s.next_index[i]
             reply = await stub.Step(req)
@@ -144,7 +143,7 @@ class Worker:
             tally.record(w, t0, t1, 1)
 
     async def _stream(self, stub, model: str, s: SessionSet, i: int, w: Window, tally: Tally):
-        req = pb.StepRequest(session_id=s.ids[i], input=make_input(model, self.rng))
+        req = pb.StepRequest(session_id=s.ids[i], input=random_input(model, self.rng))
         call = stub.Session()
         while (t0 := time.perf_counter()) < w.end:
             req.step_index = s.next_index[i]
@@ -162,7 +161,7 @@ class Worker:
     ):
         message = pb.StepManyRequest(
             steps=[
-                pb.StepRequest(session_id=s.ids[i], input=make_input(model, self.rng))
+                pb.StepRequest(session_id=s.ids[i], input=random_input(model, self.rng))
                 for i in group
             ]
         )
