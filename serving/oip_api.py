@@ -464,7 +464,9 @@ class GRPCInferenceService:
             reader.cancel()  # in-flight steps finish on their own: their sessions stay usable
 
     async def _read_stream(self, requests: AsyncIterator[Any], replies: asyncio.Queue) -> None:
-        """Start one task per request; chain the tasks of one sequence so they keep their order."""
+        """Start one task per request; chain the tasks of one sequence so they keep their order.
+        The ``None`` after the last one tells the writer to finish; when the writer is gone (it
+        cancels this reader) nobody waits for it, and a full queue would block it forever."""
         last_of_sequence: dict[str, asyncio.Task] = {}
         try:
             async for request in requests:
@@ -477,8 +479,7 @@ class GRPCInferenceService:
                 await replies.put(task)
         except Exception as e:  # the client went away mid-stream; answer what was asked
             log.debug("ModelStreamInfer: request stream ended: %r", e)
-        finally:
-            await replies.put(None)
+        await replies.put(None)  # not reached when cancelled
 
     async def _stream_reply(self, request: Any, before: asyncio.Task | None) -> Any:
         if before is not None:

@@ -540,6 +540,36 @@ def test_a_stream_orders_integer_and_string_spellings_of_one_sequence_together()
     assert _sequence_key(request(7)) != _sequence_key(request(8))
 
 
+def test_a_cancelled_stream_with_a_full_reply_queue_leaves_no_reader_behind(monkeypatch) -> None:
+    """The writer cancels the request reader when the stream ends; a reader blocked on a full
+    queue must then end too (it used to wait forever to queue its end marker: one leaked task,
+    holding its queued replies, per cancelled busy stream)."""
+    import asyncio
+
+    from serving import oip_api
+
+    monkeypatch.setattr(oip_api, "MAX_IN_FLIGHT_PER_STREAM", 1)
+
+    async def endless_requests():
+        while True:
+            r = oip_api.pb.ModelInferRequest(model_name="seq_lstm")
+            r.parameters["sequence_id"].bool_param = True  # refused before the engine is used
+            yield r
+            await asyncio.sleep(0)
+
+    async def run() -> list[asyncio.Task]:
+        service = oip_api.GRPCInferenceService(engine=None)  # no request gets to the engine
+        stream = service.ModelStreamInfer(endless_requests(), None)
+        first = await stream.__anext__()
+        assert first.error_message.startswith("[INVALID_ARGUMENT]")
+        await asyncio.sleep(0.05)  # the reader fills the queue and waits for room
+        await stream.aclose()  # the client went away
+        await asyncio.sleep(0.05)
+        return [t for t in asyncio.all_tasks() if "_read_stream" in repr(t.get_coro())]
+
+    assert asyncio.run(run()) == []
+
+
 def test_bad_stream_requests_get_error_replies_and_the_stream_goes_on(client, quick_store):
     m = manifest(quick_store, "seq_lstm")
     chunks = random_chunks(m, [2, 2], seed=82)
