@@ -32,8 +32,9 @@ from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from serving.grpc_api import output_message
 from serving.manifest import Manifest, list_models, list_versions, load_manifest, resolve
+from serving.server import ServerConfig
 
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # as serving.server.ServerConfig
+MAX_MESSAGE_BYTES = ServerConfig.max_message_bytes  # the real server's default
 
 
 def canned_reply(m: Manifest) -> pb.StepResponse:
