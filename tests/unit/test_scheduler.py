@@ -146,10 +146,12 @@ def test_queue_delay_gathers_a_fuller_batch():
     model = NumpyElman()
 
     async def main():
-        sched, pool, ex = await make(model, max_queue_delay_s=0.05, max_batch_size=8)
+        # a window far wider than the arrivals: on a loaded 2-core machine 5 x 5 ms sleeps took
+        # longer than the 50 ms this test had, and the last step missed the batch
+        sched, pool, ex = await make(model, max_queue_delay_s=0.4, max_batch_size=8)
         sessions = [session(pool, i) for i in range(5)]
         futs = []
-        for s in sessions:  # arrive 5 ms apart, all within the 50 ms window
+        for s in sessions:  # arrive 5 ms apart, all within the 400 ms window
             futs.append(sched.submit(s, np.ones((1, F), np.float32)))
             await asyncio.sleep(0.005)
         await asyncio.gather(*futs)
