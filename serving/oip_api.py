@@ -325,23 +325,25 @@ def _class_count(out: Any, m: Manifest) -> int:
 def infer_response(request: Any, m: Manifest, y: np.ndarray, wanted: dict[str, int]) -> Any:
     """y (B, T, O) per time step or (B, O) per sequence → ModelInferResponse, raw form."""
     response = pb.ModelInferResponse(model_name=m.name, model_version=str(m.version), id=request.id)
+    # once for both probabilities and label (a request naming no outputs asks for both)
+    p = codec.probabilities(m, y) if wanted.keys() - {OUTPUT_Y} else None
     for name, class_count in wanted.items():
-        values = _output_values(m, name, y)
+        values = _output_values(m, name, y, p)
         if class_count:
             values = _classification(m, values, class_count)
         if values.dtype == object:
             datatype, data = "BYTES", _serialize_bytes(values.reshape(-1))
-        else:
-            datatype, data = "FP32", values.astype("<f4").tobytes()
+        else:  # float32 already: no conversion copy
+            datatype, data = "FP32", np.asarray(values, dtype="<f4").tobytes()
         response.outputs.add(name=name, datatype=datatype, shape=list(values.shape))
         response.raw_output_contents.append(data)
     return response
 
 
-def _output_values(m: Manifest, name: str, y: np.ndarray) -> np.ndarray:
+def _output_values(m: Manifest, name: str, y: np.ndarray, p: np.ndarray | None) -> np.ndarray:
     if name == OUTPUT_Y:
         return y
-    p = codec.probabilities(m, y)
+    assert p is not None  # computed whenever an output other than y is wanted
     if name == OUTPUT_PROBS:
         return p
     return np.asarray(m.labels, dtype=object)[p.argmax(axis=-1)]
