@@ -267,11 +267,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, env, kind, default, text in SERVE_OPTIONS:
         p.add_argument(
             flag,
-            type=kind,
-            default=kind(os.environ.get(env, default)),
+            type=_from_flag_or(env, kind),
+            # argparse converts a string default with ``type`` only when `serve` is parsed, so a
+            # bad value in the environment is a usage error of `serve`, not a traceback of every
+            # command that builds this parser (``rnnserve --help`` builds them all)
+            default=os.environ.get(env, default),
             help=f"{text} [{env}, {default}]",
         )
     p.set_defaults(func=serve_command)
+
+
+def _from_flag_or(env: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``kind`` whose error names the environment variable the value may have come from."""
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind.__name__} value {text!r} (from the flag or ${env})"
+            ) from None
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:

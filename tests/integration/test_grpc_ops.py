@@ -134,3 +134,14 @@ def test_serve_refuses_a_corrupt_store(quick_store, tmp_path):
     assert result.returncode == 3
     assert "refusing to start" in result.stderr and "sha256" in result.stderr
     assert Path(graph).name in result.stderr
+
+
+def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(tmp_path):
+    env = {**os.environ, "RNNSERVE_MAX_BATCH": "lots", "RNNSERVE_INLINE_BUDGET_US": "soon"}
+    assert cli("--help", env=env).returncode == 0  # builds every parser; converts nothing
+    bad = cli("serve", "--store", str(tmp_path), env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    assert "$RNNSERVE_MAX_BATCH" in bad.stderr or "$RNNSERVE_INLINE_BUDGET_US" in bad.stderr
+    flag = cli("serve", "--store", str(tmp_path), "--inline-budget-us", "-1",
+               "--max-batch", "8", env={**env, "RNNSERVE_INLINE_BUDGET_US": "0"})  # fmt: skip
+    assert flag.returncode == 2 and "inline_budget_us must be >= 0" in flag.stderr, flag.stderr
