@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -159,16 +158,6 @@ def _as_names(returned: object) -> list[str]:
     if isinstance(returned, list | tuple) and all(isinstance(n, str) for n in returned):
         return list(returned)
     return []
-
-
-def _describable(service: str) -> bool:
-    """Reflection can only describe services whose descriptors are in the default pool (the OIP
-    servicer keeps its own pool so tritonclient's identical proto names can share the process)."""
-    try:
-        descriptor_pool.Default().FindServiceByName(service)
-    except KeyError:
-        return False
-    return True
 
 
 class ServerThread:
