@@ -50,16 +50,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="char models: text from a prompt")
     _model_arg(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--max-tokens", type=_non_negative, default=64)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0, help="0 = sample among all characters")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--top-k", type=_non_negative, default=0, help="0 = sample among all characters")
+    g.add_argument("--seed", type=_non_negative, default=0)
     g.set_defaults(action=_generate)
 
     f = sub.add_parser("forecast", help="regression models (sine): forecast by feeding back")
     _model_arg(f)
     f.add_argument("--values", required=True, help="the history: comma-separated or JSON")
-    f.add_argument("--steps", type=int, default=50, help="values to forecast")
+    f.add_argument("--steps", type=_non_negative, default=50, help="values to forecast")
     f.add_argument("--plot", help="write a PNG of history + forecast here")
     f.set_defaults(action=_forecast)
 
@@ -72,15 +72,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
-    p.add_argument("--version", type=int, default=0, help="0 = latest")
+    p.add_argument("--version", type=_non_negative, default=0, help="0 = latest")
+
+
+def _non_negative(text: str) -> int:
+    """The request fields are unsigned: a negative value is a usage error, not a traceback."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def parse_values(text: str) -> list[Any]:
     """JSON (``[[0.1], [0.2]]`` or ``[0.1, 0.2]``) or comma-separated scalars → a list."""
     text = text.strip()
-    if text.startswith("["):
-        return json.loads(text)
-    return [float(v) for v in text.split(",") if v.strip()]
+    try:
+        if text.startswith("["):
+            return json.loads(text)
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:  # JSONDecodeError is one too
+        raise ValueError(f"--values takes JSON or comma-separated numbers, got {text!r}") from e
 
 
 def _features(values: list[Any]) -> list[list[float]]:
@@ -114,13 +125,15 @@ def _model(c: Client, args: argparse.Namespace) -> None:
 def _step(c: Client, args: argparse.Namespace) -> None:
     if (args.values is None) == (args.text is None):
         raise SystemExit("give exactly one of --values or --text")
+    if args.text is not None:
+        chunks: list[Any] = [args.text] if args.one_call else list(args.text)
+    else:  # parsed before a session is opened for them
+        steps = _features(parse_values(args.values))
+        chunks = [steps] if args.one_call else [[row] for row in steps]
     with c.session(args.model, args.version) as s:
         if args.text is not None:
-            chunks = [args.text] if args.one_call else list(args.text)
             replies = [s.step(text=t) for t in chunks]
         else:
-            steps = _features(parse_values(args.values))
-            chunks = [steps] if args.one_call else [[row] for row in steps]
             replies = [s.step(chunk) for chunk in chunks]
     for reply in replies:
         _print(reply)
@@ -184,4 +197,7 @@ def client_command(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             print(f"rnnserve client: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
+        except (ValueError, OSError) as e:  # --values that do not parse, a --plot path
+            print(f"rnnserve client: {e}", file=sys.stderr)
+            return 2
     return 0

@@ -114,6 +114,11 @@ def test_serve_subprocess_health_client_and_sigterm(quick_store, tmp_path):
         assert png.read_bytes()[:4] == b"\x89PNG"
         bad = cli("client", "--address", address, "step", "--model", "nope", "--values", "1")
         assert bad.returncode == 1 and "NOT_FOUND" in bad.stderr
+        nowhere = str(tmp_path / "no-such-folder" / "forecast.png")
+        unwritable = cli("client", "--address", address, "forecast", "--model", "sine",
+                         "--values", "0,0.3", "--steps", "2", "--plot", nowhere)  # fmt: skip
+        assert unwritable.returncode == 2 and "Traceback" not in unwritable.stderr
+        assert "no-such-folder" in unwritable.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
@@ -145,3 +150,21 @@ def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(tmp_path):
     flag = cli("serve", "--store", str(tmp_path), "--inline-budget-us", "-1",
                "--max-batch", "8", env={**env, "RNNSERVE_INLINE_BUDGET_US": "0"})  # fmt: skip
     assert flag.returncode == 2 and "inline_budget_us must be >= 0" in flag.stderr, flag.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["step", "--model", "sine", "--values", "0.1,abc"], "comma-separated numbers"),
+        (["step", "--model", "sine", "--values", "[[0.1], [0.2"], "takes JSON"),
+        (["forecast", "--model", "sine", "--values", "x"], "takes JSON"),
+        (["forecast", "--model", "sine", "--values", "0.1", "--steps", "-1"], "must be >= 0"),
+        (["generate", "--model", "char", "--prompt", "a", "--top-k", "-2"], "must be >= 0"),
+        (["predict", "--model", "sine", "--values", "[1", "--version", "1"], "takes JSON"),
+    ],
+)
+def test_client_cli_refuses_bad_arguments_in_one_line(args, words):
+    """Before any call (the address has no server): a usage error, not a traceback."""
+    result = cli("client", "--address", "127.0.0.1:9", *args)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
