@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import queue
-import threading
 import urllib.request
 
 import grpc
@@ -65,20 +64,46 @@ def test_list_and_get_models(stub):
     assert stub.GetModel(pb.GetModelRequest(name="char")).input.vocab
 
 
-def test_step_answers_in_the_models_terms(stub, quick_store, ref):
-    rng = np.random.default_rng(0)
-    for model in ("sum_sign_lstm", "sine", "char"):
-        x = random_chunk(manifest(quick_store, model), rng, 3)
-        reply = step(stub, open_session(stub, model), x, 0)
-        np.testing.assert_allclose(raw(reply), ref.run(model, [x]), atol=TOL)
-        out = reply.outputs[-1]
-        if model == "sum_sign_lstm":
-            assert out.label in ("negative", "positive") or out.label
-            assert abs(sum(out.probabilities) - 1) < 1e-5
-        elif model == "sine":
-            assert out.value == pytest.approx(list(out.raw))
-        else:
-            assert len(reply.text) == 3 and out.char == reply.text[-1] and len(out.top_k) == 5
+def expected_probabilities(activation: str, y: np.ndarray) -> np.ndarray:
+    """(T, O) head outputs → (T, K) probabilities, written out here (not the codec's)."""
+    y = y.astype(np.float64)
+    if activation == "sigmoid":
+        positive = 1 / (1 + np.exp(-y[:, :1]))
+        return np.concatenate([1 - positive, positive], axis=1)
+    if activation == "log_softmax":
+        return np.exp(y)
+    z = np.exp(y - y.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+# 3 steps: a reply of few rows (plain Python); 6 steps: more rows (NumPy); the same numbers
+@pytest.mark.parametrize("steps", [3, 6])
+@pytest.mark.parametrize("model", ["sum_sign_lstm", "seq_lstm", "elman", "sine", "char"])
+def test_step_answers_in_the_models_terms(stub, quick_store, ref, model, steps):
+    m = manifest(quick_store, model)
+    x = random_chunk(m, np.random.default_rng(steps), steps)
+    reply = step(stub, open_session(stub, model), x, 0)
+    y = ref.run(model, [x])  # (T, O), the eager run
+    np.testing.assert_allclose(raw(reply), y, atol=TOL)
+    if m.output.kind == "regression":
+        np.testing.assert_allclose([list(o.value) for o in reply.outputs], y, atol=TOL)
+        return
+    p = expected_probabilities(m.output.activation, y)  # (T, K)
+    best = p.argmax(axis=1)
+    labels = m.output.labels or m.output.vocab
+    assert [o.index for o in reply.outputs] == best.tolist()
+    if m.output.kind == "classification":
+        assert [o.label for o in reply.outputs] == [labels[i] for i in best]
+        got = np.array([list(o.probabilities) for o in reply.outputs])
+        np.testing.assert_allclose(got, p, atol=1e-5)
+        return
+    assert reply.text == "".join(labels[i] for i in best)
+    for out, row in zip(reply.outputs, p, strict=True):
+        assert out.char == labels[int(row.argmax())] and len(out.top_k) == 5
+        assert [c.index for c in out.top_k] == np.argsort(-row, kind="stable")[:5].tolist()
+        assert [c.char for c in out.top_k] == [labels[c.index] for c in out.top_k]
+        np.testing.assert_allclose([c.p for c in out.top_k], row[[c.index for c in out.top_k]],
+                                   atol=1e-5)  # fmt: skip
 
 
 def test_text_in_text_out_for_char_models(stub, quick_store, ref):
@@ -306,9 +331,9 @@ def test_reflection_describes_our_service(server):
 
 def test_metrics_endpoint_counts_requests_batches_and_sessions(server, stub):
     sid = open_session(stub, "sine")
-    done = threading.Event()
     step(stub, sid, np.zeros((1, 1), np.float32), 0)
-    done.set()
+    with pytest.raises(grpc.RpcError):  # its own failed Step, whatever ran before
+        step(stub, sid, np.full((1, 1), np.nan, np.float32), 1)
     url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     lines = {
