@@ -46,6 +46,8 @@ def make_input(
     if values is None:
         return pb.Input()
     arr = np.asarray(values, dtype=np.float32)
+    if arr.ndim > 2:  # flattened, (2, 3, F) would silently become 6 steps
+        raise ValueError(f"features must be (T, F) or flat, got shape {list(arr.shape)}")
     steps = arr.shape[0] if arr.ndim == 2 else 0
     return pb.Input(features=pb.Features(values=arr.reshape(-1).tolist(), steps=steps))
 
@@ -60,13 +62,13 @@ def pack_steps(
     indexes = [] if step_indexes is None else np.asarray(step_indexes, np.uint64).tolist()
     block = pb.PackedSteps(model=model, session_ids=session_ids, step_indexes=indexes)
     if arr.dtype.kind in "iu":
-        if arr.ndim != 2 or arr.shape[0] != n:
-            raise ValueError(f"token ids must be shaped (N={n}, T), got {list(arr.shape)}")
+        if arr.ndim != 2 or arr.shape[0] != n or not arr.shape[1]:
+            raise ValueError(f"token ids must be shaped (N={n}, T>=1), got {list(arr.shape)}")
         block.steps = arr.shape[1]
         block.tokens.extend(arr.reshape(-1).tolist())
         return block
-    if arr.ndim != 3 or arr.shape[0] != n:
-        raise ValueError(f"features must be shaped (N={n}, T, F), got {list(arr.shape)}")
+    if arr.ndim != 3 or arr.shape[0] != n or not arr.shape[1]:  # on the wire T=0 means 1
+        raise ValueError(f"features must be shaped (N={n}, T>=1, F), got {list(arr.shape)}")
     block.steps = arr.shape[1]
     block.features = np.ascontiguousarray(arr, dtype="<f4").tobytes()
     return block

@@ -346,3 +346,18 @@ def test_metrics_endpoint_counts_requests_batches_and_sessions(server, stub):
     assert lines['rnnserve_batch_size_count{model="sine"}'] >= 1
     assert lines['rnnserve_step_latency_seconds_count{model="sine"}'] >= 1
     assert lines['rnnserve_live_sessions{model="sine"}'] >= 1
+
+
+# ---- the client library's own argument checks --------------------------------------------------
+
+
+def test_client_refuses_arrays_it_would_have_to_guess_about():
+    from serving.client import make_input, pack_steps
+
+    assert make_input(np.zeros((3, 2), np.float32)).features.steps == 3  # (T, F): T given
+    with pytest.raises(ValueError, match=r"\(T, F\) or flat"):
+        make_input(np.zeros((2, 3, 1), np.float32))  # was sent as 6 steps
+    with pytest.raises(ValueError, match="T>=1"):
+        pack_steps("seq_lstm", ["a", "b"], np.zeros((2, 0, 10), np.float32))  # wire T=0 is 1
+    with pytest.raises(ValueError, match="T>=1"):
+        pack_steps("char", ["a"], np.zeros((1, 0), np.int64))
