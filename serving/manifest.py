@@ -98,6 +98,8 @@ class Manifest:
     # ---- reading -------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if not isinstance(d, dict):
+            raise ArtifactError(f"a manifest is a JSON object, got {type(d).__name__}")
         try:
             if d.get("schema_version") != SCHEMA_VERSION:
                 raise ValueError(f"schema_version {d.get('schema_version')!r} != {SCHEMA_VERSION}")
@@ -110,9 +112,9 @@ class Manifest:
                     "graphs": {k: GraphSpec(**g) for k, g in d["graphs"].items()},
                 }
             )
-        except (KeyError, TypeError, ValueError) as e:
+            m.check()  # inside: a field of the wrong type ("version": "1") fails in the checks
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"manifest does not follow schema v{SCHEMA_VERSION}: {e}") from e
-        m.check()
         return m
 
     def to_dict(self) -> dict[str, Any]:

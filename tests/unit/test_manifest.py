@@ -1,0 +1,38 @@
+"""A manifest that parses as JSON but breaks the schema is an ArtifactError, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serving.errors import ArtifactError
+from serving.manifest import MANIFEST_FILE, Manifest, list_versions, load_manifest, resolve
+
+
+def good_manifest(store: Path) -> dict:
+    version_dir = resolve(store, "seq_lstm", list_versions(store, "seq_lstm")[-1])
+    return json.loads((version_dir / MANIFEST_FILE).read_text())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: [d], "JSON object"),
+        (lambda d: "manifest", "JSON object"),
+        (lambda d: {**d, "version": "1"}, "schema"),
+        (lambda d: {**d, "graphs": []}, "schema"),
+        (lambda d: {**d, "files": None}, "schema"),
+    ],
+    ids=["list", "string", "version-as-text", "graphs-list", "files-null"],
+)
+def test_a_malformed_manifest_is_an_artifact_error(quick_store, tmp_path, change, message):
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(change(good_manifest(quick_store))))
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(tmp_path, verify=False)
+
+
+def test_the_good_manifest_still_loads(quick_store):
+    m = Manifest.from_dict(good_manifest(quick_store))
+    assert m.name == "seq_lstm" and m.streamable
