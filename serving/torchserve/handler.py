@@ -14,6 +14,11 @@ Request bodies (one sequence per request, ``Content-Type: application/json``)::
     {"text": "...", "generate": N}       ... and N characters generated greedily
     "top_k": K                           char models: how many candidates to list (default 5)
 
+A field this model does not read is refused with a 400 that names it and lists the fields the
+model accepts, never ignored: another kind's input (``"text"`` to a feature model, ``"inputs"`` to
+a char model), ``"top_k"``/``"generate"`` to a model without characters, ``"text"`` and
+``"tokens"`` together, or a key of no model at all (``"temperature"``: HTTP generation is greedy).
+
 TorchServe's default answers one failure with an error for the whole batch. Here each request is
 parsed and checked on its own: a bad one gets its own 4xx and a JSON error, and the rest of the
 batch is answered normally (``context.set_response_status(code, phrase, idx)``).
@@ -234,17 +239,44 @@ def read_body(row: dict[str, Any], max_bytes: int) -> dict[str, Any]:
 
 
 def parse_request(m: Manifest, body: dict[str, Any]) -> Request:
-    unknown = sorted(set(body) - set(FIELDS))
-    if unknown:
-        raise InvalidInput(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; {m.name} accepts "
-            f"{', '.join(accepted_fields(m))}",
-            field=unknown[0],
-        )
+    check_fields(m, body)
     x = decode_input(m, body)
     rollout = _rollout_steps(m, body)
     top_k = _count(body, "top_k", len(m.labels)) if "top_k" in body else DEFAULT_TOP_K
     return Request(x=x, rollout=rollout, top_k=top_k)
+
+
+def check_fields(m: Manifest, body: dict[str, Any]) -> None:
+    """Refuse every key this model would not read: a client that sends "text" to a feature model
+    or "top_k" to a classifier must learn so, not get an answer to a question it did not ask."""
+    fields = accepted_fields(m)
+    accepted = ", ".join(fields)
+    unknown = sorted(set(body) - set(FIELDS))
+    if unknown:
+        raise InvalidInput(
+            f"unknown field(s) {', '.join(map(repr, unknown))}; {m.name} accepts {accepted}",
+            field=unknown[0],
+        )
+    misplaced = [name for name in FIELDS if name in body and name not in fields]
+    if misplaced:
+        name = misplaced[0]
+        raise InvalidInput(f"{misplaced_reason(m, name)}; {m.name} accepts {accepted}", field=name)
+    if "text" in body and "tokens" in body:  # one sequence per request: which would it be?
+        raise InvalidInput(
+            f'send "text" or "tokens", not both: {m.name} reads one sequence per request',
+            field="tokens",
+        )
+
+
+def misplaced_reason(m: Manifest, name: str) -> str:
+    """Why a field of another model kind does not apply here (the codec's words for inputs)."""
+    if name in ("text", "tokens"):
+        return f'"{name}" is for text/token models: {m.name} takes feature vectors, not text/tokens'
+    if name == "inputs":
+        return f'"inputs" is for feature models: {m.name} takes text/tokens, not feature vectors'
+    if name == "horizon":
+        return f'"horizon" is for forecasting models (sine), and {m.name} is not one'
+    return f'"{name}" is for character models, and {m.name} is not one'  # generate, top_k
 
 
 def decode_input(m: Manifest, body: dict[str, Any]) -> np.ndarray:
@@ -270,9 +302,11 @@ def decode_input(m: Manifest, body: dict[str, Any]) -> np.ndarray:
 
 
 def accepted_fields(m: Manifest) -> list[str]:
-    if m.input.kind == "tokens":
-        return ["text", "tokens", "generate", "top_k"]
-    return ["inputs", "horizon"] if can_forecast(m) else ["inputs"]
+    """The body keys this model reads; every other key is refused (check_fields)."""
+    inputs = ["text", "tokens"] if m.input.kind == "tokens" else ["inputs"]
+    if m.output.kind == "next_token":  # characters: generate them, list the top candidates
+        return [*inputs, "generate", "top_k"]
+    return [*inputs, "horizon"] if can_forecast(m) else inputs
 
 
 def can_forecast(m: Manifest) -> bool:
@@ -284,13 +318,7 @@ def _rollout_steps(m: Manifest, body: dict[str, Any]) -> int:
     name = "generate" if "generate" in body else "horizon" if "horizon" in body else None
     if name is None:
         return 0
-    if name == "generate" and m.output.kind != "next_token":
-        raise InvalidInput(f'"generate" is for character models; {m.name} is not one', field=name)
-    if name == "horizon" and not can_forecast(m):
-        raise InvalidInput(
-            f'"horizon" is for forecasting models (sine); {m.name} cannot feed its output back',
-            field=name,
-        )
+    # check_fields has already refused "generate"/"horizon" on a model that cannot take it
     if not m.streamable:
         raise NotStreamable(f"{m.name} reads whole sequences and cannot continue one")
     return _count(body, name, m.input.max_steps)

@@ -197,6 +197,20 @@ BAD: list[tuple[str, str, Any, int, str]] = [  # (case, model, body, status, wor
     ("over-long body", "sine", b'{"inputs": [' + b"[0.5]," * 200_000 + b"[0.5]]}", 413, "limit"),
     ("unknown characters", "char", {"text": "caf\u00e9\u2603"}, 400, "outside char's vocab"),
     ("empty body", "seq_bilstm", b"", 400, "no JSON body"),
+    (  # once ignored: the features were answered as if "text" was not there
+        "text to a feature model",
+        "seq_lstm",
+        {"inputs": [[0.5] * 10], "text": "hi"},
+        400,
+        '"text" is for text/token models: seq_lstm takes feature vectors, not text/tokens',
+    ),
+    (
+        "inputs to a char model",
+        "char",
+        {"text": "The ", "inputs": [[0.5]]},
+        400,
+        "char takes text/tokens, not feature vectors; char accepts text, tokens, generate, top_k",
+    ),
 ]
 
 

@@ -179,7 +179,8 @@ OTHER_BAD: list[tuple[str, Any, str, str]] = [  # (model, body, field, words)
     ("char", {"text": "héllo \x00"}, "text", "outside char's vocabulary"),
     ("char", {"text": ""}, "inputs", "empty input"),
     ("char", {"text": 5}, "text", "must be a string"),
-    ("char", {"inputs": [[0.5]]}, "text", 'missing field "text"'),
+    ("char", {}, "text", 'missing field "text"'),
+    ("char", {"inputs": [[0.5]]}, "inputs", "char takes text/tokens, not feature vectors"),
     ("char", {"text": "a", "generate": 0}, "generate", "integer in [1, "),
     ("char", {"text": "a", "generate": True}, "generate", "integer in [1, "),
     ("char", {"text": "a", "generate": 100000}, "generate", "integer in [1, "),
@@ -195,6 +196,7 @@ OTHER_BAD: list[tuple[str, Any, str, str]] = [  # (model, body, field, words)
     ("sine", {"inputs": [[0.1]], "horizon": "5"}, "horizon", "integer in [1, "),
     ("seq_lstm", {"inputs": [[0.1] * 9]}, "inputs", "expects 10 features per step, got 9"),
     ("seq_bilstm", {"inputs": [[0.1] * 10], "horizon": 2}, "horizon", "forecasting models"),
+    ("seq_lstm", {"text": "abc"}, "text", "seq_lstm takes feature vectors, not text/tokens"),
 ]
 
 
@@ -210,6 +212,90 @@ def test_bad_requests_name_the_problem(handlers, name: str, body: Any, field: st
     assert words in error["error"] and error["field"] == field, error
     assert ok == 200
     assert_matches(m, reply, eager_alone(load_eager(version_dir), m, good))
+
+
+# A field the model would not read is refused, never ignored. (model, body, field, the message)
+FOREIGN: list[tuple[str, Any, str, str]] = [
+    (
+        "seq_lstm",
+        {"inputs": [[0.1] * 10], "text": "abc"},
+        "text",
+        '"text" is for text/token models: seq_lstm takes feature vectors, not text/tokens; '
+        "seq_lstm accepts inputs",
+    ),
+    (
+        "sine",
+        {"inputs": [[0.1]], "tokens": [1, 2]},
+        "tokens",
+        '"tokens" is for text/token models: sine takes feature vectors, not text/tokens; '
+        "sine accepts inputs, horizon",
+    ),
+    (
+        "char",
+        {"text": "The ", "inputs": [[0.5]]},
+        "inputs",
+        '"inputs" is for feature models: char takes text/tokens, not feature vectors; '
+        "char accepts text, tokens, generate, top_k",
+    ),
+    (
+        "elman",
+        {"inputs": [[0.1]], "top_k": 3},
+        "top_k",
+        '"top_k" is for character models, and elman is not one; elman accepts inputs',
+    ),
+    (
+        "sine",
+        {"inputs": [[0.1]], "generate": 3},
+        "generate",
+        '"generate" is for character models, and sine is not one; sine accepts inputs, horizon',
+    ),
+    (
+        "char_hello",
+        {"text": "he", "horizon": 3},
+        "horizon",
+        '"horizon" is for forecasting models (sine), and char_hello is not one; '
+        "char_hello accepts text, tokens, generate, top_k",
+    ),
+    (
+        "char_hello",
+        {"text": "he", "tokens": [0, 1]},
+        "tokens",
+        'send "text" or "tokens", not both: char_hello reads one sequence per request',
+    ),
+    (  # gRPC Generate samples; HTTP generate is greedy, so a temperature must not pass unnoticed
+        "char",
+        {"text": "The ", "generate": 3, "temperature": 0.8},
+        "temperature",
+        "unknown field(s) 'temperature'; char accepts text, tokens, generate, top_k",
+    ),
+    (
+        "sine",
+        {"inputs": [[0.1]], "Horizon": 3},
+        "Horizon",
+        "unknown field(s) 'Horizon'; sine accepts inputs, horizon",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "body", "field", "message"), FOREIGN, ids=[f"{c[0]}-{c[2]}" for c in FOREIGN]
+)
+def test_a_field_the_model_does_not_read_is_refused_alone(
+    handlers, name: str, body: Any, field: str, message: str
+) -> None:
+    """Another kind's field used to be ignored: "text" beside "inputs" answered for the inputs."""
+    handler, ctx, version_dir = handlers[name]
+    m = load_manifest(version_dir)
+    good = random_body(m, 9, np.random.default_rng(5))
+    (good_status, together), (bad_status, error) = run_batch(handler, ctx, [good, body])
+    assert (bad_status, error) == (
+        400,
+        {"error": message, "code": "INVALID_INPUT", "field": field, "status": 400},
+    )
+    assert good_status == 200
+    assert_matches(m, together, eager_alone(load_eager(version_dir), m, good))
+    # the refused request never reached the graph: its batch-mate ran exactly as it does alone
+    assert together == run_batch(handler, ctx, [good])[0][1]
 
 
 def test_a_batch_of_only_bad_requests_answers_each_with_its_own_error(handlers) -> None:
