@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,21 @@ def steal_share(before: list[int], after: list[int]) -> float:
     """Share of the vCPUs' time the hypervisor gave to someone else between two cpu_times()."""
     delta = [b - a for a, b in zip(before, after, strict=True)]
     return delta[7] / max(1, sum(delta))
+
+
+def cores_busy_between(server: Server, start: float, end: float) -> float:
+    """Cores the server kept busy from wall-clock ``start`` to ``end`` (both still to come), read
+    at those moments: the CPU that matches the messages counted in that window, without the
+    warm-up. Divided by the interval actually slept, in case a read comes late on a busy machine."""
+    cpu_first, t_first = cpu_seconds_at(server, start)
+    cpu_last, t_last = cpu_seconds_at(server, end)
+    return (cpu_last - cpu_first) / max(t_last - t_first, 1e-9)
+
+
+def cpu_seconds_at(server: Server, when: float) -> tuple[float, float]:
+    """(server CPU seconds, wall-clock time of the read), read once ``when`` has come."""
+    time.sleep(max(0.0, when - time.time()))
+    return server.cpu_seconds(), time.time()
 
 
 def start_server(name: str, argv: list[str], timeout: float = 60.0) -> Server:
@@ -186,14 +202,24 @@ def run_cell(
         "client_processes": sum(1 for c in counts if c),
     }
     for name, reps in samples.items():
-        cell[name] = {key: statistics.median(r[key] for r in reps) for key in reps[0]}
+        cell[name] = summarize(reps)
         cell[name]["reps"] = reps
     return cell
 
 
+def summarize(reps: list[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each metric's median over the windows; a None (a per-message cost in a window without
+    messages) is left out, and a metric no window has stays None."""
+    medians: dict[str, float | None] = {}
+    for key in reps[0]:
+        values = [r[key] for r in reps if r[key] is not None]
+        medians[key] = statistics.median(values) if values else None
+    return medians
+
+
 def run_window(
     workers: Workers, server: Server, model: str, path: str, counts: list[int], args
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     batch_before = server.batch_totals(model)
     cpu_before = server.cpu_seconds()
     clients_before = sum(process_cpu_seconds(p.pid) for p in workers.procs)
@@ -206,7 +232,12 @@ def run_window(
         "per_message": args.per_message,
         "window": window,
     }
-    answers = workers.call([("run", command) if c else None for c in counts])
+    counted_from = window["start_at"] + args.warmup
+    counted_to = counted_from + args.duration
+    with ThreadPoolExecutor(1) as clock:  # reads the server's CPU while the workers run
+        counted = clock.submit(cores_busy_between, server, counted_from, counted_to)
+        answers = workers.call([("run", command) if c else None for c in counts])
+        cores_counted = counted.result()
     cpu = server.cpu_seconds() - cpu_before
     clients = sum(process_cpu_seconds(p.pid) for p in workers.procs) - clients_before
     steal = steal_share(machine_before, cpu_times())
@@ -215,12 +246,14 @@ def run_window(
     steps = sum(a["steps"] for a in answers)
     batches = batch_after[1] - batch_before[1]
     elapsed = 0.1 + args.warmup + args.duration  # the server's CPU is read around all of it
+    rates = {"steps_per_s": steps / args.duration, "msgs_per_s": len(latencies) / args.duration}
     return {
-        "steps_per_s": steps / args.duration,
-        "msgs_per_s": len(latencies) / args.duration,
+        **rates,
         "p50_us": float(np.percentile(latencies, 50)) * 1e6 if len(latencies) else float("nan"),
         "p99_us": float(np.percentile(latencies, 99)) * 1e6 if len(latencies) else float("nan"),
         "server_cpu": cpu / elapsed,  # cores busy, roughly (includes the warm-up)
+        "server_cpu_counted": cores_counted,  # cores busy while the messages were counted
+        **report.cpu_per_message(cores_counted, **rates),  # µs of that CPU per message / step
         "client_cpu": clients / elapsed,  # all client processes together
         "steal": steal,  # share of CPU time the hypervisor took away during the window
         "mean_batch": (batch_after[0] - batch_before[0]) / batches if batches else 0.0,
