@@ -818,31 +818,46 @@ class Engine:
         )
 
 
-def measure_step_cost(loaded: LoadedModel, max_batch: int, rows: int = 32) -> StepCost:
-    """Time the step graph at 1 row and at ``rows`` rows (best of 3 after a warm-up call, which
-    also spares the first real request the backend's first-call costs). Rows are batch × time
-    steps: the batch is capped at ``max_batch`` and the time steps make up the rest, so the slope
-    is measured even when batches stay small (with a batch of 1 alone it was noise, ~0, and a
-    1,024-step call was predicted as cheap as one step and ran on the event loop)."""
-    batch = max(1, min(rows, max_batch))
-    steps = -(-rows // batch)  # ceil
+def measure_step_cost(
+    loaded: LoadedModel, max_batch: int, rows: int = 32, steps: int = 16
+) -> StepCost:
+    """Time the step graph at the corners (1, 1), (rows, 1), (1, steps) and (rows, steps) of
+    batch × time steps, so a row along the batch and a step along the time axis are priced
+    apart: a long step of one session costs far more than a wide step of many sessions with as
+    many rows × steps (priced alike, a 1 × 256 call was predicted at about half its cost).
+    ``rows`` is capped at ``max_batch`` and ``steps`` at the model's input limit; the slopes are
+    measured even when batches stay at 1 (a 1,024-step call must not be priced as one step and
+    run on the event loop). Each timing follows a warm-up call, which also spares the first real
+    request the backend's first-call costs."""
+    rows = max(1, min(rows, max_batch))
+    steps = max(1, min(steps, loaded.manifest.input.max_steps))
+    one_s = _best_step_time(loaded, 1, 1)
+    steps_s = _best_step_time(loaded, 1, steps) if steps > 1 else one_s
+    if rows == 1:  # the batch never grows: the row terms are never used
+        return StepCost.from_timings(1, steps, one_s, one_s, steps_s, steps_s)
+    rows_s = _best_step_time(loaded, rows, 1)
+    both_s = _best_step_time(loaded, rows, steps) if steps > 1 else rows_s
+    return StepCost.from_timings(rows, steps, one_s, rows_s, steps_s, both_s)
+
+
+def _best_step_time(loaded: LoadedModel, batch: int, steps: int) -> float:
+    """The fastest of a few step calls at (batch, steps) after a warm-up call. Noise on a shared
+    machine only adds time, and a slow (1, 1) call would bend every slope fitted from it, so the
+    cheap edges (well under a millisecond) get 7 tries and the (rows, steps) corner 3."""
     m = loaded.manifest
-
-    def best_of(batch: int, steps: int) -> float:
-        if m.input.kind == "tokens":
-            x = np.zeros((batch, steps), dtype=np.int64)  # (B, T)
-        else:
-            x = np.zeros((batch, steps, m.input.features or 1), dtype=np.float32)  # (B, T, F)
-        states = initial_states(m, batch)
+    repeats = 7 if batch == 1 or steps == 1 else 3
+    if m.input.kind == "tokens":
+        x = np.zeros((batch, steps), dtype=np.int64)  # (B, T)
+    else:
+        x = np.zeros((batch, steps, m.input.features or 1), dtype=np.float32)  # (B, T, F)
+    states = initial_states(m, batch)
+    loaded.backend.step(x, states)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
         loaded.backend.step(x, states)
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            loaded.backend.step(x, states)
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    return StepCost.from_timings(best_of(1, 1), batch * steps, best_of(batch, steps))
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def _retry_of_another_length(cached: StepResult, steps: int) -> InvalidInput:

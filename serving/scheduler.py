@@ -12,11 +12,12 @@ Where a batch runs: in the executor (off the event loop), unless its predicted c
 ``inline_budget_s`` and the model was idle; then it runs right on the loop thread. For small batches
 of small models the hop to a worker thread and back (two thread wake-ups, ~200 µs on a VM) costs
 several times the compute (~35 µs for one LSTM step), and the backends release the GIL while they
-compute, so the gRPC poller keeps receiving meanwhile. The cost is predicted by ``StepCost``,
-measured per model at start. "Idle" means no batch was answered in the last ``BUSY_GAP_S``: under
-load the next steps are already on their way, and the hop is what lets them gather into the next
-batch (run inline, unary calls arriving one per loop turn each made a batch of one, and 1,000
-unary sessions got less done than 64).
+compute, so the gRPC poller keeps receiving meanwhile. The cost is predicted by ``StepCost``
+from the batch's rows and time steps (priced apart: steps run one after another, rows side by
+side), measured per model at start. "Idle" means no batch was answered in the last
+``BUSY_GAP_S``: under load the next steps are already on their way, and the hop is what lets them
+gather into the next batch (run inline, unary calls arriving one per loop turn each made a batch
+of one, and 1,000 unary sessions got less done than 64).
 Rules a batch obeys:
 
 * at most one step per session (the engine serializes a session's calls; this is a second guard);
@@ -180,27 +181,58 @@ class Batch:
 
 
 BUSY_GAP_S = 200e-6  # a step this soon after the last answer means load: no inline run
+COST_MARGIN = 1.25  # measured slopes are scaled by this (see StepCost.from_timings)
 
 
 class StepCost:
-    """Predicted seconds of one backend step call: ``fixed_s + per_row_s * rows``, where rows is
-    batch × time steps; ``StepScheduler`` runs a batch inline when the prediction is within its
-    budget. Unknown until measured: then every batch predicts as infinitely costly (executor)."""
+    """Predicted seconds of one backend step call of ``rows`` sessions × ``steps`` time steps:
 
-    __slots__ = ("fixed_s", "per_row_s")
+        one_s + (rows - 1) * per_row_s + (steps - 1) * (per_step_s + (rows - 1) * per_row_step_s)
 
-    def __init__(self, fixed_s: float = float("inf"), per_row_s: float = 0.0) -> None:
-        self.fixed_s = fixed_s
-        self.per_row_s = per_row_s
+    Batch rows and time steps cost differently: the rows of one time step are one vectorized
+    matrix product, while the time steps run one after another, each with its own overhead; so
+    a single rows × steps count priced a long call of one session (1 × 256) like a wide call of
+    one step (256 × 1) and underestimated it about 2x. ``StepScheduler`` runs a batch inline when
+    the prediction is within its budget. Unknown until measured: then every batch predicts as
+    infinitely costly (executor)."""
+
+    __slots__ = ("one_s", "per_row_s", "per_row_step_s", "per_step_s")
+
+    def __init__(
+        self,
+        one_s: float = float("inf"),
+        per_row_s: float = 0.0,
+        per_step_s: float = 0.0,
+        per_row_step_s: float = 0.0,
+    ) -> None:
+        self.one_s = one_s  # one row, one step
+        self.per_row_s = per_row_s  # each further row of a one-step call
+        self.per_step_s = per_step_s  # each further step of a one-row call
+        self.per_row_step_s = per_row_step_s  # each further row × each further step
 
     @classmethod
-    def from_timings(cls, one_row_s: float, rows: int, many_rows_s: float) -> StepCost:
-        """The line through (1, one_row_s) and (rows, many_rows_s)."""
-        per_row = max(0.0, (many_rows_s - one_row_s) / max(1, rows - 1))
-        return cls(max(0.0, one_row_s - per_row), per_row)
+    def from_timings(
+        cls, rows: int, steps: int, one_s: float, rows_s: float, steps_s: float, both_s: float
+    ) -> StepCost:
+        """The bilinear surface through the calls timed at (1, 1), (rows, 1), (1, steps) and
+        (rows, steps), its slopes raised by ``COST_MARGIN``: the cost per row and step grows a
+        little with the call's size (larger outputs, colder caches) past the timed corner, and
+        erring high costs one thread hop (~200 µs) where erring low blocks the event loop."""
+        extra_rows, extra_steps = rows - 1, steps - 1
+        per_row = (rows_s - one_s) / extra_rows if extra_rows else 0.0
+        per_step = (steps_s - one_s) / extra_steps if extra_steps else 0.0
+        cross = extra_rows * extra_steps
+        per_row_step = ((both_s - steps_s) - (rows_s - one_s)) / cross if cross else 0.0
+        slopes = (max(0.0, s) * COST_MARGIN for s in (per_row, per_step, per_row_step))
+        return cls(one_s, *slopes)
 
-    def predict(self, rows: int) -> float:
-        return self.fixed_s + self.per_row_s * rows
+    def predict(self, rows: int, steps: int) -> float:
+        extra_rows = rows - 1
+        return (
+            self.one_s
+            + extra_rows * self.per_row_s
+            + (steps - 1) * (self.per_step_s + extra_rows * self.per_row_step_s)
+        )
 
 
 class StepScheduler:
@@ -352,7 +384,7 @@ class StepScheduler:
         try:
             slots, x = _rows_of(batch)  # (B,), (B, T, F) or (B, T)
             states = self._pool.gather(slots)  # [(L, B, H)]
-            if self._runs_inline(x.shape[0] * x.shape[1]):
+            if self._runs_inline(x.shape[0], x.shape[1]):
                 self._run_inline(batch, slots, x, states)
                 return
             work = self._executor.submit(self._backend.step, x, states)
@@ -437,9 +469,9 @@ class StepScheduler:
         self._queued_rows -= rows
         return Batch(items, rows, blocks)
 
-    def _runs_inline(self, rows: int) -> bool:
+    def _runs_inline(self, rows: int, steps: int) -> bool:
         """Cheap enough, and the model idle (see the module docstring)."""
-        if self.cost.predict(rows) > self.inline_budget_s:
+        if self.cost.predict(rows, steps) > self.inline_budget_s:
             return False
         return time.perf_counter() - self._answered_at >= BUSY_GAP_S
 

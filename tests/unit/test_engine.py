@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import torch
 from eager import TOL, Reference
 
-from serving.engine import Engine, EngineConfig, sample_token
+from serving.backends import initial_states, load_model
+from serving.engine import Engine, EngineConfig, measure_step_cost, sample_token
 from serving.errors import (
     ArtifactError,
     CapacityExhausted,
@@ -401,7 +403,7 @@ def test_each_model_is_timed_at_start_and_cheap_lone_steps_skip_the_thread_hop(q
                 ys.append((await e.step(sid, x)).y)
             y = np.concatenate(ys)
             sched = e._runtimes["seq_lstm:1"].scheduler
-            return y, sched.inline_batches, sched.cost.predict(1)
+            return y, sched.inline_batches, sched.cost.predict(1, 1)
 
     inline_y, inline_batches, one_row_s = asyncio.run(steps(1e6))
     hop_y, hop_batches, _ = asyncio.run(steps(0.0))
@@ -424,9 +426,76 @@ def test_without_batching_a_long_step_is_still_priced_by_its_length_and_leaves_t
             x = tokens(e, "char", rng, e.input_limit(m))
             y = (await e.step(e.open_session("char").session_id, x)).y
             sched = e._runtimes[f"char:{m.version}"].scheduler
-            return x, y, sched.inline_batches, sched.cost.predict(1), sched.cost.predict(len(x))
+            return (
+                x,
+                y,
+                sched.inline_batches,
+                sched.cost.predict(1, 1),
+                sched.cost.predict(1, len(x)),
+            )
 
     x, y, inline_batches, one_step_s, long_step_s = asyncio.run(long_step())
     assert long_step_s > 20 * one_step_s, "a row's cost is measured even without batches"
     assert inline_batches == 0, "a step of ~10 ms must not run on the event loop"
     np.testing.assert_allclose(y, ref.run("char", [x]), atol=TOL)
+
+
+# ---- the start-up cost model against real calls ------------------------------------------------
+
+COST_GRID_BATCHES = (1, 4, 16, 64)
+COST_GRID_STEPS = (1, 8, 64, 256)
+COST_SLACK_S = 20e-6  # misses this small cannot move a batch across a budget of hundreds of µs
+
+
+def best_step_time(loaded, batch: int, steps: int, repeats: int) -> float:
+    """Fastest of ``repeats`` real step calls at (batch, steps) after a warm-up call: noise on a
+    shared machine (other processes, hypervisor steal) only ever adds time."""
+    m = loaded.manifest
+    if m.input.kind == "tokens":
+        x = np.zeros((batch, steps), np.int64)  # (B, T)
+    else:
+        x = np.zeros((batch, steps, m.input.features), np.float32)  # (B, T, F)
+    states = initial_states(m, batch)
+    loaded.backend.step(x, states)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        loaded.backend.step(x, states)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def cost_ratios(loaded, cost) -> dict[tuple[int, int], tuple[float, float]]:
+    """(batch, T) -> (predicted, measured) seconds over the grid; a cell whose prediction looks
+    too low is timed again (up to 3 times) before it counts, since a busy machine only slows
+    the measured call down."""
+    cells = {}
+    for batch in COST_GRID_BATCHES:
+        for steps in COST_GRID_STEPS:
+            predicted = cost.predict(batch, steps)
+            repeats = 5 if batch * steps <= 1024 else 3
+            measured = best_step_time(loaded, batch, steps, repeats)
+            for _ in range(3):
+                if predicted >= 0.8 * measured - COST_SLACK_S:
+                    break
+                measured = min(measured, best_step_time(loaded, batch, steps, repeats))
+            cells[batch, steps] = (predicted, measured)
+    return cells
+
+
+@pytest.mark.parametrize("model", ["seq_lstm", "sine", "char", "elman"])
+def test_the_start_up_cost_model_is_close_to_real_calls_along_batch_and_time(quick_store, model):
+    """The scheduler runs a batch on the event loop when its predicted cost is within the budget,
+    so a prediction far below the real cost blocks the loop. Models with states of different
+    sizes (LSTM 2x128, RNN 32, GRU 256 with an embedding, Elman 32), long along the batch and
+    along the time steps: predicted >= 0.8x measured, and not wildly above (<= 3x)."""
+    loaded = load_model(quick_store, model)
+    cells = cost_ratios(loaded, measure_step_cost(loaded, 256))
+    table = "\n".join(
+        f"B={b:<3} T={t:<4} predicted {p * 1e6:9.0f} µs  measured {s * 1e6:9.0f} µs  {p / s:5.2f}x"
+        for (b, t), (p, s) in cells.items()
+    )
+    low = [cell for cell, (p, s) in cells.items() if p < 0.8 * s - COST_SLACK_S]
+    high = [cell for cell, (p, s) in cells.items() if p > 3.0 * s + COST_SLACK_S]
+    assert not low, f"{model}: predicted below 0.8x the real cost at {low}\n{table}"
+    assert not high, f"{model}: predicted above 3x the real cost at {high}\n{table}"

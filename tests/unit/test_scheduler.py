@@ -236,7 +236,7 @@ def test_batches_within_the_inline_budget_run_on_the_loop_and_larger_ones_in_the
     async def main():
         # predicted cost: 10 µs per row; budget 50 µs → batches of up to 5 rows run inline
         sched, pool, ex = await make(model, inline_budget_s=50e-6)
-        sched.cost = StepCost(0.0, 10e-6)
+        sched.cost = StepCost(10e-6, 10e-6)
         sessions = [session(pool, i) for i in range(12)]
         loop_thread = threading.get_ident()
         lone = []
@@ -285,13 +285,27 @@ def test_an_inline_batch_that_raises_fails_only_that_batch():
     assert sched.inline_batches == 2
 
 
-def test_step_cost_is_the_line_through_two_timings():
-    from serving.scheduler import StepCost
+def test_step_cost_prices_rows_and_time_steps_apart_through_four_timed_corners():
+    from serving.scheduler import COST_MARGIN, StepCost
 
-    cost = StepCost.from_timings(40e-6, 32, 350e-6)
-    assert cost.predict(1) == pytest.approx(40e-6)
-    assert cost.predict(32) == pytest.approx(350e-6)
-    assert StepCost().predict(1) == float("inf"), "an unmeasured model always uses the executor"
+    # (1, 1) 40 µs, (32, 1) 350 µs, (1, 16) 220 µs, (32, 16) 2,855 µs: 10 µs a further row of
+    # one step, 12 µs a further step of one row, 5 µs a further row × further step
+    cost = StepCost.from_timings(32, 16, 40e-6, 350e-6, 220e-6, 2855e-6)
+    m = COST_MARGIN  # the slopes err high, the one-row one-step cost is as timed
+    assert cost.predict(1, 1) == pytest.approx(40e-6)
+    assert cost.predict(32, 1) == pytest.approx(40e-6 + m * 310e-6)
+    assert cost.predict(1, 16) == pytest.approx(40e-6 + m * 180e-6)
+    assert cost.predict(32, 16) == pytest.approx(40e-6 + m * 2815e-6)
+    assert cost.predict(1, 256) == pytest.approx(40e-6 + m * 255 * 12e-6)  # beyond the corners
+    beyond = (63 * 10 + 255 * 12 + 63 * 255 * 5) * 1e-6
+    assert cost.predict(64, 256) == pytest.approx(40e-6 + m * beyond)
+    # a long step of one session costs more than a wide step of as many rows × steps
+    assert cost.predict(1, 32) > cost.predict(32, 1)
+    noisy = StepCost.from_timings(32, 16, 40e-6, 30e-6, 35e-6, 20e-6)  # a slow (1, 1) timing
+    assert noisy.predict(64, 256) == pytest.approx(40e-6), "slopes are never negative"
+    alone = StepCost.from_timings(1, 16, 40e-6, 40e-6, 220e-6, 220e-6)  # max_batch_size 1
+    assert alone.predict(1, 16) == pytest.approx(40e-6 + m * 180e-6)
+    assert StepCost().predict(1, 1) == float("inf"), "an unmeasured model always uses the executor"
     with pytest.raises(ValueError, match="inline_budget"):
         StepScheduler(
             "m", NumpyElman(), StatePool([StateSpec("h", 1, H)]), None, inline_budget_s=-1
