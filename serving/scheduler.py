@@ -31,6 +31,10 @@ Single steps and blocks of one model and one T share a batch (one backend call).
 
 States are gathered from the model's ``StatePool`` before the call and scattered back after it, on
 the event loop thread, so pool growth and slot reuse never race with a running batch.
+
+Each item of a batch is answered on its own: an answer callback that raises is logged with the
+model's name and ends only its own item's future (with an error); the rest of the batch is still
+answered and the next batch still runs.
 """
 
 from __future__ import annotations
@@ -82,7 +86,16 @@ class StepGroup:
         self.remaining = size
 
     def answer(self, pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
-        self.on_done(pos, y, err)
+        """Commit member ``pos``; if ``on_done`` raises, the member's outcome is that error (the
+        group still resolves) and the exception propagates for the scheduler to log."""
+        try:
+            self.on_done(pos, y, err)
+        except Exception as e:
+            self._record(pos, None, err or _answer_failed(e))
+            raise
+        self._record(pos, y, err)
+
+    def _record(self, pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
         self.outcomes[pos] = y if err is None else err
         self.remaining -= 1
         if self.remaining == 0 and not self.future.done():
@@ -100,41 +113,56 @@ class PendingStep:
     pos: int = 0  # the member's position in its group
 
     def answer(self, y: np.ndarray | None, err: BaseException | None) -> None:
-        """y (T, O), or the error."""
+        """y (T, O), or the error. If ``on_done`` raises, the future gets an error and the
+        exception propagates for the scheduler to log."""
         if self.group is not None:
             self.group.answer(self.pos, y, err)
             return
+        future = self.future
+        assert future is not None
         if self.on_done is not None:
-            self.on_done(y, err)
-        assert self.future is not None
-        if self.future.done():  # the caller gave up; on_done has recorded the outcome
+            try:
+                self.on_done(y, err)
+            except Exception as e:
+                if not future.done():
+                    future.set_exception(err or _answer_failed(e))
+                raise
+        if future.done():  # the caller gave up; on_done has recorded the outcome
             return
         if err is None:
-            self.future.set_result(y)
+            future.set_result(y)
         else:
-            self.future.set_exception(err)
+            future.set_exception(err)
 
 
 class BlockJoin:
     """One submitted block: its parts may run in different batches (a block larger than the room
-    left in a batch is split); the future resolves once every row is answered."""
+    left in a batch is split); the future resolves once every row is answered, with an error if
+    ``on_done`` raised for any part (the exception propagates for the scheduler to log)."""
 
-    __slots__ = ("future", "on_done", "remaining")
+    __slots__ = ("failure", "future", "on_done", "remaining")
 
     def __init__(self, future: asyncio.Future[None], rows: int, on_done: BlockDone) -> None:
         self.future = future
         self.on_done = on_done
         self.remaining = rows
+        self.failure: BaseException | None = None  # why on_done raised, for the future
 
     def answer(
         self, start: int, stop: int, y: np.ndarray | None, err: BaseException | None
     ) -> None:
         try:
             self.on_done(start, stop, y, err)
+        except Exception as e:
+            self.failure = self.failure or _answer_failed(e)
+            raise
         finally:  # the waiter must wake even if on_done failed
             self.remaining -= stop - start
             if self.remaining == 0 and not self.future.done():
-                self.future.set_result(None)
+                if self.failure is None:
+                    self.future.set_result(None)
+                else:
+                    self.future.set_exception(self.failure)
 
 
 @dataclass(slots=True)
@@ -512,16 +540,50 @@ class StepScheduler:
         else:
             self.batches += 1
             self.rows += batch.rows
-            self._on_batch(batch.rows)
-            _answer_rows(batch, y)
+            try:
+                self._on_batch(batch.rows)
+            except Exception:  # a metrics hook must not keep the batch from being answered
+                log.exception("%s: the on_batch hook failed", self.name)
+            self._answer_rows(batch, y)
         self._answered_at = time.perf_counter()
+
+    def _answer_rows(self, batch: Batch, y: np.ndarray) -> None:
+        """Hand each item its rows of y (B, T, O). Each item is answered on its own: one whose
+        callback raises is logged (its own future gets an error) and the rest are still
+        answered, or their futures would hang and their sessions stay busy for good."""
+        if not batch.blocks:
+            for i, p in enumerate(batch.items):
+                try:
+                    p.answer(y[i], None)  # (T, O)
+                except Exception:
+                    self._log_answer_failure()
+            return
+        row = 0
+        for p in batch.items:
+            try:
+                if type(p) is PendingBlock:
+                    n = p.rows
+                    p.answer(y[row : row + n], None)  # (n, T, O)
+                else:
+                    n = 1
+                    p.answer(y[row], None)  # type: ignore[arg-type]  # (T, O)
+            except Exception:
+                self._log_answer_failure()
+            row += n
 
     def _fail(self, batch: Batch, err: BaseException) -> None:
         wrapped = (
             err if isinstance(err, RnnServeError) else RnnServeError(f"inference failed: {err!r}")
         )
         for p in batch.items:
-            p.answer(None, wrapped)
+            try:
+                p.answer(None, wrapped)
+            except Exception:
+                self._log_answer_failure()
+
+    def _log_answer_failure(self) -> None:
+        """Called in an except block: the traceback goes with the model's name."""
+        log.exception("%s: answering a step failed (its waiter gets an error)", self.name)
 
     def _notify_if_drained(self) -> None:
         if self._drained is not None and not self._drained.done():
@@ -542,17 +604,8 @@ def _rows_of(batch: Batch) -> tuple[np.ndarray, np.ndarray]:
     return slots, np.concatenate([p.x if type(p) is PendingBlock else p.x[None] for p in items])
 
 
-def _answer_rows(batch: Batch, y: np.ndarray) -> None:
-    """Hand each item its rows of y (B, T, O)."""
-    if not batch.blocks:
-        for i, p in enumerate(batch.items):
-            p.answer(y[i], None)  # (T, O)
-        return
-    row = 0
-    for p in batch.items:
-        if type(p) is PendingBlock:
-            p.answer(y[row : row + p.rows], None)  # (n, T, O)
-            row += p.rows
-        else:
-            p.answer(y[row], None)  # type: ignore[arg-type]  # (T, O)
-            row += 1
+def _answer_failed(e: Exception) -> RnnServeError:
+    """The error a step's waiter gets when the step ran but its answer callback raised."""
+    err = RnnServeError(f"the step ran but answering it failed: {e!r}")
+    err.__cause__ = e
+    return err

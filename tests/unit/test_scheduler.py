@@ -341,3 +341,65 @@ def test_a_cheap_batch_right_after_an_answer_takes_the_executor_so_the_next_ones
     assert all(t != loop_thread for t in model.threads[1:]), "later ones follow an answer at once"
     assert sched.inline_batches == 1
     np.testing.assert_allclose(np.concatenate(ys), reference(model, [x, x, x]), atol=1e-6)
+
+
+def raising(*args) -> None:
+    raise RuntimeError("answer callback exploded")
+
+
+def test_an_answer_callback_that_raises_costs_only_its_own_item_and_the_scheduler_keeps_going(
+    caplog,
+):
+    """Each item of a batch is answered on its own: a raising on_done (of a single step, a
+    block, a group member) is logged with the model's name and ends that item's future with an
+    error; the rest of the batch gets its rows, and the next batches run as usual."""
+    model = NumpyElman(fail_when_batch_has=3)
+    rng = np.random.default_rng(7)
+    xs = rng.normal(size=(13, 1, F)).astype(np.float32)  # one T=1 step per session
+
+    async def main():
+        sched, pool, ex = await make(model)
+        s = [session(pool, i) for i in range(13)]
+        committed: list[tuple] = []  # the normal block's (start, stop, y, err)
+        # one batch (blocks path): each raising item comes before normal items
+        mixed = [
+            sched.submit(s[0], xs[0], raising),
+            sched.submit_block(s[1:3], xs[1:3], raising),
+            sched.submit_many(
+                s[3:5], list(xs[3:5]), lambda pos, y, err: raising() if pos == 0 else None
+            ),
+            sched.submit(s[5], xs[5]),
+            sched.submit_block(s[6:8], xs[6:8], lambda *part: committed.append(part)),
+        ]
+        mixed = await asyncio.wait_for(asyncio.gather(*mixed, return_exceptions=True), 5.0)
+        # one batch of single steps only, then a failing batch of three (the backend raises)
+        singles = [sched.submit(s[8], xs[8], raising), sched.submit(s[9], xs[9])]
+        singles = await asyncio.wait_for(asyncio.gather(*singles, return_exceptions=True), 5.0)
+        failed = [
+            sched.submit(s[10], xs[10], raising),
+            *(sched.submit(s[i], xs[i]) for i in (11, 12)),
+        ]
+        failed = await asyncio.wait_for(asyncio.gather(*failed, return_exceptions=True), 5.0)
+        after = await asyncio.wait_for(sched.submit(s[5], xs[5]), 5.0)  # s[5]'s second step
+        await sched.stop()
+        ex.shutdown()
+        return mixed, singles, failed, committed, after
+
+    with caplog.at_level("ERROR", logger="serving.scheduler"):
+        mixed, singles, failed, committed, after = asyncio.run(main())
+    calls = [(b, t) for b, t, _ in model.calls]  # before the reference runs add theirs
+    alone = {i: reference(model, [xs[i]]) for i in range(13)}
+    answer_failed = (RnnServeError, "answering it failed")
+    for got in (mixed[0], mixed[1], mixed[2][0], singles[0]):
+        assert isinstance(got, answer_failed[0]) and answer_failed[1] in str(got), got
+    np.testing.assert_allclose(mixed[2][1], alone[4], atol=1e-6)
+    np.testing.assert_allclose(mixed[3], alone[5], atol=1e-6)
+    assert mixed[4] is None and [part[:2] for part in committed] == [(0, 2)]
+    assert committed[0][3] is None
+    np.testing.assert_allclose(committed[0][2], np.stack([alone[6], alone[7]]), atol=1e-6)
+    np.testing.assert_allclose(singles[1], alone[9], atol=1e-6)
+    assert all(isinstance(f, RnnServeError) and "backend exploded" in str(f) for f in failed)
+    np.testing.assert_allclose(after, reference(model, [xs[5], xs[5]])[1:], atol=1e-6)
+    assert calls == [(8, 1), (2, 1), (1, 1)]  # and the failed call of 3
+    logged = [r for r in caplog.records if "answering a step failed" in r.getMessage()]
+    assert len(logged) == 5 and all("m:1" in r.getMessage() and r.exc_info for r in logged)
