@@ -132,17 +132,19 @@ def test_hundreds_of_interleaved_sessions_equal_the_offline_run(quick_store, ref
                 return sid, np.concatenate(ys)
 
             outs = dict(await asyncio.gather(*(drive(s) for s in plan)))
-            batched = sum(
-                rt.scheduler.rows / rt.scheduler.batches
-                for rt in e._runtimes.values()
-                if rt.scheduler
-            )
-            return plan, outs, batched
+            schedulers = [rt.scheduler for rt in e._runtimes.values() if rt.scheduler]
+            batched = sum(sched.rows / sched.batches for sched in schedulers)
+            inline = sum(sched.inline_batches for sched in schedulers)
+            return plan, outs, batched, inline
 
-    plan, outs, mean_rows = asyncio.run(main())
+    plan, outs, mean_rows, inline_batches = asyncio.run(main())
     for sid, (model, chunks) in plan.items():
         np.testing.assert_allclose(outs[sid], ref.run(model, chunks), atol=TOL, err_msg=model)
     assert mean_rows > 1.5, "steps of concurrent sessions should share backend calls"
+    if inline_budget_us:  # the variant must have exercised the inline path it is named after
+        assert inline_batches > 0, "no batch ran inline: the inline path went untested"
+    else:
+        assert inline_batches == 0, "a zero budget must send every batch to the executor"
 
 
 def test_both_backends_give_the_same_results(quick_store):
