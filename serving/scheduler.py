@@ -209,7 +209,10 @@ class Batch:
 
 
 BUSY_GAP_S = 200e-6  # a step this soon after the last answer means load: no inline run
-COST_MARGIN = 1.25  # measured slopes are scaled by this (see StepCost.from_timings)
+# measured slopes are scaled by these (see StepCost.from_timings): a row's and a step's by the
+# first, a row × step's (where the cost per row and step grows with the call's size) by the second
+COST_MARGIN = 1.25
+CROSS_COST_MARGIN = 1.5
 
 
 class StepCost:
@@ -243,16 +246,22 @@ class StepCost:
         cls, rows: int, steps: int, one_s: float, rows_s: float, steps_s: float, both_s: float
     ) -> StepCost:
         """The bilinear surface through the calls timed at (1, 1), (rows, 1), (1, steps) and
-        (rows, steps), its slopes raised by ``COST_MARGIN``: the cost per row and step grows a
-        little with the call's size (larger outputs, colder caches) past the timed corner, and
-        erring high costs one thread hop (~200 µs) where erring low blocks the event loop."""
+        (rows, steps), its slopes raised so it errs high: erring high costs one thread hop
+        (~200 µs), erring low blocks the event loop. The row × step slope gets the larger margin:
+        the cost per row and step grows with the call's size past the timed corner (larger
+        outputs, colder caches; a 64 × 256 call cost up to 1.3x the bilinear guess from 32 × 16),
+        and timings are noisy on a shared machine."""
         extra_rows, extra_steps = rows - 1, steps - 1
         per_row = (rows_s - one_s) / extra_rows if extra_rows else 0.0
         per_step = (steps_s - one_s) / extra_steps if extra_steps else 0.0
         cross = extra_rows * extra_steps
         per_row_step = ((both_s - steps_s) - (rows_s - one_s)) / cross if cross else 0.0
-        slopes = (max(0.0, s) * COST_MARGIN for s in (per_row, per_step, per_row_step))
-        return cls(one_s, *slopes)
+        return cls(
+            one_s,
+            max(0.0, per_row) * COST_MARGIN,
+            max(0.0, per_step) * COST_MARGIN,
+            max(0.0, per_row_step) * CROSS_COST_MARGIN,
+        )
 
     def predict(self, rows: int, steps: int) -> float:
         extra_rows = rows - 1

@@ -467,10 +467,10 @@ def best_step_time(loaded, batch: int, steps: int, repeats: int) -> float:
     return min(times)
 
 
-def cost_ratios(loaded, cost) -> dict[tuple[int, int], tuple[float, float]]:
-    """(batch, T) -> (predicted, measured) seconds over the grid; a cell whose prediction looks
-    too low is timed again (up to 3 times) before it counts, since a busy machine only slows
-    the measured call down."""
+def cost_misses(loaded, cost) -> tuple[list, list, str]:
+    """The grid's cells predicted below 0.8x and above 3x the measured cost, and the table. A cell
+    that looks too low is timed again (up to 3 times) before it counts, since a busy machine only
+    slows the measured call down."""
     cells = {}
     for batch in COST_GRID_BATCHES:
         for steps in COST_GRID_STEPS:
@@ -482,7 +482,13 @@ def cost_ratios(loaded, cost) -> dict[tuple[int, int], tuple[float, float]]:
                     break
                 measured = min(measured, best_step_time(loaded, batch, steps, repeats))
             cells[batch, steps] = (predicted, measured)
-    return cells
+    low = [cell for cell, (p, s) in cells.items() if p < 0.8 * s - COST_SLACK_S]
+    high = [cell for cell, (p, s) in cells.items() if p > 3.0 * s + COST_SLACK_S]
+    table = "\n".join(
+        f"B={b:<3} T={t:<4} predicted {p * 1e6:9.0f} µs  measured {s * 1e6:9.0f} µs  {p / s:5.2f}x"
+        for (b, t), (p, s) in cells.items()
+    )
+    return low, high, table
 
 
 @pytest.mark.parametrize("model", ["seq_lstm", "sine", "char", "elman"])
@@ -490,14 +496,16 @@ def test_the_start_up_cost_model_is_close_to_real_calls_along_batch_and_time(qui
     """The scheduler runs a batch on the event loop when its predicted cost is within the budget,
     so a prediction far below the real cost blocks the loop. Models with states of different
     sizes (LSTM 2x128, RNN 32, GRU 256 with an embedding, Elman 32), long along the batch and
-    along the time steps: predicted >= 0.8x measured, and not wildly above (<= 3x)."""
+    along the time steps: predicted >= 0.8x measured, and not wildly above (<= 3x).
+
+    The machine's speed drifts between the start-up timing and the grid's (other processes on
+    two shared cores: one run timed everything 1.5x slower than its start-up had), so a miss
+    counts only if it comes back with three fresh start-up timings; the old rows × steps model
+    missed along T (0.4-0.6x) every time."""
     loaded = load_model(quick_store, model)
-    cells = cost_ratios(loaded, measure_step_cost(loaded, 256))
-    table = "\n".join(
-        f"B={b:<3} T={t:<4} predicted {p * 1e6:9.0f} µs  measured {s * 1e6:9.0f} µs  {p / s:5.2f}x"
-        for (b, t), (p, s) in cells.items()
-    )
-    low = [cell for cell, (p, s) in cells.items() if p < 0.8 * s - COST_SLACK_S]
-    high = [cell for cell, (p, s) in cells.items() if p > 3.0 * s + COST_SLACK_S]
+    for _ in range(3):
+        low, high, table = cost_misses(loaded, measure_step_cost(loaded, 256))
+        if not low and not high:
+            break
     assert not low, f"{model}: predicted below 0.8x the real cost at {low}\n{table}"
     assert not high, f"{model}: predicted above 3x the real cost at {high}\n{table}"

@@ -286,19 +286,19 @@ def test_an_inline_batch_that_raises_fails_only_that_batch():
 
 
 def test_step_cost_prices_rows_and_time_steps_apart_through_four_timed_corners():
-    from serving.scheduler import COST_MARGIN, StepCost
+    from serving.scheduler import COST_MARGIN, CROSS_COST_MARGIN, StepCost
 
     # (1, 1) 40 µs, (32, 1) 350 µs, (1, 16) 220 µs, (32, 16) 2,855 µs: 10 µs a further row of
     # one step, 12 µs a further step of one row, 5 µs a further row × further step
     cost = StepCost.from_timings(32, 16, 40e-6, 350e-6, 220e-6, 2855e-6)
-    m = COST_MARGIN  # the slopes err high, the one-row one-step cost is as timed
+    m, mx = COST_MARGIN, CROSS_COST_MARGIN  # the slopes err high, (1, 1) is as timed
     assert cost.predict(1, 1) == pytest.approx(40e-6)
     assert cost.predict(32, 1) == pytest.approx(40e-6 + m * 310e-6)
     assert cost.predict(1, 16) == pytest.approx(40e-6 + m * 180e-6)
-    assert cost.predict(32, 16) == pytest.approx(40e-6 + m * 2815e-6)
+    assert cost.predict(32, 16) == pytest.approx(40e-6 + m * 490e-6 + mx * 2325e-6)
     assert cost.predict(1, 256) == pytest.approx(40e-6 + m * 255 * 12e-6)  # beyond the corners
-    beyond = (63 * 10 + 255 * 12 + 63 * 255 * 5) * 1e-6
-    assert cost.predict(64, 256) == pytest.approx(40e-6 + m * beyond)
+    beyond = m * (63 * 10 + 255 * 12) + mx * 63 * 255 * 5
+    assert cost.predict(64, 256) == pytest.approx(40e-6 + beyond * 1e-6)
     # a long step of one session costs more than a wide step of as many rows × steps
     assert cost.predict(1, 32) > cost.predict(32, 1)
     noisy = StepCost.from_timings(32, 16, 40e-6, 30e-6, 35e-6, 20e-6)  # a slow (1, 1) timing
