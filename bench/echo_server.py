@@ -10,9 +10,18 @@ models, (N, T, K) probabilities and N*T indexes, with the block's step indexes e
 loaded and no state is kept besides which model a session id belongs to, so whatever the real
 server costs beyond this is ours.
 
-    python -m bench.echo_server --store STORE [--address 127.0.0.1:0]
+With ``--model NAME [NAME ...]`` it is **echo+model**: it serves only those models and every step
+it answers also pays the model's step-graph call in ONNX Runtime (1 intra-op thread, 1 inter-op,
+sequential, as ``serving.backends.OnnxBackend``), batched like our scheduler at its simplest: the
+rows submitted in one event-loop turn (unary Steps, stream steps, StepMany steps, packed block
+rows) run as one call on the loop thread, on zero inputs and zero states. No state is stored or
+gathered (that is session handling, not compute), so echo+model over echo is what the model call
+alone costs, and rnnserve over echo+model what our session handling costs on top.
 
-prints ``echo: listening on 127.0.0.1:PORT`` once it serves, and stops on SIGTERM/SIGINT.
+    python -m bench.echo_server --store STORE [--address 127.0.0.1:0] [--model NAME ...]
+
+prints ``echo: listening on 127.0.0.1:PORT`` (``echo+model: ...`` with ``--model``) once it
+serves, and stops on SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -22,11 +31,13 @@ import asyncio
 import functools
 import secrets
 import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -123,16 +134,144 @@ class EchoServicer(pb_grpc.RnnServeServicer):
         )
 
 
-def load_models(store: Path) -> dict[str, Canned]:
-    models = {}
+class StepGraph:
+    """One model's ``step`` graph in ONNX Runtime, run on zeros: the compute a step costs."""
+
+    def __init__(self, m: Manifest, version_dir: Path) -> None:
+        opts = ort.SessionOptions()  # as serving.backends.OnnxBackend sets them
+        opts.intra_op_num_threads = 1
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        graph = m.graphs["step"]
+        self._session = ort.InferenceSession(
+            str(version_dir / graph.onnx), opts, providers=["CPUExecutionProvider"]
+        )
+        self._inputs, self._outputs = graph.inputs, graph.outputs
+        self._manifest = m
+
+    def run(self, rows: int, steps: int) -> None:
+        """One call at batch ``rows``, ``steps`` time steps each; the outputs are dropped."""
+        m = self._manifest
+        if m.input.kind == "tokens":
+            x = np.zeros((rows, steps), dtype=np.int64)  # (B, T)
+        else:
+            x = np.zeros((rows, steps, m.input.features), dtype=np.float32)  # (B, T, F)
+        states = [np.zeros(s.shape(rows), dtype=s.dtype) for s in m.state]  # [(L, B, H)]
+        self._session.run(self._outputs, dict(zip(self._inputs, [x, *states], strict=True)))
+
+
+class TurnBatcher:
+    """Rows submitted in one event-loop turn run as one call (one per distinct T): the first
+    submit of a turn schedules the call with ``call_soon``, as our scheduler does, and the call
+    runs on the loop thread (no executor). ``calls`` and ``rows`` count what ran, for tests."""
+
+    def __init__(self, graph: StepGraph) -> None:
+        self._graph = graph
+        self._pending: list[tuple[int, int, asyncio.Future[None]]] = []  # (rows, T, future)
+        self.calls = 0
+        self.rows = 0
+
+    def submit(self, rows: int, steps: int = 1) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._run)
+        self._pending.append((rows, steps, future))
+        return future
+
+    def _run(self) -> None:
+        pending, self._pending = self._pending, []
+        for steps in dict.fromkeys(t for _, t, _ in pending):
+            group = [(rows, future) for rows, t, future in pending if t == steps]
+            rows = sum(r for r, _ in group)
+            error = None
+            try:
+                self._graph.run(rows, steps)
+            except Exception as e:  # answer the RPCs with it instead of leaving them hanging
+                error = e
+            self.calls += 1
+            self.rows += rows
+            for _, future in group:
+                if future.done():  # the RPC was cancelled meanwhile
+                    continue
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(error)
+
+
+class EchoModelServicer(EchoServicer):
+    """The echo, but each answered step first waits for its share of a batched model call."""
+
+    def __init__(self, models: dict[str, Canned], batchers: dict[str, TurnBatcher]) -> None:
+        super().__init__(models)
+        self.batchers = batchers  # model name -> its turn batcher
+
+    async def Step(self, request, context):
+        await self.batchers[self._sessions[request.session_id]].submit(1)
+        return self._echo(request.session_id, request)
+
+    async def Session(self, request_iterator, context):
+        session_id = ""
+        async for request in request_iterator:
+            session_id = session_id or request.session_id
+            await self.batchers[self._sessions[session_id]].submit(1)
+            yield self._echo(session_id, request)
+
+    async def StepMany(self, request_iterator, context):
+        async for message in request_iterator:
+            if message.HasField("packed"):
+                packed = message.packed
+                if packed.model not in self._models:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "unknown model")
+                await self.batchers[packed.model].submit(len(packed.session_ids), packed.steps or 1)
+                yield pb.StepManyResponse(packed=self._echo_block(packed))
+                continue
+            per_model = Counter(self._sessions[s.session_id] for s in message.steps)
+            for future in [self.batchers[m].submit(n) for m, n in per_model.items()]:
+                await future  # all submitted in this turn: one call per model
+            results = [
+                pb.StepResult(session_id=s.session_id, reply=self._echo(s.session_id, s))
+                for s in message.steps
+            ]
+            yield pb.StepManyResponse(results=results)
+
+
+def latest_manifests(store: Path) -> dict[str, tuple[Manifest, Path]]:
+    """Each streamable model's latest version: (manifest, version folder)."""
+    found = {}
     for name in list_models(store):
-        m = load_manifest(resolve(store, name, list_versions(store, name)[-1]))
+        version_dir = resolve(store, name, list_versions(store, name)[-1])
+        m = load_manifest(version_dir)
         if m.streamable:
-            models[name] = Canned.of(m)
-    return models
+            found[name] = (m, version_dir)
+    return found
 
 
-async def serve(store: Path, address: str) -> None:
+def load_models(store: Path) -> dict[str, Canned]:
+    return {name: Canned.of(m) for name, (m, _) in latest_manifests(store).items()}
+
+
+def echo_model_servicer(store: Path, names: list[str]) -> EchoModelServicer:
+    """echo+model for ``names`` only (each a streamable model of the store)."""
+    found = latest_manifests(store)
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ValueError(f"{store} has no streamable {', '.join(missing)}")
+    models = {n: Canned.of(found[n][0]) for n in names}
+    batchers = {n: TurnBatcher(StepGraph(*found[n])) for n in names}
+    return EchoModelServicer(models, batchers)
+
+
+def servicer_for(store: Path, model_calls: list[str] | None = None) -> EchoServicer:
+    """The plain echo of every streamable model, or echo+model for ``model_calls``."""
+    if model_calls:
+        return echo_model_servicer(store, model_calls)
+    return EchoServicer(load_models(store))
+
+
+def create_server(servicer: EchoServicer, address: str) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with the real one's options, bound, not started (call in a loop)."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -140,11 +279,16 @@ async def serve(store: Path, address: str) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_RnnServeServicer_to_server(EchoServicer(load_models(store)), server)
-    port = server.add_insecure_port(address)
+    pb_grpc.add_RnnServeServicer_to_server(servicer, server)
+    return server, server.add_insecure_port(address)
+
+
+async def serve(servicer: EchoServicer, address: str) -> None:
+    server, port = create_server(servicer, address)
     await server.start()
     host = address.rsplit(":", 1)[0]
-    print(f"echo: listening on {host}:{port}", flush=True)
+    name = "echo+model" if isinstance(servicer, EchoModelServicer) else "echo"
+    print(f"{name}: listening on {host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -157,8 +301,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True, help="model store (manifests only)")
     p.add_argument("--address", default="127.0.0.1:0")
+    p.add_argument("--model", nargs="+", action="extend", metavar="NAME", help="echo+model: "
+                   "serve only these models, each step paying the step-graph call")  # fmt: skip
     args = p.parse_args()
-    asyncio.run(serve(args.store, args.address))
+    try:
+        servicer = servicer_for(args.store, args.model)
+    except ValueError as e:  # a --model the store does not stream
+        p.error(str(e))
+    asyncio.run(serve(servicer, args.address))
 
 
 if __name__ == "__main__":
