@@ -6,13 +6,16 @@
 What it does, in this order:
 1. finds a model store with seq_lstm and sine (``--store``; else the tests' quick store when it is
    complete; else it trains ``--quick seq_lstm sine`` into .cache/bench_store);
-2. starts two server processes on loopback: ``rnnserve serve`` (the real CLI, ONNX Runtime,
-   1 intra-op thread, metrics on a free port) and ``bench.echo_server`` (same messages, no model);
+2. starts three server processes on loopback: ``rnnserve serve`` (the real CLI, ONNX Runtime,
+   1 intra-op thread, metrics on a free port), ``bench.echo_server`` (same messages, no model) and
+   ``bench.echo_server --model ...`` (echo+model: the echo paying the real step-graph call,
+   batched per loop turn, no session handling; ``--no-echo-model`` leaves it out);
 3. starts ``--workers`` client processes (``bench.load``); for each model, path (unary Step, bidi
    Session stream, StepMany with ``--per-message`` sessions per message, and the same in StepMany's
    packed form: one PackedSteps block per message) and session count, opens
-   the sessions on both servers, then runs ``--reps`` timed windows (``--warmup`` s not counted,
-   ``--duration`` s counted), alternating echo and real, and keeps the median of each metric;
+   the sessions on every server, then runs ``--reps`` timed windows (``--warmup`` s not counted,
+   ``--duration`` s counted), one per server in turn (the order reversed every other rep), and
+   keeps the median of each metric;
 4. measures the ORT ceiling in this process (``bench.ceiling``) and idle-session memory in a fresh
    process (``bench.idle_sessions``);
 5. writes docs/bench_results.json, the plot docs/bench_steps.png and the generated section of
@@ -56,7 +59,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class Server:
-    name: str  # "rnnserve" or "echo"
+    name: str  # "rnnserve", "echo" or "echo+model"
     proc: subprocess.Popen
     address: str
     metrics: str | None = None
@@ -130,15 +133,21 @@ def start_server(name: str, argv: list[str], timeout: float = 60.0) -> Server:
     )
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
-    for line in proc.stdout:  # the first line says where it listens
-        found = LISTENING.search(line)
-        if found:
-            server = Server(name, proc, found.group(1), found.group(2))
-            wait_ready(server.address, deadline)
-            return server
-        if time.monotonic() > deadline:
-            break
+    try:
+        for line in proc.stdout:  # the first line says where it listens
+            found = LISTENING.search(line)
+            if found:
+                server = Server(name, proc, found.group(1), found.group(2))
+                wait_ready(server.address, deadline)
+                return server
+            if time.monotonic() > deadline:
+                break
+    except BaseException:  # not ready in time, or interrupted: leave no process behind
+        proc.kill()
+        proc.wait()
+        raise
     proc.kill()
+    proc.wait()
     raise RuntimeError(f"{name} did not start: {' '.join(argv)}")
 
 
@@ -147,19 +156,39 @@ def wait_ready(address: str, deadline: float) -> None:
         grpc.channel_ready_future(channel).result(timeout=max(1.0, deadline - time.monotonic()))
 
 
-def start_servers(store: Path) -> dict[str, Server]:
-    real = start_server(
-        "rnnserve",
-        ["-m", "serving.cli", "serve", "--store", str(store), "--address", "127.0.0.1:0",
-         "--metrics-port", "0", "--threads", "1"],
-    )  # fmt: skip
-    echo = start_server(
-        "echo", ["-m", "bench.echo_server", "--store", str(store), "--address", "127.0.0.1:0"]
-    )
-    return {"echo": echo, "rnnserve": real}
+def server_commands(store: Path, echo_model_for: list[str]) -> dict[str, list[str]]:
+    """Each server's argv, in the order their windows run; echo+model only for ``echo_model_for``
+    (the models benched) and not at all when that is empty."""
+    echo = ["-m", "bench.echo_server", "--store", str(store), "--address", "127.0.0.1:0"]
+    commands = {"echo": echo}
+    if echo_model_for:
+        commands["echo+model"] = [*echo, "--model", *echo_model_for]
+    commands["rnnserve"] = [
+        "-m", "serving.cli", "serve", "--store", str(store), "--address", "127.0.0.1:0",
+        "--metrics-port", "0", "--threads", "1",
+    ]  # fmt: skip
+    return commands
 
 
-# ---- one cell: (model, path, sessions) on both servers ----------------------------------------
+def echo_model_for(args: argparse.Namespace) -> list[str]:
+    """The models echo+model runs the step graph of: the ones benched, unless left out."""
+    return [] if args.no_echo_model else list(args.models)
+
+
+def start_servers(store: Path, echo_model_for: list[str]) -> dict[str, Server]:
+    """Starts them all, or none: one failing to start stops those already running."""
+    servers: dict[str, Server] = {}
+    try:
+        for name, argv in server_commands(store, echo_model_for).items():
+            servers[name] = start_server(name, argv)
+    except BaseException:
+        for s in servers.values():
+            s.stop()
+        raise
+    return servers
+
+
+# ---- one cell: (model, path, sessions) on every server ----------------------------------------
 
 
 def split_sessions(n: int, path: str, per_message: int, workers: int) -> list[int]:
@@ -340,6 +369,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--idle-sessions", type=count, default=100_000)
     p.add_argument("--wait-quiet", type=seconds, default=0.0, help="wait up to this many seconds "
                    "for a 1-minute load average < 1.0 before measuring")  # fmt: skip
+    p.add_argument(
+        "--no-echo-model",
+        action="store_true",
+        help="leave out the echo+model "
+        "server (the echo paying the step-graph call); a run without it is shorter",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "docs")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 and 16 sessions, 1 rep")
     args = p.parse_args(argv)
@@ -366,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         "cells": [],
     }
     machine_before = cpu_times()
-    servers = start_servers(store)
+    servers = start_servers(store, echo_model_for(args))
     workers = Workers(args.workers)
     try:
         for model in args.models:

@@ -3,12 +3,19 @@ processes, and the report's targets (each a pure function of a results dict)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
+import grpc
+import numpy as np
 import pytest
 
-from bench import report, run
+from bench import echo_server, report, run
+from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
+from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from serving.client import make_input, pack_steps
+from serving.manifest import load_manifest, resolve
 
 
 @pytest.mark.parametrize(
@@ -45,6 +52,16 @@ def test_defaults_parse() -> None:
     args = run.parse_args([])
     assert (args.workers, args.reps, args.per_message) == (2, 3, 64)
     assert (args.warmup, args.duration) == (0.4, 1.0) and args.sessions == list(run.SESSIONS)
+
+
+def test_echo_model_runs_by_default_for_the_models_benched() -> None:
+    store = Path("store")
+    commands = run.server_commands(store, run.echo_model_for(run.parse_args([])))
+    assert list(commands) == ["echo", "echo+model", "rnnserve"]  # the order windows run in
+    assert commands["echo+model"] == [*commands["echo"], "--model", "seq_lstm", "sine"]
+    quick = run.parse_args(["--no-echo-model", "--models", "sine"])
+    assert list(run.server_commands(store, run.echo_model_for(quick))) == ["echo", "rnnserve"]
+    assert run.echo_model_for(run.parse_args(["--models", "sine"])) == ["sine"]
 
 
 @pytest.mark.parametrize(
@@ -177,3 +194,199 @@ def test_the_generated_section_explains_the_cpu_per_message_table() -> None:
     assert heading + report.cpu_per_message_table(results, "seq_lstm") in section
     assert report.CPU_PER_MESSAGE_NOTE in section
     assert "twice the echo's CPU per message" in report.CPU_PER_MESSAGE_NOTE
+
+
+# ---- echo+model: the echo paying the step-graph call ------------------------------------------
+
+
+def side(steps_per_s: float, msgs_per_s: float | None = None) -> dict[str, float]:
+    return {"steps_per_s": steps_per_s, "msgs_per_s": msgs_per_s or steps_per_s}
+
+
+def three_sides(path: str, n: int, real: float, echo: float, bound: float | None) -> dict:
+    """A cell with rnnserve, echo and (unless ``bound`` is None) echo+model steps/s."""
+    c = {"model": "seq_lstm", "path": path, "sessions": n, "per_message": 1}
+    c |= {"rnnserve": side(real), "echo": side(echo)}
+    if bound is not None:
+        c[report.ECHO_MODEL] = side(bound)
+    return c
+
+
+def test_echo_model_table() -> None:
+    cells = [
+        three_sides("unary", 1, 300.0, 600.0, 450.0),  # the model call costs 1/4 of the echo
+        three_sides("stream", 1, 400.0, 1_000.0, 800.0),
+        three_sides("unary", 64, 2_000.0, 2_500.0, 2_500.0),
+        three_sides("stream", 64, 4_000.0, 8_000.0, None),  # run without echo+model
+    ]
+    lines = report.echo_model_table({"cells": cells}, "seq_lstm").splitlines()
+    assert lines[0] == (
+        "| sessions | unary Step: echo+model steps/s | echo+model / echo | rnnserve / echo+model "
+        "| bidi Session stream: echo+model steps/s | echo+model / echo | rnnserve / echo+model |"
+    )
+    assert lines[2:] == [
+        "| 1 | 450 | 0.75 | 0.67 | 800 | 0.80 | 0.50 |",
+        "| 64 | 2,500 | 1.00 | 0.80 | — | — | — |",
+    ]
+
+
+def test_bounds_are_echo_model_over_echo_at_64_and_only_where_it_ran() -> None:
+    results = {
+        "cells": [
+            three_sides("stream", 64, 4_000.0, 8_000.0, 5_000.0),
+            three_sides("unary", 64, 2_000.0, 2_500.0, None),
+        ]
+    }
+    [bound] = report.echo_model_bounds(results)
+    assert (bound["target"], bound["value"]) == ("bidi stream @64 vs echo", pytest.approx(0.625))
+    text = report.targets_text(results).splitlines()
+    assert text == [
+        "MISSED seq_lstm: bidi stream @64 vs echo: 0.50 (≥ 0.75; 4,000 vs 8,000 msgs/s)",
+        "       bound: echo+model reaches 0.62 of echo (5,000 vs 8,000 msgs/s)",
+        "MET    seq_lstm: unary @64 vs echo: 0.80 (≥ 0.75; 2,000 vs 2,500 msgs/s)",
+    ]
+    plain = [{k: v for k, v in c.items() if k != report.ECHO_MODEL} for c in results["cells"]]
+    assert report.targets(results) == report.targets({"cells": plain})  # not a target itself
+
+
+def section_of(cells: list[dict]) -> str:
+    for c in cells:
+        for name in ("rnnserve", "echo", report.ECHO_MODEL):
+            if name in c:
+                c[name] |= {"p50_us": 1.0, "p99_us": 2.0, "mean_batch": 1.0, "server_cpu": 0.5}
+    return report.generated_section(
+        {
+            "machine": dict.fromkeys(MACHINE_FIELDS, "x"),
+            "settings": {"workers": 2, "warmup": 0.4, "duration": 1.0, "reps": 1, "per_message": 1},
+            "command": "python -m bench.run",
+            "seconds": 1,
+            "load_before": [0.0],
+            "load_after": [0.0],
+            "cells": cells,
+        }
+    )
+
+
+def test_the_section_shows_echo_model_only_for_a_run_that_has_it() -> None:
+    with_it = [three_sides("stream", 64, 4_000.0, 8_000.0, 5_000.0)]
+    section = section_of(with_it)
+    heading = "### seq_lstm: echo+model: the transport floor with the model call\n\n"
+    assert heading + report.echo_model_table({"cells": with_it}, "seq_lstm") in section
+    assert report.ECHO_MODEL_NOTE in section and report.BOUNDS_NOTE in section
+    assert "- seq_lstm: bidi stream @64 vs echo: bound: echo+model reaches 0.62 of echo" in section
+    # without it (--no-echo-model, or an older run) the section is what it was before
+    without = section_of([three_sides("stream", 64, 4_000.0, 8_000.0, None)])
+    bounds = (
+        f"{report.BOUNDS_NOTE}\n\n- seq_lstm: bidi stream @64 vs echo: bound: echo+model reaches "
+        "0.62 of echo (5,000 vs 8,000 msgs/s)\n\n"
+    )
+    table = heading + report.echo_model_table({"cells": with_it}, "seq_lstm") + "\n\n"
+    turns = ("(echo, echo+model and rnnserve take turns)", "(echo and rnnserve alternate)")
+    assert turns[0] in section
+    section = section.replace(bounds, "").replace(table + report.ECHO_MODEL_NOTE + "\n\n", "")
+    assert section.replace(*turns) == without
+    assert "echo+model" not in without
+
+
+class RecordingGraph(echo_server.StepGraph):
+    """The real step graph, noting each call's (rows, T)."""
+
+    def __init__(self, store: Path, name: str) -> None:
+        version_dir = resolve(store, name)
+        super().__init__(load_manifest(version_dir), version_dir)
+        self.calls: list[tuple[int, int]] = []
+
+    def run(self, rows: int, steps: int) -> None:
+        self.calls.append((rows, steps))
+        super().run(rows, steps)
+
+
+def test_rows_submitted_in_one_loop_turn_run_as_one_call(quick_store: Path) -> None:
+    graph = RecordingGraph(quick_store, "seq_lstm")
+    batcher = echo_server.TurnBatcher(graph)
+
+    async def main() -> None:
+        turn = [batcher.submit(1), batcher.submit(1), batcher.submit(64), batcher.submit(2, 3)]
+        await asyncio.gather(*turn)
+        await batcher.submit(5)  # a later turn: a call of its own
+
+    asyncio.run(main())
+    assert graph.calls == [(66, 1), (2, 3), (5, 1)]  # one call per T of the turn
+    assert (batcher.calls, batcher.rows) == (3, 73)
+    RecordingGraph(quick_store, "char").run(3, 2)  # token ids: (B, T) int64
+
+
+SEQ_LSTM_FEATURES = 10
+
+
+async def exchange(address: str) -> list[bytes]:
+    """One of each RPC form on three seq_lstm sessions; the replies serialized, session ids
+    replaced by s0, s1, s2 (they are random)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        opened = [await stub.OpenSession(pb.OpenSessionRequest(model="seq_lstm")) for _ in "abc"]
+        ids = [o.session_id for o in opened]
+        x = make_input(np.zeros((1, SEQ_LSTM_FEATURES)))  # (T=1, F)
+        replies: list = [await stub.Step(pb.StepRequest(session_id=ids[0], step_index=7, input=x))]
+        stream = stub.Session()
+        for index in (0, 1):
+            await stream.write(pb.StepRequest(session_id=ids[1], step_index=index, input=x))
+            replies.append(await stream.read())
+        await stream.done_writing()
+        many = stub.StepMany()
+        steps = [pb.StepRequest(session_id=i, step_index=3, input=x) for i in ids]
+        await many.write(pb.StepManyRequest(steps=steps))
+        replies.append(await many.read())
+        block = pack_steps("seq_lstm", ids, np.zeros((3, 1, SEQ_LSTM_FEATURES)), [4, 4, 4])
+        await many.write(pb.StepManyRequest(packed=block))
+        replies.append(await many.read())
+        await many.done_writing()
+        replies += await asyncio.gather(
+            *(stub.Step(pb.StepRequest(session_id=i, step_index=9, input=x)) for i in ids)
+        )
+    return [renamed(r, ids).SerializeToString() for r in replies]
+
+
+def renamed(reply, ids: list[str]):
+    names = {i: f"s{n}" for n, i in enumerate(ids)}
+    if isinstance(reply, pb.StepResponse):
+        reply.session_id = names[reply.session_id]
+    else:
+        for r in reply.results:
+            r.session_id = r.reply.session_id = names[r.session_id]
+    return reply
+
+
+async def serve_and_exchange(servicer: echo_server.EchoServicer) -> list[bytes]:
+    server, port = echo_server.create_server(servicer, "127.0.0.1:0")
+    await server.start()
+    try:
+        return await exchange(f"127.0.0.1:{port}")
+    finally:
+        await server.stop(0)
+
+
+def test_echo_model_pays_one_call_per_turn_and_answers_exactly_as_the_echo(quick_store) -> None:
+    plain = echo_server.servicer_for(quick_store)
+    assert type(plain) is echo_server.EchoServicer  # no --model: the echo as it was
+    flagged = echo_server.servicer_for(quick_store, ["seq_lstm"])
+    assert isinstance(flagged, echo_server.EchoModelServicer) and list(flagged.batchers) == [
+        "seq_lstm"
+    ]
+    graph = RecordingGraph(quick_store, "seq_lstm")
+    paying = echo_server.EchoModelServicer(
+        echo_server.load_models(quick_store), {"seq_lstm": echo_server.TurnBatcher(graph)}
+    )
+    echo = asyncio.run(serve_and_exchange(plain))
+    assert asyncio.run(serve_and_exchange(paying)) == echo
+    # unary, stream, stream, StepMany of 3, a packed block of 3, then 3 concurrent unary Steps
+    assert graph.calls[:5] == [(1, 1), (1, 1), (1, 1), (3, 1), (3, 1)]
+    assert sum(rows for rows, _ in graph.calls[5:]) == 3 and len(graph.calls) <= 8
+    # and the echo's own replies are still the canned ones
+    m = load_manifest(resolve(quick_store, "seq_lstm"))
+    expected = echo_server.canned_reply(m)
+    expected.session_id, expected.step_index = "s0", 7
+    assert echo[0] == expected.SerializeToString()
+    packed = pb.StepManyResponse.FromString(echo[4]).packed
+    assert list(packed.step_indexes) == [4, 4, 4]
+    assert len(packed.raw) == 4 * 3 * m.output.size
