@@ -181,7 +181,7 @@ def decode_input(m: Manifest, inp: pb.Input, max_steps: int | None = None) -> np
     which = inp.WhichOneof("data")
     if which == "features":
         f = int(m.input.features or 0)
-        values = np.asarray(inp.features.values, dtype=np.float32)
+        values = np.asarray(list(inp.features.values), dtype=np.float32)  # see _decode_one
         steps = inp.features.steps
         if m.input.kind == "features" and not steps:
             if f and values.size % f:
@@ -223,7 +223,7 @@ class OutputRows:
         self.labels = m.labels
         if len(self.raw) <= FEW_ROWS:  # one Step's usual reply: plain Python beats NumPy calls
             self.probs = [codec.probabilities_row(m, row) for row in self.raw]
-            self.best = [max(range(len(ps)), key=ps.__getitem__) for ps in self.probs]
+            self.best = [ps.index(max(ps)) for ps in self.probs]  # the first max, as argmax
             return
         p = codec.probabilities(m, y)  # (N, K) aligned with the labels
         self.best = p.argmax(axis=-1).tolist()
@@ -508,7 +508,10 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         limit = self.engine.input_limit(m)
         if m.input.kind == "features" and inp.WhichOneof("data") == "features":
             f = int(m.input.features or 0)
-            v = inp.features.values
+            # a list first: NumPy reads protobuf's repeated container one item at a time through
+            # the sequence protocol (~4 µs for 10 floats); list() copies it in C, then NumPy reads
+            # the list in ~0.6 µs
+            v = list(inp.features.values)
             steps = _plain_steps(f, len(v), inp.features.steps, limit)
             # the sum of float32 values cannot overflow a Python float, so it is finite exactly
             # when every value is (NaN and ±inf propagate): one C loop, no array yet

@@ -234,7 +234,8 @@ def _numeric(
         values = np.frombuffer(raw, dtype=dtype)
     else:
         field = _CONTENTS_FIELD[tensor.datatype]
-        values = np.asarray(getattr(tensor.contents, field), dtype=dtype)
+        # list() first: NumPy reads protobuf's repeated container item by item, ~6x slower
+        values = np.asarray(list(getattr(tensor.contents, field)), dtype=dtype)
         if values.size != count:
             raise InvalidInput(
                 f"contents.{field} holds {values.size} values; shape {shape} needs {count}",
