@@ -14,9 +14,12 @@ With ``--model NAME [NAME ...]`` it is **echo+model**: it serves only those mode
 it answers also pays the model's step-graph call in ONNX Runtime (1 intra-op thread, 1 inter-op,
 sequential, as ``serving.backends.OnnxBackend``), batched like our scheduler at its simplest: the
 rows submitted in one event-loop turn (unary Steps, stream steps, StepMany steps, packed block
-rows) run as one call on the loop thread, on zero inputs and zero states. No state is stored or
-gathered (that is session handling, not compute), so echo+model over echo is what the model call
-alone costs, and rnnserve over echo+model what our session handling costs on top.
+rows) run as one call on the loop thread, at most the real server's ``max_batch_size`` (256) rows
+per call (the rest in the next turn's call), on zero inputs and zero states. It does no more than
+that: the inputs are not decoded, no state is stored or gathered, the replies are the echo's canned
+ones (not built from the outputs). So echo+model over echo is what the model call alone costs, and
+rnnserve over echo+model what all our per-step work around the call costs on top: the session
+lookup and step-index gate, decoding the inputs, the state gather/scatter, the replies.
 
     python -m bench.echo_server --store STORE [--address 127.0.0.1:0] [--model NAME ...]
 
@@ -31,7 +34,7 @@ import asyncio
 import functools
 import secrets
 import signal
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,11 +44,13 @@ import onnxruntime as ort
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from serving.engine import EngineConfig
 from serving.grpc_api import output_message
 from serving.manifest import Manifest, list_models, list_versions, load_manifest, resolve
 from serving.server import ServerConfig
 
 MAX_MESSAGE_BYTES = ServerConfig.max_message_bytes  # the real server's default
+MAX_BATCH_ROWS = EngineConfig.max_batch_size  # rows in one model call, as the real server's default
 
 
 def canned_reply(m: Manifest) -> pb.StepResponse:
@@ -160,44 +165,81 @@ class StepGraph:
         self._session.run(self._outputs, dict(zip(self._inputs, [x, *states], strict=True)))
 
 
-class TurnBatcher:
-    """Rows submitted in one event-loop turn run as one call (one per distinct T): the first
-    submit of a turn schedules the call with ``call_soon``, as our scheduler does, and the call
-    runs on the loop thread (no executor). ``calls`` and ``rows`` count what ran, for tests."""
+@dataclass
+class Waiting:
+    """Rows of one submit still to run, and the future that resolves once they all ran."""
 
-    def __init__(self, graph: StepGraph) -> None:
+    rows: int
+    steps: int  # T
+    future: asyncio.Future[None]
+
+
+class TurnBatcher:
+    """Batches like our scheduler at its simplest: the first submit schedules a call with
+    ``call_soon``, so every row submitted in that event-loop turn can join it; a call takes at most
+    ``max_rows`` rows (the real server's ``max_batch_size``) of the first waiting item's T, in
+    order, splitting an item that does not fit; what is left runs in the next turn's call. Calls
+    run on the loop thread (no executor). ``calls`` and ``rows`` count what ran, for tests."""
+
+    def __init__(self, graph: StepGraph, max_rows: int = MAX_BATCH_ROWS) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         self._graph = graph
-        self._pending: list[tuple[int, int, asyncio.Future[None]]] = []  # (rows, T, future)
+        self.max_rows = max_rows
+        self._queue: deque[Waiting] = deque()
         self.calls = 0
         self.rows = 0
 
     def submit(self, rows: int, steps: int = 1) -> asyncio.Future[None]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._pending:
+        if not self._queue:
             loop.call_soon(self._run)
-        self._pending.append((rows, steps, future))
+        self._queue.append(Waiting(rows, steps, future))
         return future
 
     def _run(self) -> None:
-        pending, self._pending = self._pending, []
-        for steps in dict.fromkeys(t for _, t, _ in pending):
-            group = [(rows, future) for rows, t, future in pending if t == steps]
-            rows = sum(r for r, _ in group)
-            error = None
-            try:
-                self._graph.run(rows, steps)
-            except Exception as e:  # answer the RPCs with it instead of leaving them hanging
-                error = e
-            self.calls += 1
-            self.rows += rows
-            for _, future in group:
-                if future.done():  # the RPC was cancelled meanwhile
-                    continue
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(error)
+        steps, taken = self._take()
+        rows = sum(n for n, _ in taken)
+        error = None
+        try:
+            self._graph.run(rows, steps)
+        except Exception as e:  # answer the RPCs with it instead of leaving them hanging
+            error = e
+        self.calls += 1
+        self.rows += rows
+        if error is not None:  # an item split by this call does not run its other rows
+            failed = {id(w) for _, w in taken}
+            self._queue = deque(w for w in self._queue if id(w) not in failed)
+        for _, w in taken:
+            if error is not None or not w.rows:
+                settle(w.future, error)
+        if self._queue:
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _take(self) -> tuple[int, list[tuple[int, Waiting]]]:
+        """(T, [(rows taken, item)]): up to max_rows rows of the first item's T, in order."""
+        steps, room = self._queue[0].steps, self.max_rows
+        taken = []
+        for w in self._queue:
+            if not room:
+                break
+            if w.steps == steps:
+                n = min(w.rows, room)
+                w.rows -= n
+                room -= n
+                taken.append((n, w))
+        self._queue = deque(w for w in self._queue if w.rows)
+        return steps, taken
+
+
+def settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the RPC was cancelled meanwhile
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class EchoModelServicer(EchoServicer):

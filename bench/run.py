@@ -44,6 +44,7 @@ import numpy as np
 import onnxruntime
 
 from bench import ceiling, report
+from bench.echo_server import MAX_BATCH_ROWS
 from bench.load import FEATURES, GROUPED, Workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +167,7 @@ def server_commands(store: Path, echo_model_for: list[str]) -> dict[str, list[st
     commands["rnnserve"] = [
         "-m", "serving.cli", "serve", "--store", str(store), "--address", "127.0.0.1:0",
         "--metrics-port", "0", "--threads", "1",
+        "--max-batch", str(MAX_BATCH_ROWS),  # echo+model's cap too (not $RNNSERVE_MAX_BATCH)
     ]  # fmt: skip
     return commands
 

@@ -11,6 +11,7 @@ import pytest
 
 from bench import echo_server, report, run
 from serving.manifest import load_manifest, resolve
+from serving.server import SERVE_OPTIONS
 
 
 @pytest.mark.parametrize(
@@ -306,6 +307,71 @@ def test_rows_submitted_in_one_loop_turn_run_as_one_call(quick_store: Path) -> N
         await batcher.submit(5)  # a later turn: a call of its own
 
     asyncio.run(main())
-    assert graph.calls == [(66, 1), (2, 3), (5, 1)]  # one call per T of the turn
+    assert graph.calls == [(66, 1), (2, 3), (5, 1)]  # one T per call: T=3 runs right after
     assert (batcher.calls, batcher.rows) == (3, 73)
     RecordingGraph(quick_store, "char").run(3, 2)  # token ids: (B, T) int64
+
+
+def test_a_turn_with_more_rows_than_rnnserve_batches_runs_in_capped_calls(quick_store) -> None:
+    """1,000 sessions' rows in one turn: rnnserve's scheduler runs at most 256 per call, so
+    echo+model must too (one call of 1,000 would be cheaper per row than anything we may run)."""
+    graph = RecordingGraph(quick_store, "seq_lstm")
+    batcher = echo_server.TurnBatcher(graph)
+    assert batcher.max_rows == echo_server.MAX_BATCH_ROWS == 256
+
+    async def main() -> None:  # 15 packed blocks of 64 and one of 40, all in one turn
+        await asyncio.gather(*[batcher.submit(64) for _ in range(15)], batcher.submit(40))
+
+    asyncio.run(main())
+    assert graph.calls == [(256, 1), (256, 1), (256, 1), (232, 1)]
+
+
+def test_capped_calls_split_items_in_order_and_answer_each_when_all_its_rows_ran(
+    quick_store,
+) -> None:
+    graph = RecordingGraph(quick_store, "seq_lstm")
+    batcher = echo_server.TurnBatcher(graph, max_rows=4)
+    answered: list[tuple[int, int]] = []  # (item, calls run when it was answered)
+
+    async def main() -> None:
+        items = [batcher.submit(3), batcher.submit(3), batcher.submit(1, 2), batcher.submit(2)]
+        for i, item in enumerate(items):
+            item.add_done_callback(lambda _, i=i: answered.append((i, batcher.calls)))
+        await asyncio.gather(*items)
+
+    asyncio.run(main())
+    # item 1 is split 1 + 2 rows; T=2 waits for the T=1 rows queued before and after it
+    assert graph.calls == [(4, 1), (4, 1), (1, 2)]
+    assert answered == [(0, 1), (1, 2), (3, 2), (2, 3)]
+
+
+class FailingGraph(RecordingGraph):
+    """The real graph, but its first call raises (as ORT would on a bad input)."""
+
+    def run(self, rows: int, steps: int) -> None:
+        super().run(rows, steps)
+        if len(self.calls) == 1:
+            raise RuntimeError("the call failed")
+
+
+def test_a_failed_call_fails_its_items_and_drops_their_other_rows(quick_store) -> None:
+    graph = FailingGraph(quick_store, "seq_lstm")
+    batcher = echo_server.TurnBatcher(graph, max_rows=4)
+
+    async def main() -> list:
+        items = [batcher.submit(2), batcher.submit(5), batcher.submit(3)]
+        return await asyncio.gather(*items, return_exceptions=True)
+
+    first, split, after = asyncio.run(main())
+    assert isinstance(first, RuntimeError) and isinstance(split, RuntimeError)
+    assert after is None
+    assert graph.calls == [(4, 1), (3, 1)]  # item 1's last 3 rows never ran
+
+
+def test_rnnserve_is_benched_at_the_batch_cap_echo_model_uses() -> None:
+    """Pinned on the command line, so $RNNSERVE_MAX_BATCH cannot set rnnserve's cap alone; and
+    it is serve's own default, so the bench measures rnnserve as it ships."""
+    argv = run.server_commands(Path("store"), ["sine"])["rnnserve"]
+    assert argv[argv.index("--max-batch") + 1] == str(echo_server.MAX_BATCH_ROWS)
+    [serve_default] = [o[3] for o in SERVE_OPTIONS if o[0] == "--max-batch"]
+    assert serve_default == echo_server.MAX_BATCH_ROWS
