@@ -400,22 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "quiet": quiet,
         "load_before": os.getloadavg(),
-        "cells": [],
     }
     machine_before = cpu_times()
-    servers = start_servers(store, echo_model_for(args))
-    workers = Workers(args.workers)
-    try:
-        for model in args.models:
-            for path in args.paths:
-                for n in args.sessions:
-                    cell = run_cell(workers, servers, model, path, n, args)
-                    results["cells"].append(cell)
-                    print(report.cell_line(cell), flush=True)
-    finally:
-        workers.close()
-        for s in servers.values():
-            s.stop()
+    results["cells"] = measure_cells(store, args)
     results["ceiling"] = ceiling.measure(store, args.models, tuple(args.sessions))
     results["idle"] = idle_sessions(store, args.idle_sessions)
     results["load_after"] = os.getloadavg()
@@ -427,6 +414,27 @@ def main(argv: list[str] | None = None) -> int:
     print(report.targets_text(results))
     print(f"bench: done in {results['seconds']} s; wrote {args.out}/benchmarks.md")
     return 0
+
+
+def measure_cells(store: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (model, path, sessions) cell on every server; the servers and the client processes
+    are stopped however it ends (a client process failing to start, an interrupt)."""
+    cells = []
+    servers = start_servers(store, echo_model_for(args))
+    try:
+        workers = Workers(args.workers)
+        try:
+            for model in args.models:
+                for path in args.paths:
+                    for n in args.sessions:
+                        cells.append(run_cell(workers, servers, model, path, n, args))
+                        print(report.cell_line(cells[-1]), flush=True)
+        finally:
+            workers.close()
+    finally:
+        for s in servers.values():
+            s.stop()
+    return cells
 
 
 def idle_sessions(store: Path, count: int) -> dict[str, Any]:

@@ -4,7 +4,11 @@ processes, and the report's targets (each a pure function of a results dict)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -375,3 +379,69 @@ def test_rnnserve_is_benched_at_the_batch_cap_echo_model_uses() -> None:
     assert argv[argv.index("--max-batch") + 1] == str(echo_server.MAX_BATCH_ROWS)
     [serve_default] = [o[3] for o in SERVE_OPTIONS if o[0] == "--max-batch"]
     assert serve_default == echo_server.MAX_BATCH_ROWS
+
+
+# ---- the server CPU of a window: read where the messages are counted ---------------------------
+
+
+class MeteredServer(run.Server):
+    """A server whose CPU counter runs at 3 cores outside the counted window and 0.5 in it."""
+
+    def __init__(self) -> None:
+        super().__init__("echo", None, "127.0.0.1:1")  # type: ignore[arg-type]
+        self.counted: tuple[float, float] | None = None  # wall clock, once the window is sent
+
+    def cpu_seconds(self) -> float:
+        if self.counted is None:
+            return 0.0
+        start, end = self.counted
+        now = time.time()
+        return 3.0 * now - 2.5 * (min(max(now, start), end) - start)
+
+
+class WindowWorkers:
+    """Client processes as run_window sees them: each answers its window with 100 messages of
+    2 steps, once the window has ended (as bench.load does)."""
+
+    def __init__(self, server: MeteredServer) -> None:
+        self.server = server
+        self.procs: list = []  # no client CPU to read
+
+    def call(self, per_worker: list) -> list[dict[str, Any]]:
+        [(_, command)] = per_worker
+        w = command["window"]
+        start = w["start_at"] + w["warmup"]
+        self.server.counted = (start, start + w["duration"])
+        time.sleep(max(0.0, start + w["duration"] - time.time()) + 0.05)
+        return [{"steps": 200, "latencies": [0.001] * 100}]
+
+
+def test_a_window_reads_the_server_cpu_at_the_counted_window_only() -> None:
+    server = MeteredServer()
+    args = SimpleNamespace(warmup=0.2, duration=0.3, per_message=64)
+    window = run.run_window(WindowWorkers(server), server, "sine", "unary", [1], args)
+    # around the whole window (warm-up, tail) it would be 3 cores, or ~1.1 with the warm-up alone
+    assert window["server_cpu_counted"] == pytest.approx(0.5, abs=0.15)
+    msgs_per_s = 100 / args.duration
+    per_msg = window["server_cpu_counted"] / msgs_per_s * 1e6
+    assert window["server_us_per_msg"] == pytest.approx(per_msg)
+    assert window["server_us_per_step"] == pytest.approx(per_msg / 2)
+
+
+def test_the_servers_stop_when_the_client_processes_cannot_start(monkeypatch) -> None:
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = {"echo": run.Server("echo", sleeper, "127.0.0.1:1")}
+        monkeypatch.setattr(run, "start_servers", lambda store, names: started)
+
+        def cannot_spawn(count: int) -> None:
+            raise OSError("cannot spawn a client process")
+
+        monkeypatch.setattr(run, "Workers", cannot_spawn)
+        with pytest.raises(OSError, match="cannot spawn"):
+            run.measure_cells(Path("store"), run.parse_args([]))
+        assert sleeper.poll() is not None  # stopped, not left serving
+    finally:
+        if sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
