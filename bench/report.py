@@ -504,38 +504,74 @@ def write_markdown(results: dict[str, Any], doc: Path) -> None:
 # ---- plot -------------------------------------------------------------------------------------
 
 
+SERVER_STYLES = {  # line style per server; the color says the path
+    "rnnserve": {"marker": "o", "linestyle": "-"},
+    "echo": {"marker": "x", "linestyle": "--", "alpha": 0.6},
+    ECHO_MODEL: {"marker": "^", "linestyle": "-.", "alpha": 0.75, "markersize": 4},
+}
+
+
 def plot(results: dict[str, Any], png: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = steps_figure(results)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+
+
+def steps_figure(results: dict[str, Any]):
+    """steps/s vs sessions, a panel per model: a line per (server, path), each labelled
+    "server, path"; one legend under the panels keys the colors (paths) and line styles
+    (servers) apart, so echo+model adds one entry, not one per path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(c["model"] for c in results["cells"]))
+    servers = [s for s in SERVER_STYLES if any(s in c for c in results["cells"])]
     fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 4.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         ns = sessions_of(results, model)
         for path in paths_of(results):
-            cells = [find(results, model, path, n) for n in ns]
-            xs = [n for n, c in zip(ns, cells, strict=True) if c]
-            real = [c["rnnserve"]["steps_per_s"] for c in cells if c]
-            echo = [c["echo"]["steps_per_s"] for c in cells if c]
-            ax.plot(xs, real, "o-", color=COLORS[path], label=f"{PATH_TITLES[path]}")
-            ax.plot(xs, echo, "x--", color=COLORS[path], alpha=0.6, label=f"echo, {path}")
+            cells = [c for c in (find(results, model, path, n) for n in ns) if c]
+            for server in servers:
+                ran = [c for c in cells if server in c]
+                if ran:
+                    xs = [c["sessions"] for c in ran]
+                    ys = [c[server]["steps_per_s"] for c in ran]
+                    style = SERVER_STYLES[server]
+                    ax.plot(xs, ys, color=COLORS[path], label=f"{server}, {path}", **style)
         top = [(n, ceiling_at(results, model, n)) for n in ns]
         top = [(n, v) for n, v in top if v]
         if top:
-            ax.plot(*zip(*top, strict=True), "k:", label="in-process ORT (batch = sessions)")
+            ax.plot(*zip(*top, strict=True), "k:", label=CEILING_LABEL)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("concurrent sessions")
         ax.set_ylabel("steps/s")
         ax.set_title(model)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
+    fig.legend(*legend_entries(results, servers), fontsize=7, loc="lower center", ncol=4)
     fig.tight_layout(rect=(0, 0.13, 1, 1))  # room for the legend under the panels
-    fig.savefig(png, dpi=80)
-    plt.close(fig)
+    return fig
+
+
+CEILING_LABEL = "in-process ORT (batch = sessions)"
+
+
+def legend_entries(results: dict[str, Any], servers: list[str]) -> tuple[list, list[str]]:
+    """Handles and labels: a colored line per path, a gray one per server's style, the ceiling."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=COLORS[p], linewidth=3) for p in paths_of(results)]
+    labels = [PATH_TITLES[p] for p in paths_of(results)]
+    handles += [Line2D([], [], color="0.3", **SERVER_STYLES[s]) for s in servers]
+    labels += servers
+    if results.get("ceiling"):
+        handles.append(Line2D([], [], color="k", linestyle=":"))
+        labels.append(CEILING_LABEL)
+    return handles, labels
 
 
 def write_all(results: dict[str, Any], out: Path) -> None:

@@ -1,5 +1,6 @@
 """The gRPC bench's own logic, without servers: its flags, how it splits sessions over client
-processes, and the report's targets (each a pure function of a results dict)."""
+processes, where a window reads the server's CPU, echo+model's batching (on the real step graph),
+the report's tables and targets (each a pure function of a results dict) and its plot."""
 
 from __future__ import annotations
 
@@ -445,3 +446,57 @@ def test_the_servers_stop_when_the_client_processes_cannot_start(monkeypatch) ->
         if sleeper.poll() is None:
             sleeper.kill()
             sleeper.wait()
+
+
+# ---- the plot -----------------------------------------------------------------------------------
+
+
+def plotted(with_echo_model: bool) -> dict[str, Any]:
+    """Two paths at 1 and 64 sessions; echo+model (if any) missing from the stream at 1."""
+    cells = []
+    for path in ("unary", "stream"):
+        for n in (1, 64):
+            bound = 500.0 * n if with_echo_model and (path, n) != ("stream", 1) else None
+            cells.append(three_sides(path, n, 400.0 * n, 600.0 * n, bound))
+    ceiling = [{"model": "seq_lstm", "batch": n, "steps_per_s": 9e3 * n} for n in (1, 64)]
+    return {"cells": cells, "ceiling": ceiling}
+
+
+def lines_of(fig) -> dict[str, Any]:
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
+
+
+def test_the_plot_draws_echo_model_per_path_in_its_own_style(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = report.steps_figure(plotted(with_echo_model=True))
+    lines = lines_of(fig)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    servers = ("rnnserve", "echo", "echo+model")
+    assert set(lines) == {f"{s}, {p}" for s in servers for p in ("unary", "stream")} | {
+        report.CEILING_LABEL
+    }
+    assert list(lines["echo+model, unary"].get_xdata()) == [1, 64]
+    assert list(lines["echo+model, unary"].get_ydata()) == [500.0, 32_000.0]
+    assert list(lines["echo+model, stream"].get_xdata()) == [64]  # where it ran
+    styles = {s: lines[f"{s}, unary"].get_linestyle() for s in servers}
+    assert len(set(styles.values())) == 3  # each server its own line style
+    assert lines["echo+model, unary"].get_color() == lines["echo, unary"].get_color()
+    assert legend == ["unary Step", "bidi Session stream", *servers, report.CEILING_LABEL]
+    report.plot(plotted(with_echo_model=True), tmp_path / "with.png")
+    assert (tmp_path / "with.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_plot_of_a_run_without_echo_model_has_no_such_line(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = report.steps_figure(plotted(with_echo_model=False))
+    lines = lines_of(fig)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    assert not any("echo+model" in label for label in [*lines, *legend])
+    assert {"rnnserve, stream", "echo, stream"} <= set(lines)
+    assert legend == ["unary Step", "bidi Session stream", "rnnserve", "echo", report.CEILING_LABEL]
+    report.plot(plotted(with_echo_model=False), tmp_path / "without.png")
+    assert (tmp_path / "without.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
