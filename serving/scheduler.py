@@ -197,15 +197,17 @@ Pending = PendingStep | PendingBlock
 
 
 class Batch:
-    """What one backend call answers: queue items, their rows in order, and whether any is a
-    block (a batch of single steps only keeps the simple one-row-per-item paths)."""
+    """What one backend call answers: queue items, their rows in order, their time steps, and
+    whether any is a block (a batch of single steps only keeps the simple one-row-per-item
+    paths)."""
 
-    __slots__ = ("blocks", "items", "rows")
+    __slots__ = ("blocks", "items", "rows", "steps")
 
-    def __init__(self, items: list[Pending], rows: int, blocks: int) -> None:
+    def __init__(self, items: list[Pending], rows: int, blocks: int, steps: int) -> None:
         self.items = items
         self.rows = rows
         self.blocks = blocks
+        self.steps = steps
 
 
 BUSY_GAP_S = 200e-6  # a step this soon after the last answer means load: no inline run
@@ -504,7 +506,7 @@ class StepScheduler:
         self._queue = rest
         rows = self.max_batch_size - room
         self._queued_rows -= rows
-        return Batch(items, rows, blocks)
+        return Batch(items, rows, blocks, steps)
 
     def _runs_inline(self, rows: int, steps: int) -> bool:
         """Cheap enough, and the model idle (see the module docstring)."""
@@ -541,6 +543,7 @@ class StepScheduler:
             if isinstance(outcome, BaseException):
                 raise outcome
             y, new_states = outcome
+            self._check_outputs(batch, y, new_states)
             self._pool.scatter(slots, new_states)
         except BaseException as e:  # the backend's error (or the executor's), or the scatter's
             if not isinstance(e, RnnServeError | CancelledError):
@@ -555,6 +558,23 @@ class StepScheduler:
                 log.exception("%s: the on_batch hook failed", self.name)
             self._answer_rows(batch, y)
         self._answered_at = time.perf_counter()
+
+    def _check_outputs(self, batch: Batch, y: np.ndarray, states: list[np.ndarray]) -> None:
+        """A step graph must answer every row of the call: outputs or states of another shape are
+        the batch's error, raised before any state is stored. Unchecked, the items past the rows
+        answered never got an answer (their waiters hung, their sessions stayed busy for good),
+        and a state of one row was broadcast to every session of the batch (~0.4 µs a batch)."""
+        rows = batch.rows
+        if y.shape[:2] == (rows, batch.steps) and y.ndim == 3:
+            for s in states:
+                if s.shape[1] != rows or s.ndim != 3:
+                    break
+            else:
+                return
+        raise ValueError(
+            f"the step graph answered outputs {list(y.shape)} and states "
+            f"{[list(s.shape) for s in states]} for {rows} rows x {batch.steps} steps"
+        )
 
     def _answer_rows(self, batch: Batch, y: np.ndarray) -> None:
         """Hand each item its rows of y (B, T, O). Each item is answered on its own: one whose

@@ -22,6 +22,7 @@ from serving.errors import (
     InvalidInput,
     ModelNotFound,
     NotStreamable,
+    RnnServeError,
     SessionExpired,
     SessionNotFound,
     StepOutOfOrder,
@@ -281,6 +282,59 @@ def test_cancelled_caller_leaves_a_consistent_session(quick_store, ref):
             return np.concatenate([a.y, b.y, c.y])
 
     np.testing.assert_allclose(asyncio.run(main()), ref.run("sum_sign_lstm", xs), atol=TOL)
+
+
+class OneRowShort:
+    """A faulty step graph around a real one: it answers one output row fewer than it was given
+    (as a graph with a wrong batch axis in its outputs would)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.manifest = inner, inner.manifest
+
+    def step(self, x, states):
+        y, new_states = self.inner.step(x, states)
+        return y[:-1], new_states
+
+    def sequence(self, x, lengths):
+        return self.inner.sequence(x, lengths)
+
+
+def test_a_step_graph_answering_too_few_rows_fails_each_step_and_frees_every_session(
+    quick_store, ref
+):
+    """Steps, a StepMany group and a block share the faulty batch: each gets the error, no
+    state moves, and every session takes its next step at once. Unchecked, the single steps
+    past the rows answered hung for good and the block's later sessions stayed busy, so their
+    next calls hung too."""
+    model, rng = "seq_lstm", np.random.default_rng(12)
+
+    async def main():
+        async with running(quick_store) as e:
+            rt = e._runtimes[e.model(model).key]
+            real = rt.scheduler._backend
+            ids = [e.open_session(model).session_id for _ in range(9)]
+            sessions = [e.lookup(sid)[0] for sid in ids]
+            xs = [chunk_for(e, model, rng, 2) for _ in ids]
+            rt.scheduler._backend = OneRowShort(real)
+            calls = [
+                e.step(ids[0], xs[0]),
+                e.step(ids[1], xs[1]),
+                e.step_many([(sessions[i], rt, xs[i], None) for i in (2, 3, 4)]),
+                e.step_block(rt, sessions[5:], np.stack(xs[5:])),
+            ]
+            failed = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+            rt.scheduler._backend = real
+            busy = [s.busy for s in sessions]
+            nexts = (e.step(sid, x) for sid, x in zip(ids, xs, strict=True))
+            return failed, busy, await asyncio.wait_for(asyncio.gather(*nexts), 10), xs
+
+    (one, two, many, block), busy, nexts, xs = asyncio.run(main())
+    for err in (one, two, *many, *block.errors.values()):
+        assert isinstance(err, RnnServeError) and "the step graph answered" in str(err), err
+    assert sorted(block.errors) == [0, 1, 2, 3] and not any(busy)
+    for result, x in zip(nexts, xs, strict=True):  # the failed step moved no state, no index
+        assert result.step_index == 0
+        np.testing.assert_allclose(result.y, ref.run(model, [x]), atol=TOL)
 
 
 def test_expired_unknown_closed_and_capacity(quick_store):

@@ -403,3 +403,63 @@ def test_an_answer_callback_that_raises_costs_only_its_own_item_and_the_schedule
     assert calls == [(8, 1), (2, 1), (1, 1)]  # and the failed call of 3
     logged = [r for r in caplog.records if "answering a step failed" in r.getMessage()]
     assert len(logged) == 5 and all("m:1" in r.getMessage() and r.exc_info for r in logged)
+
+
+class ShortAnswerElman(NumpyElman):
+    """A faulty step graph: while ``short`` names "outputs" or "states", that part of its answer
+    has one row (e.g. a graph exported with a fixed batch of 1 in its outputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.short: str | None = None
+
+    def step(self, x, states):
+        y, new_states = super().step(x, states)
+        if self.short == "outputs":
+            return y[:1], new_states
+        if self.short == "states":
+            return y, [s[:, :1] for s in new_states]
+        return y, new_states
+
+
+@pytest.mark.parametrize("short", ["outputs", "states"])
+def test_a_step_graph_answering_fewer_rows_fails_the_batch_and_stores_no_state(short):
+    """Every item still gets an answer (the error, naming the shapes), and no session's state
+    moves. Unchecked, the items past the first row were never answered (their waiters hung, and
+    a block's callback raised midway, leaving the engine's gates of its later sessions taken),
+    or one session's new state was broadcast to every session of the batch."""
+    model = ShortAnswerElman()
+    rng = np.random.default_rng(11)
+    xs = rng.normal(size=(7, 1, F)).astype(np.float32)
+
+    async def main():
+        sched, pool, ex = await make(model)
+        s = [session(pool, i) for i in range(7)]
+        for i in range(7):  # a first good step each, so the states differ from the initial one
+            await sched.submit(s[i], xs[i])
+        before = pool.gather(np.arange(7))[0].copy()
+        model.short = short
+        parts: list[tuple] = []  # the block's (start, stop, y, err)
+        members: list[tuple] = []  # the group's (pos, y, err)
+        answers = [
+            sched.submit(s[0], xs[0]),
+            sched.submit(s[1], xs[1]),
+            sched.submit_block(s[2:5], xs[2:5], lambda *part: parts.append(part)),
+            sched.submit_many(s[5:7], list(xs[5:7]), lambda *member: members.append(member)),
+        ]
+        answers = await asyncio.wait_for(asyncio.gather(*answers, return_exceptions=True), 5.0)
+        after = pool.gather(np.arange(7))[0].copy()
+        model.short = None
+        y = await asyncio.wait_for(sched.submit(s[4], xs[4]), 5.0)  # the scheduler goes on
+        await sched.stop()
+        ex.shutdown()
+        return answers, parts, members, before, after, y
+
+    answers, parts, members, before, after, y = run(main())
+    shapes = "for 7 rows x 1 steps"
+    for err in (answers[0], answers[1], *answers[3], *(e for *_, e in (*parts, *members))):
+        assert isinstance(err, RnnServeError) and shapes in str(err), err
+    assert answers[2] is None and [p[:3] for p in parts] == [(0, 3, None)]
+    assert sorted(m[0] for m in members) == [0, 1] and all(m[1] is None for m in members)
+    np.testing.assert_array_equal(after, before)  # no state stored, none broadcast
+    np.testing.assert_allclose(y, reference(model, [xs[4], xs[4]])[1:], atol=1e-6)
