@@ -289,15 +289,26 @@ class _Block:
             for pos in self.positions[start:stop]:
                 self.errors[pos] = err  # type: ignore[assignment]  # RnnServeErrors
             return
-        for sess, row in zip(sessions, y, strict=True):
-            index = sess.next_index  # still the claimed index: the gate was held throughout
-            sess.last = StepResult(index, row)
-            sess.next_index = index + 1
-            if sess.waiters is None and not sess.closed:
-                sess.busy = False  # what release() does when nobody waits
-            else:
-                release(sess)
+        try:
+            for sess, row in zip(sessions, y, strict=True):
+                index = sess.next_index  # still the claimed index: the gate was held throughout
+                sess.last = StepResult(index, row)
+                sess.next_index = index + 1
+                if sess.waiters is None and not sess.closed:
+                    sess.busy = False  # what release() does when nobody waits
+                else:
+                    release(sess)
+        except BaseException:  # the scheduler fails the block; no gate may stay taken
+            self._release_uncommitted(start, stop)
+            raise
         self.parts.append((start, y))
+
+    def _release_uncommitted(self, start: int, stop: int) -> None:
+        """Release the gates of claimed rows start:stop whose commit did not happen (their index
+        is still the claimed one); the committed ones were released as they were committed."""
+        for sess, pos in zip(self.claimed[start:stop], self.positions[start:stop], strict=True):
+            if sess.next_index == self.indexes[pos]:
+                release(sess)
 
     async def _step_gated(self, pos: int) -> None:
         sess, want = self.sessions[pos], self.wants[pos]
@@ -643,12 +654,19 @@ class Engine:
         def commit(pos: int, y: np.ndarray | None, err: BaseException | None) -> None:
             """As _commit; the StepResult cached for retries is also this call's answer."""
             sess = sessions[pos]
-            if err is None:
-                sess.last = outcomes[positions[pos]] = StepResult(indexes[pos], y)  # type: ignore[arg-type]
-                sess.next_index = indexes[pos] + 1
-            else:
-                outcomes[positions[pos]] = err  # type: ignore[assignment]  # RnnServeErrors
-            release(sess)
+            try:
+                if err is None:
+                    sess.last = outcomes[positions[pos]] = StepResult(indexes[pos], y)  # type: ignore[arg-type]
+                    sess.next_index = indexes[pos] + 1
+                else:
+                    outcomes[positions[pos]] = err  # type: ignore[assignment]  # RnnServeErrors
+            except BaseException as e:  # the step's answer is this error, never a None
+                outcomes[positions[pos]] = RnnServeError(
+                    f"the step ran but answering it failed: {e!r}"
+                )
+                raise
+            finally:  # a gate left taken would hang every later call of the session
+                release(sess)
 
         assert group.runtime.scheduler is not None
         try:
@@ -703,10 +721,12 @@ class Engine:
 
     @staticmethod
     def _commit(sess: Session, index: int, y: np.ndarray | None, err: BaseException | None) -> None:
-        if err is None:
-            sess.last = StepResult(index, y)
-            sess.next_index = index + 1
-        release(sess)
+        try:
+            if err is None:
+                sess.last = StepResult(index, y)
+                sess.next_index = index + 1
+        finally:  # a gate left taken would hang every later call of the session
+            release(sess)
 
     @staticmethod
     def _gone(sess: Session) -> RnnServeError:

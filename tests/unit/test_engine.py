@@ -15,7 +15,7 @@ import torch
 from eager import TOL, Reference
 
 from serving.backends import initial_states, load_model
-from serving.engine import Engine, EngineConfig, measure_step_cost, sample_token
+from serving.engine import Engine, EngineConfig, StepResult, measure_step_cost, sample_token
 from serving.errors import (
     ArtifactError,
     CapacityExhausted,
@@ -335,6 +335,51 @@ def test_a_step_graph_answering_too_few_rows_fails_each_step_and_frees_every_ses
     for result, x in zip(nexts, xs, strict=True):  # the failed step moved no state, no index
         assert result.step_index == 0
         np.testing.assert_allclose(result.y, ref.run(model, [x]), atol=TOL)
+
+
+def test_a_commit_that_raises_still_releases_the_sessions_gate(quick_store, monkeypatch):
+    """The engine's commit callbacks (a step's, a StepMany group member's, a block's) release the
+    session's gate even when recording the reply raises: the caller gets the error and the
+    session's next call runs. A gate left taken would make every later call wait forever (and
+    a busy session never expires)."""
+    import serving.engine as engine_module
+
+    exploding = True
+
+    class ExplodingResult(StepResult):
+        __slots__ = ()
+
+        def __init__(self, step_index: int, y: np.ndarray) -> None:
+            if exploding:
+                raise RuntimeError("recording the reply exploded")
+            super().__init__(step_index, y)
+
+    monkeypatch.setattr(engine_module, "StepResult", ExplodingResult)
+    model, rng = "sine", np.random.default_rng(13)
+
+    async def main():
+        nonlocal exploding
+        async with running(quick_store) as e:
+            rt = e._runtimes[e.model(model).key]
+            ids = [e.open_session(model).session_id for _ in range(6)]
+            sessions = [e.lookup(sid)[0] for sid in ids]
+            xs = [chunk_for(e, model, rng, 1) for _ in ids]
+            calls = [
+                e.step(ids[0], xs[0]),
+                e.step_many([(sessions[i], rt, xs[i], None) for i in (1, 2)]),
+                e.step_block(rt, sessions[3:], np.stack(xs[3:])),
+            ]
+            failed = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+            busy = [s.busy for s in sessions]
+            exploding = False
+            nexts = (e.step(sid, x) for sid, x in zip(ids, xs, strict=True))
+            return failed, busy, await asyncio.wait_for(asyncio.gather(*nexts), 10)
+
+    (step, many, block), busy, nexts = asyncio.run(main())
+    for err in (step, *many, block):
+        assert isinstance(err, RnnServeError) and "recording the reply exploded" in str(err), err
+        assert "the step ran but answering it failed" in str(err)
+    assert not any(busy) and len(nexts) == 6
 
 
 def test_expired_unknown_closed_and_capacity(quick_store):
