@@ -234,7 +234,7 @@ def test_blocks_follow_the_inline_budget_and_the_queue_delay_counts_their_rows()
         # max_batch_size rows starts at once despite the 10 s queue delay
         sched, pool, ex = await make(model, inline_budget_s=50e-6, max_queue_delay_s=10.0)
         sched.max_batch_size = 8
-        sched.cost = StepCost(0.0, 10e-6)
+        sched.cost = StepCost(10e-6, 10e-6)
         sessions = [session(pool, i) for i in range(12)]
         loop_thread = threading.get_ident()
         small_parts, large_parts = Parts(), Parts()
