@@ -34,7 +34,8 @@ the event loop thread, so pool growth and slot reuse never race with a running b
 
 Each item of a batch is answered on its own: an answer callback that raises is logged with the
 model's name and ends only its own item's future (with an error); the rest of the batch is still
-answered and the next batch still runs.
+answered and the next batch still runs. A backend answer whose outputs or states do not have the
+call's rows (and T) fails the whole batch before any state is stored, so every item is answered.
 """
 
 from __future__ import annotations
