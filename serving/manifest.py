@@ -130,6 +130,9 @@ class Manifest:
             problems.append(f"version must be >= 1, got {self.version}")
         if self.input.kind == "features" and not self.input.features:
             problems.append("features input needs input.features")
+        steps = self.input.max_steps
+        if type(steps) is not int or steps < 1:  # the engine sizes its start-up timing with it
+            problems.append(f"input.max_steps must be a positive integer, got {steps!r}")
         if self.input.kind == "tokens" and not self.input.vocab:
             problems.append("tokens input needs input.vocab")
         if self.output.kind == "classification" and not self.output.labels:

@@ -24,8 +24,20 @@ def good_manifest(store: Path) -> dict:
         (lambda d: {**d, "version": "1"}, "schema"),
         (lambda d: {**d, "graphs": []}, "schema"),
         (lambda d: {**d, "files": None}, "schema"),
+        (lambda d: {**d, "input": {**d["input"], "max_steps": None}}, "max_steps"),
+        (lambda d: {**d, "input": {**d["input"], "max_steps": "16"}}, "max_steps"),
+        (lambda d: {**d, "input": {**d["input"], "max_steps": 0}}, "max_steps"),
     ],
-    ids=["list", "string", "version-as-text", "graphs-list", "files-null"],
+    ids=[
+        "list",
+        "string",
+        "version-as-text",
+        "graphs-list",
+        "files-null",
+        "max-steps-null",
+        "max-steps-text",
+        "max-steps-zero",
+    ],
 )
 def test_a_malformed_manifest_is_an_artifact_error(quick_store, tmp_path, change, message):
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(change(good_manifest(quick_store))))
