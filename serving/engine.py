@@ -851,21 +851,24 @@ def measure_step_cost(
     request the backend's first-call costs."""
     rows = max(1, min(rows, max_batch))
     steps = max(1, min(steps, loaded.manifest.input.max_steps))
-    one_s = _best_step_time(loaded, 1, 1)
-    steps_s = _best_step_time(loaded, 1, steps) if steps > 1 else one_s
+    one_s = best_step_time(loaded, 1, 1)
+    steps_s = best_step_time(loaded, 1, steps) if steps > 1 else one_s
     if rows == 1:  # the batch never grows: the row terms are never used
         return StepCost.from_timings(1, steps, one_s, one_s, steps_s, steps_s)
-    rows_s = _best_step_time(loaded, rows, 1)
-    both_s = _best_step_time(loaded, rows, steps) if steps > 1 else rows_s
+    rows_s = best_step_time(loaded, rows, 1)
+    both_s = best_step_time(loaded, rows, steps) if steps > 1 else rows_s
     return StepCost.from_timings(rows, steps, one_s, rows_s, steps_s, both_s)
 
 
-def _best_step_time(loaded: LoadedModel, batch: int, steps: int) -> float:
+def best_step_time(
+    loaded: LoadedModel, batch: int, steps: int, repeats: int | None = None
+) -> float:
     """The fastest of a few step calls at (batch, steps) after a warm-up call. Noise on a shared
     machine only adds time, and a slow (1, 1) call would bend every slope fitted from it, so the
     cheap edges (well under a millisecond) get 7 tries and the (rows, steps) corner 3."""
     m = loaded.manifest
-    repeats = 7 if batch == 1 or steps == 1 else 3
+    if repeats is None:
+        repeats = 7 if batch == 1 or steps == 1 else 3
     if m.input.kind == "tokens":
         x = np.zeros((batch, steps), dtype=np.int64)  # (B, T)
     else:

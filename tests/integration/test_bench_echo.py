@@ -5,7 +5,6 @@ step-graph call. The batching itself is unit-tested in tests/unit/test_bench.py.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -15,20 +14,7 @@ from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from serving.client import make_input, pack_steps
 from serving.manifest import load_manifest, resolve
-
-
-class RecordingGraph(echo_server.StepGraph):
-    """The real step graph, noting each call's (rows, T)."""
-
-    def __init__(self, store: Path, name: str) -> None:
-        version_dir = resolve(store, name)
-        super().__init__(load_manifest(version_dir), version_dir)
-        self.calls: list[tuple[int, int]] = []
-
-    def run(self, rows: int, steps: int) -> None:
-        self.calls.append((rows, steps))
-        super().run(rows, steps)
-
+from tests.bench_support import RecordingGraph
 
 SEQ_LSTM_FEATURES = 10
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from bench import echo_server, report, run
-from serving.manifest import load_manifest, resolve
 from serving.server import SERVE_OPTIONS
+from tests.bench_support import RecordingGraph
 
 
 @pytest.mark.parametrize(
@@ -287,19 +287,6 @@ def test_the_section_shows_echo_model_only_for_a_run_that_has_it() -> None:
     section = section.replace(bounds, "").replace(table + report.ECHO_MODEL_NOTE + "\n\n", "")
     assert section.replace(*turns) == without
     assert "echo+model" not in without
-
-
-class RecordingGraph(echo_server.StepGraph):
-    """The real step graph, noting each call's (rows, T)."""
-
-    def __init__(self, store: Path, name: str) -> None:
-        version_dir = resolve(store, name)
-        super().__init__(load_manifest(version_dir), version_dir)
-        self.calls: list[tuple[int, int]] = []
-
-    def run(self, rows: int, steps: int) -> None:
-        self.calls.append((rows, steps))
-        super().run(rows, steps)
 
 
 def test_rows_submitted_in_one_loop_turn_run_as_one_call(quick_store: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import shutil
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -14,8 +13,15 @@ import pytest
 import torch
 from eager import TOL, Reference
 
-from serving.backends import initial_states, load_model
-from serving.engine import Engine, EngineConfig, StepResult, measure_step_cost, sample_token
+from serving.backends import load_model
+from serving.engine import (
+    Engine,
+    EngineConfig,
+    StepResult,
+    best_step_time,
+    measure_step_cost,
+    sample_token,
+)
 from serving.errors import (
     ArtifactError,
     CapacityExhausted,
@@ -546,24 +552,6 @@ def test_without_batching_a_long_step_is_still_priced_by_its_length_and_leaves_t
 COST_GRID_BATCHES = (1, 4, 16, 64)
 COST_GRID_STEPS = (1, 8, 64, 256)
 COST_SLACK_S = 20e-6  # misses this small cannot move a batch across a budget of hundreds of µs
-
-
-def best_step_time(loaded, batch: int, steps: int, repeats: int) -> float:
-    """Fastest of ``repeats`` real step calls at (batch, steps) after a warm-up call: noise on a
-    shared machine (other processes, hypervisor steal) only ever adds time."""
-    m = loaded.manifest
-    if m.input.kind == "tokens":
-        x = np.zeros((batch, steps), np.int64)  # (B, T)
-    else:
-        x = np.zeros((batch, steps, m.input.features), np.float32)  # (B, T, F)
-    states = initial_states(m, batch)
-    loaded.backend.step(x, states)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        loaded.backend.step(x, states)
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def cost_misses(loaded, cost) -> tuple[list, list, str]:
