@@ -44,7 +44,7 @@ from serving.errors import (
 )
 from serving.manifest import Manifest, list_models, list_versions
 from serving.predict_batcher import PredictBatcher
-from serving.scheduler import StepCost, StepScheduler
+from serving.scheduler import StepCost, StepScheduler, answer_failed
 from serving.sessions import Session, SessionStore, StatePool, acquire, release
 
 log = logging.getLogger(__name__)
@@ -661,9 +661,7 @@ class Engine:
                 else:
                     outcomes[positions[pos]] = err  # type: ignore[assignment]  # RnnServeErrors
             except BaseException as e:  # the step's answer is this error, never a None
-                outcomes[positions[pos]] = RnnServeError(
-                    f"the step ran but answering it failed: {e!r}"
-                )
+                outcomes[positions[pos]] = answer_failed(e)
                 raise
             finally:  # a gate left taken would hang every later call of the session
                 release(sess)
