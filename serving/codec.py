@@ -45,9 +45,7 @@ def decode_features(
         ) from e
     if steps is not None and arr.ndim == 1:
         if arr.size != steps * f:
-            raise InvalidInput(
-                f"{arr.size} values do not make {steps} steps of {f} features", field="inputs"
-            )
+            raise feature_count_error(m, arr.size, steps)
         arr = arr.reshape(steps, f)
     if arr.ndim == 1 and f == 1:
         arr = arr.reshape(-1, 1)  # a plain list of scalars is a sequence of 1-feature steps
@@ -58,12 +56,25 @@ def decode_features(
         )
     check_steps(m, arr.shape[0], max_steps)
     if arr.shape[1] != f:
-        raise InvalidInput(
-            f"{m.name} expects {f} features per step, got {arr.shape[1]}", field="inputs"
-        )
+        raise feature_count_error(m, arr.size, arr.shape[0])
     if not np.isfinite(arr).all():
         raise InvalidInput("inputs contain NaN or Inf", field="inputs")
     return np.ascontiguousarray(arr)
+
+
+def feature_count_error(m: Manifest, values: int, steps: int) -> InvalidInput:
+    """The one message for features that do not fit the model, whether they came nested
+    (``[[f..], ...]``: HTTP, OIP) or flat with a step count (our gRPC ``Features``)."""
+    f = int(m.input.features or 0)
+    return InvalidInput(
+        f"{m.name} expects {_count(f, 'feature')} per step: {_count(values, 'value')} "
+        f"do not make {_count(steps, 'step')} of {_count(f, 'feature')}",
+        field="inputs",
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def decode_text(m: Manifest, text: str, max_steps: int | None = None) -> np.ndarray:
@@ -139,8 +150,9 @@ def probabilities(m: Manifest, y: np.ndarray) -> np.ndarray:
     """Head output (..., O) → probabilities (..., K) as the manifest's activation says."""
     act = m.output.activation
     if act == "sigmoid":  # one logit for "positive": K = 2 as [negative, positive]
-        p = 1.0 / (1.0 + np.exp(-y[..., :1]))
-        return np.concatenate([1.0 - p, p], axis=-1)
+        # in float64, as probabilities_row: 1 - p in float32 rounds a 5e-8 "negative" to 0
+        p = 1.0 / (1.0 + np.exp(-y[..., :1].astype(np.float64)))
+        return np.concatenate([1.0 - p, p], axis=-1).astype(y.dtype, copy=False)
     if act == "softmax":
         z = np.exp(y - y.max(axis=-1, keepdims=True))
         return z / z.sum(axis=-1, keepdims=True)
@@ -168,22 +180,32 @@ def probabilities_row(m: Manifest, row: list[float]) -> list[float]:
 
 
 def format_output(m: Manifest, y: np.ndarray, top_k: int = 5) -> dict[str, Any]:
-    """One step's head output (O,) → a JSON-ready dict in the model's own terms."""
+    """One step's head output (O,) → a JSON-ready dict in the model's own terms, shaped as our
+    gRPC ``Output`` (labels and probabilities as two aligned lists), with the numbers the gRPC
+    reply carries: computed as its one-step path computes them, rounded to float32, and written
+    as the shortest decimal that reads back as that float32 (``0.99999994``, not ``1.0``)."""
     kind = m.output.kind
     if kind == "regression":
-        return {"value": float(y[0]) if y.shape[-1] == 1 else [float(v) for v in y]}
-    p = probabilities(m, y)
+        return {"value": float32_text(y[0]) if y.shape[-1] == 1 else [float32_text(v) for v in y]}
+    p = probabilities_row(m, y.tolist())
     names = m.labels
-    best = int(p.argmax())
+    best = p.index(max(p))  # the first max, as argmax
     if kind == "classification":
         return {
             "label": names[best],
             "index": best,
-            "probabilities": {n: float(v) for n, v in zip(names, p, strict=True)},
+            "labels": list(names),
+            "probabilities": [float32_text(v) for v in p],
         }
-    order = np.argsort(-p)[:top_k]
+    order = sorted(range(len(p)), key=p.__getitem__, reverse=True)[:top_k]
     return {
         "char": names[best],
         "index": best,
-        "top_k": [{"char": names[i], "index": int(i), "p": float(p[i])} for i in order],
+        "top_k": [{"char": names[i], "index": i, "p": float32_text(p[i])} for i in order],
     }
+
+
+def float32_text(value: float) -> float:
+    """``value`` rounded to float32, as the float whose JSON text is that float32's shortest
+    round-trip decimal: what protobuf's JSON printer writes for the same gRPC ``float``."""
+    return float(str(np.float32(value)))

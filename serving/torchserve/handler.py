@@ -55,6 +55,8 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_TOP_K = 5
 FIELDS = ("inputs", "text", "tokens", "generate", "horizon", "top_k")
 BATCH_SIZE_HEADER = "x-rnnserve-batch-size"  # how many requests shared this one's batch
+MAX_KEYS_NAMED = 5  # unknown keys an error names; the rest are counted
+MAX_KEY_CHARS = 40  # each named key is cut to this
 
 
 @dataclass(frozen=True)
@@ -185,8 +187,8 @@ class RnnHandler:
         if p.continuation is not None and m.output.kind == "next_token":
             body["generated"] = "".join(m.labels[int(i)] for i in p.continuation)
         elif p.continuation is not None:  # (n, F): plain values when each step is one value
-            values = p.continuation.reshape(len(p.continuation), -1)
-            body["forecast"] = values[:, 0].tolist() if values.shape[1] == 1 else values.tolist()
+            values = [[codec.float32_text(v) for v in row] for row in p.continuation]
+            body["forecast"] = [row[0] for row in values] if m.input.features == 1 else values
         return body
 
     def _error_reply(self, idx: int, err: BaseException) -> dict[str, Any]:
@@ -254,8 +256,8 @@ def check_fields(m: Manifest, body: dict[str, Any]) -> None:
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
         raise InvalidInput(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; {m.name} accepts {accepted}",
-            field=unknown[0],
+            f"unknown field(s) {name_a_few(unknown)}; {m.name} accepts {accepted}",
+            field=_shortened(unknown[0]),
         )
     misplaced = [name for name in FIELDS if name in body and name not in fields]
     if misplaced:
@@ -266,6 +268,18 @@ def check_fields(m: Manifest, body: dict[str, Any]) -> None:
             f'send "text" or "tokens", not both: {m.name} reads one sequence per request',
             field="tokens",
         )
+
+
+def name_a_few(keys: list[str]) -> str:
+    """The first few keys, each cut short: a body of 50,000 keys (or one 1 MB key) must not come
+    back as a 500 kB error."""
+    shown = ", ".join(repr(_shortened(k)) for k in keys[:MAX_KEYS_NAMED])
+    rest = len(keys) - MAX_KEYS_NAMED
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
+def _shortened(key: str) -> str:
+    return key if len(key) <= MAX_KEY_CHARS else key[: MAX_KEY_CHARS - 1] + "…"
 
 
 def misplaced_reason(m: Manifest, name: str) -> str:

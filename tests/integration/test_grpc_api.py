@@ -257,7 +257,7 @@ def bad_cases(stub):
         ("unknown session", st("no-such-id", feats(1)), nf, "unknown session"),
         ("a 20 kB session id", st("x" * 20_000, feats(1)), nf, "unknown session"),
         ("a 20 kB model name", open_("m" * 20_000), nf, "unknown model"),
-        ("wrong feature count", st(lstm, feats(1, 2, steps=1)), inv, "do not make 1 steps"),
+        ("wrong feature count", st(lstm, feats(1, 2, steps=1)), inv, "make 1 step of 1 feature"),
         ("wrong dtype: text to features", st(lstm, pb.Input(text="ab")), inv, "not text"),
         ("wrong dtype: features to char", st(char, feats(1)), inv, "not feature vectors"),
         ("NaN", st(lstm, feats(1, nan)), inv, "NaN or Inf"),

@@ -66,7 +66,7 @@ def check_terms(m, r: PackedReply, rows: list[int]) -> None:
             want = codec.format_output(m, r.y[pos, t])
             assert r.index[pos, t] == want["index"]
             if m.output.kind == "classification":
-                p = list(want["probabilities"].values())
+                p = want["probabilities"]
                 np.testing.assert_allclose(r.probabilities[pos, t], p, rtol=1e-5, atol=1e-7)
             else:
                 top = want["top_k"][0]

@@ -90,7 +90,7 @@ def check_terms(m, replies: list[pb.StepResponse]) -> None:
                 np.testing.assert_allclose(out.value, np.atleast_1d(want["value"]), rtol=1e-6)
             elif m.output.kind == "classification":
                 assert out.label == want["label"] and out.index == want["index"]
-                p = list(want["probabilities"].values())
+                p = want["probabilities"]
                 np.testing.assert_allclose(out.probabilities, p, rtol=1e-5, atol=1e-7)
             else:
                 assert out.char == want["char"] and out.index == want["index"]
