@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving import grpc_api
+from serving import access_log, grpc_api, ports
 from serving.backends import BACKENDS
 from serving.engine import Engine, EngineConfig
 from serving.errors import ArtifactError
@@ -53,6 +53,8 @@ class ServerConfig:
     max_message_bytes: int = 4 * 1024 * 1024  # larger messages fail with RESOURCE_EXHAUSTED
     grace_s: float = 10.0  # how long stop() lets in-flight RPCs finish
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
+    # grpc.aio.ServerInterceptor objects, outermost first; one with ``bind(engine)`` gets the engine
+    interceptors: Sequence[Any] = field(default_factory=tuple)
 
 
 class RnnServer:
@@ -68,7 +70,8 @@ class RnnServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 *config.extra_options,
-            ]
+            ],
+            interceptors=list(config.interceptors),
         )
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
@@ -131,6 +134,8 @@ async def create_server(
     engine = Engine(config.engine, observer=metrics)
     metrics.bind(engine)
     server = RnnServer(config, engine, metrics)
+    for interceptor in config.interceptors:
+        getattr(interceptor, "bind", lambda _engine: None)(engine)
     hooks = default_hooks() if extra_servicers is None else list(extra_servicers)
     names = [grpc_api.add_to_server(server.grpc, engine, metrics)]
     for hook in hooks:
@@ -263,6 +268,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             default=os.environ.get(env, default),
             help=f"{text} [{env}, {default}]",
         )
+    access_log.add_flag(p)
     p.set_defaults(func=serve_command)
 
 
@@ -301,12 +307,52 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+# EngineConfig's field names in its errors → the flag (and variable) the user set
+FLAG_OF_FIELD = {
+    "backend for *": "--backend",
+    "threads": "--threads",
+    "session_ttl_s": "--session-ttl",
+    "max_sessions": "--max-sessions",
+    "max_batch_size": "--max-batch",
+    "max_queue_delay_ms": "--max-queue-delay-ms",
+    "inline_budget_us": "--inline-budget-us",
+}
+
+
+def _in_flag_terms(message: str) -> str:
+    env_of = {flag: env for flag, env, *_ in SERVE_OPTIONS}
+    for name, flag in FLAG_OF_FIELD.items():
+        if message.startswith(f"{name} "):
+            return f"{flag}{message[len(name) :]} (from the flag or ${env_of[flag]})"
+    return message
+
+
+def _preflight(config: ServerConfig) -> str | None:
+    """Why the gRPC or metrics address cannot be listened on, checked before any model loads."""
+    try:
+        host, port = ports.split_address(config.address)
+    except ValueError as e:
+        return f"--address: {e}"
+    problem = ports.taken(host, port)
+    where = f"--address {config.address}"
+    if problem is None and config.metrics_port:
+        problem = ports.taken(config.metrics_address, config.metrics_port)
+        where = f"--metrics-port {config.metrics_port}"
+    return f"{where}: {problem}" if problem else None
+
+
 def serve_command(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
     except ValueError as e:
-        print(f"rnnserve serve: {e}", file=sys.stderr)
+        print(f"rnnserve serve: {_in_flag_terms(str(e))}", file=sys.stderr)
         return 2
+    if args.access_log:
+        config = replace(config, interceptors=[*config.interceptors, access_log.AccessLog()])
+    problem = _preflight(config)  # before create_server loads every model
+    if problem:
+        print(f"rnnserve serve: {problem}", file=sys.stderr)
+        return 4
     try:
         return asyncio.run(_serve_until_signal(config))
     except ArtifactError as e:

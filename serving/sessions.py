@@ -232,6 +232,10 @@ class SessionStore:
         self._live.move_to_end(session_id)
         return sess
 
+    def peek(self, session_id: str) -> Session | None:
+        """The session if it is still held, without pushing its deadline back (for logging)."""
+        return self._live.get(session_id)
+
     def get_many(self, session_ids: Iterable[str]) -> list[Session | RnnServeError]:
         """``get`` for many ids with one clock read: each id's session (deadline pushed back) or
         its error (SessionExpired / SessionNotFound), in order. The loop is inlined because
