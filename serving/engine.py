@@ -131,6 +131,14 @@ class Generated:
     y: np.ndarray  # (O,) the model's output after consuming it
 
 
+@dataclass(frozen=True)
+class StepCounters:
+    """A streamable model version's step batches since start, over every API's steps."""
+
+    batches: int  # backend calls
+    rows: int  # session steps answered
+
+
 CheckedStep = tuple[Session, "ModelRuntime", np.ndarray, int | None]  # as step_checked takes
 
 
@@ -433,6 +441,13 @@ class Engine:
         return sum(
             self.sessions.count(k) for k, rt in self._runtimes.items() if rt.manifest.name == name
         )
+
+    def step_counters(self, name: str, version: int | None = None) -> StepCounters | None:
+        """None for a model without steps (bidirectional)."""
+        s = self._runtime(name, version).scheduler
+        if s is None:
+            return None
+        return StepCounters(s.batches, s.rows)
 
     def _runtime(self, name: str, version: int | None = None) -> ModelRuntime:
         if name not in self._latest:

@@ -43,7 +43,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from serving import codec
 from serving.backends import LoadedModel, OnnxBackend, TorchScriptBackend
-from serving.engine import MAX_PREDICT_ROWS
+from serving.engine import MAX_PREDICT_ROWS, StepCounters
 from serving.errors import (
     InvalidInput,
     NotStreamable,
@@ -54,12 +54,14 @@ from serving.errors import (
     grpc_status,
 )
 from serving.manifest import Manifest
+from serving.oip_stats import ModelRequestStats, RequestClock, RequestStatistics
+from serving.scheduler import step_timing
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rnnserve"
-EXTENSIONS = ("sequence", "classification")
+EXTENSIONS = ("sequence", "classification", "model_configuration", "statistics")
 INPUT_ALIAS = "INPUT"  # Triton examples' customary name; accepted besides the manifest's name
 TEXT_INPUT = "text"  # BYTES, one UTF-8 string: char models only
 OUTPUT_Y = "y"  # FP32 raw head output
@@ -68,7 +70,10 @@ OUTPUT_LABEL = "label"  # BYTES, the most likely label / next character
 MAX_SEQUENCE_ID_LENGTH = 200  # string ids; the session id adds "oip:<model>:"
 MAX_IN_FLIGHT_PER_STREAM = 1024  # unanswered requests one stream may hold before we stop reading
 
-_GENERATED = Path(__file__).parent / "_proto" / "inference" / "grpc_service_pb2.py"
+_GENERATED_DIR = Path(__file__).parent / "_proto" / "inference"
+_GENERATED = _GENERATED_DIR / "grpc_service_pb2.py"
+# grpc_service.proto imports model_config.proto: the pool needs the imported file first
+_GENERATED_FILES = (_GENERATED_DIR / "model_config_pb2.py", _GENERATED)
 
 
 # ---- messages in a private pool ------------------------------------------------------------
@@ -83,13 +88,18 @@ def _serialized_descriptor(generated: Path = _GENERATED) -> bytes:
 
 
 def _load_messages() -> tuple[SimpleNamespace, descriptor_pool.DescriptorPool]:
+    """Every top-level message of the generated files, plus their top-level enums' values
+    (``pb.TYPE_FP32``)."""
     pool = descriptor_pool.DescriptorPool()
-    file = pool.Add(descriptor_pb2.FileDescriptorProto.FromString(_serialized_descriptor()))
-    classes = {
-        name: message_factory.GetMessageClass(descriptor)
-        for name, descriptor in file.message_types_by_name.items()
-    }
-    return SimpleNamespace(**classes), pool
+    names: dict[str, Any] = {}
+    for generated in _GENERATED_FILES:
+        serialized = _serialized_descriptor(generated)
+        file = pool.Add(descriptor_pb2.FileDescriptorProto.FromString(serialized))
+        for name, descriptor in file.message_types_by_name.items():
+            names[name] = message_factory.GetMessageClass(descriptor)
+        for enum in file.enum_types_by_name.values():
+            names.update({v.name: v.number for v in enum.values})
+    return SimpleNamespace(**names), pool
 
 
 pb, DESCRIPTOR_POOL = _load_messages()
@@ -399,6 +409,78 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> Any:
     return response
 
 
+# ---- Triton's model configuration, statistics and repository index ---------------------------
+
+_CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
+_TRITON_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
+
+
+def model_config(model: LoadedModel, engine_config: Any) -> Any:
+    """Triton's ModelConfig, read off the same signatures as ``model_metadata``: dims leave out
+    the batch dimension (max_batch_size > 0), streamable models declare sequence batching."""
+    platform = _platform(model)
+    config = pb.ModelConfig(
+        name=model.manifest.name,
+        platform=platform,
+        backend=_TRITON_BACKENDS.get(platform, ""),
+        version_policy=pb.ModelVersionPolicy(all=pb.ModelVersionPolicy.All()),  # the store's all
+        max_batch_size=MAX_PREDICT_ROWS,  # rows of one stateless request; a sequence's is 1
+        instance_group=[pb.ModelInstanceGroup(kind=pb.ModelInstanceGroup.KIND_CPU, count=1)],
+        model_transaction_policy=pb.ModelTransactionPolicy(decoupled=False),
+    )
+    metadata = model_metadata(model, [])
+    for tensor in metadata.inputs:
+        config.input.add(**_config_tensor(tensor))
+    for tensor in metadata.outputs:
+        config.output.add(**_config_tensor(tensor))
+    delay_us = round(engine_config.max_queue_delay_ms * 1000)
+    if model.manifest.streamable:
+        config.sequence_batching.max_sequence_idle_microseconds = round(
+            engine_config.session_ttl_s * 1e6
+        )
+        config.sequence_batching.direct.max_queue_delay_microseconds = delay_us
+    else:
+        config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    return config
+
+
+def _config_tensor(tensor: Any) -> dict[str, Any]:
+    """Metadata shape [B, ...] → config dims [...]; a per-row scalar is dims [1], as in Triton."""
+    dims = list(tensor.shape[1:]) or [1]
+    return {
+        "name": tensor.name,
+        "data_type": getattr(pb, _CONFIG_TYPES[tensor.datatype]),
+        "dims": dims,
+    }
+
+
+def model_statistics(m: Manifest, requests: ModelRequestStats, steps: StepCounters | None) -> Any:
+    """One model version's ModelStatistics: OIP requests (see ``serving.oip_stats``), and as
+    execution_count the step scheduler's batches over every API's steps of the model (they share
+    its batches; 0 for a model without steps)."""
+    stats = pb.ModelStatistics(
+        name=m.name,
+        version=str(m.version),
+        last_inference=requests.last_inference_ms,
+        inference_count=requests.inference_count,
+    )
+    inference = stats.inference_stats
+    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        d = getattr(requests, name)
+        getattr(inference, name).MergeFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
+    if steps is not None:
+        stats.execution_count = steps.batches
+    return stats
+
+
+def repository_index(models: Iterable[LoadedModel]) -> Any:
+    """Every loaded model version, READY (the engine loads all of them before serving)."""
+    response = pb.RepositoryIndexResponse()
+    for m in sorted((lm.manifest for lm in models), key=lambda m: (m.name, m.version)):
+        response.models.add(name=m.name, version=str(m.version), state="READY")
+    return response
+
+
 # ---- the servicer --------------------------------------------------------------------------
 
 
@@ -411,6 +493,7 @@ class GRPCInferenceService:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self.statistics = RequestStatistics()
 
     # -- health and metadata --
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -446,6 +529,40 @@ class GRPCInferenceService:
             return model_metadata(model, versions)
         except Exception as e:
             await _abort(context, e)
+
+    # -- Triton's extensions: configuration, statistics, repository index --
+    async def ModelConfig(self, request: Any, context: Any) -> Any:
+        try:
+            model = self.engine.model(request.name, parse_version(request.version))
+            return pb.ModelConfigResponse(config=model_config(model, self.engine.config))
+        except Exception as e:
+            await _abort(context, e)
+
+    async def ModelStatistics(self, request: Any, context: Any) -> Any:
+        """Empty name: every model; empty version: every version of the named model(s)."""
+        try:
+            response = pb.ModelStatisticsResponse()
+            for m in self._models_named(request.name, request.version):
+                stats = self.statistics.snapshot(m.name, m.version)
+                steps = self.engine.step_counters(m.name, m.version)
+                response.model_stats.append(model_statistics(m, stats, steps))
+            return response
+        except Exception as e:
+            await _abort(context, e)
+
+    def _models_named(self, name: str, version: str) -> list[Manifest]:
+        if name and version:
+            return [self.engine.model(name, parse_version(version)).manifest]
+        if name:
+            self.engine.model(name)  # NOT_FOUND for an unknown name
+        if version:
+            raise InvalidInput("model statistics of a version need the model's name", "version")
+        manifests = [lm.manifest for lm in self.engine.models()]
+        found = [m for m in manifests if not name or m.name == name]
+        return sorted(found, key=lambda m: (m.name, m.version))
+
+    async def RepositoryIndex(self, request: Any, context: Any) -> Any:
+        return repository_index(self.engine.models())
 
     # -- inference --
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -501,19 +618,37 @@ class GRPCInferenceService:
             )
 
     async def infer(self, request: Any) -> Any:
-        """One ModelInferRequest → ModelInferResponse; raises RnnServeError for the client."""
+        """One ModelInferRequest → ModelInferResponse; raises RnnServeError for the client.
+        Counted in the model's statistics, as a success or a failure."""
+        clock = RequestClock()
+        try:
+            response = await self._timed_infer(request, clock)
+        except BaseException:
+            self.statistics.failed(clock)
+            raise
+        self.statistics.succeeded(clock)
+        return response
+
+    async def _timed_infer(self, request: Any, clock: RequestClock) -> Any:
         control = sequence_control(request)
         if control.sequence_id is None:
             model = self.engine.model(request.model_name, parse_version(request.model_version))
         else:
             model = self._sequence_model(request, control)
         m = model.manifest
+        clock.resolved(m.name, m.version)
         wanted = requested_outputs(request, m)
         rows = decode_rows(m, request, self.engine.input_limit(m))  # checked once, here
-        if control.sequence_id is None:
-            y = await self._stateless(model, rows)
-        else:
-            y = await self._sequence_step(model, control, rows)
+        clock.inputs_decoded(len(rows))
+        timing = step_timing.set(clock)  # the scheduler reports this request's queue and batch
+        try:
+            if control.sequence_id is None:
+                y = await self._stateless(model, rows)
+            else:
+                y = await self._sequence_step(model, control, rows)
+        finally:
+            step_timing.reset(timing)
+        clock.engine_answered()
         return infer_response(request, m, y, wanted)
 
     async def _stateless(self, model: LoadedModel, rows: list[np.ndarray]) -> np.ndarray:
@@ -647,6 +782,9 @@ _UNARY = {
     "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse"),
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
+    "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse"),
+    "ModelStatistics": ("ModelStatisticsRequest", "ModelStatisticsResponse"),
+    "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse"),
 }
 
 

@@ -46,7 +46,9 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import CancelledError, Executor, Future
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -103,6 +105,16 @@ class StepGroup:
             self.future.set_result(self.outcomes)
 
 
+class StepTiming(Protocol):
+    def timed(self, queued_s: float, computed_s: float) -> None: ...
+
+
+# Set by a transport around its engine call to learn how long its single step queued for its batch
+# (submission to the batch's start) and how long that batch took (start to answer); called on the
+# loop once the batch succeeded. Triton's statistics report these as queue and compute_infer.
+step_timing: ContextVar[StepTiming | None] = ContextVar("step_timing", default=None)
+
+
 @dataclass(slots=True)
 class PendingStep:
     session: Session
@@ -112,6 +124,7 @@ class PendingStep:
     on_done: StepDone | None = None  # called (y, None) or (None, error) even if future is cancelled
     group: StepGroup | None = None  # set for members of submit_many (then future is None)
     pos: int = 0  # the member's position in its group
+    timing: StepTiming | None = None  # step_timing's value where submit() was called
 
     def answer(self, y: np.ndarray | None, err: BaseException | None) -> None:
         """y (T, O), or the error. If ``on_done`` raises, the future gets an error and the
@@ -202,13 +215,14 @@ class Batch:
     whether any is a block (a batch of single steps only keeps the simple one-row-per-item
     paths)."""
 
-    __slots__ = ("blocks", "items", "rows", "steps")
+    __slots__ = ("blocks", "items", "rows", "started", "steps")
 
     def __init__(self, items: list[Pending], rows: int, blocks: int, steps: int) -> None:
         self.items = items
         self.rows = rows
         self.blocks = blocks
         self.steps = steps
+        self.started = time.monotonic()  # taken from the queue: its rows stop queueing here
 
 
 BUSY_GAP_S = 200e-6  # a step this soon after the last answer means load: no inline run
@@ -315,7 +329,7 @@ class StepScheduler:
         self._timer: asyncio.TimerHandle | None = None  # queue-delay wake-up
         self._drained: asyncio.Future[None] | None = None  # stop() waits on it
         self._stopping = False
-        self.batches = 0  # counters for tests and the bench
+        self.batches = 0  # counters for tests, the bench and Triton's statistics
         self.rows = 0
         self.inline_batches = 0
         self._answered_at = -float("inf")  # perf_counter() when the last batch was answered
@@ -349,7 +363,8 @@ class StepScheduler:
         if self._stopping or self._loop is None:
             raise Unavailable(f"{self.name} is not accepting steps (stopping or not started)")
         fut: asyncio.Future[np.ndarray] = self._loop.create_future()
-        self._queue.append(PendingStep(session, x, fut, time.monotonic(), on_done))
+        timing = step_timing.get()
+        self._queue.append(PendingStep(session, x, fut, time.monotonic(), on_done, timing=timing))
         self._queued_rows += 1
         self._schedule()
         return fut
@@ -551,14 +566,21 @@ class StepScheduler:
                 log.error("%s: batch of %d failed: %r", self.name, batch.rows, e)
             self._fail(batch, e)
         else:
-            self.batches += 1
-            self.rows += batch.rows
+            self._count(batch)
             try:
                 self._on_batch(batch.rows)
             except Exception:  # a metrics hook must not keep the batch from being answered
                 log.exception("%s: the on_batch hook failed", self.name)
             self._answer_rows(batch, y)
         self._answered_at = time.perf_counter()
+
+    def _count(self, batch: Batch) -> None:
+        self.batches += 1
+        self.rows += batch.rows
+        now = time.monotonic()
+        for p in batch.items:
+            if type(p) is PendingStep and p.timing is not None:
+                p.timing.timed(batch.started - p.enqueued, now - batch.started)
 
     def _check_outputs(self, batch: Batch, y: np.ndarray, states: list[np.ndarray]) -> None:
         """A step graph must answer every row of the call: outputs or states of another shape are
