@@ -20,7 +20,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +50,7 @@ from serving.sessions import Session, SessionStore, StatePool, acquire, release
 log = logging.getLogger(__name__)
 
 MAX_PREDICT_ROWS = 4096
+MAX_PREDICT_STEPS = 262_144  # time steps over all rows of one Predict: 256 rows of 1,024
 MAX_GENERATE_TOKENS = 4096
 
 
@@ -770,6 +771,7 @@ class Engine:
         m = rt.manifest
         check_predict_rows(len(rows))
         checked = [self._checked_input(m, r) for r in rows]
+        check_predict_steps(sum(len(r) for r in checked))
         assert rt.predictor is not None, "Engine.start() was not awaited"
         self._inflight += 1
         try:
@@ -794,43 +796,17 @@ class Engine:
         state has consumed the prompt and everything generated, and Steps continue from there.
         """
         m = self.session_manifest(session_id)
-        self._check_generate(m, max_tokens, temperature, top_k)
+        check_generate(m, max_tokens, temperature, top_k)
         if prompt is not None:
             y = (await self.step(session_id, prompt)).y[-1]
         else:
             y = self._last_output(session_id)
-        rng = np.random.default_rng(seed)
-        for _ in range(max_tokens):
-            if m.output.kind == "next_token":
-                token = sample_token(codec.probabilities(m, y), temperature, top_k, rng)
-                res = await self.step(session_id, np.array([token], dtype=np.int64))
-                yield Generated(res.step_index, token, None, res.y[0])
-            else:
-                value = y.astype(np.float32).reshape(-1)  # (F,)
-                res = await self.step(session_id, value.reshape(1, -1))
-                yield Generated(res.step_index, None, value, res.y[0])
-            y = res.y[0]
 
-    def _check_generate(self, m: Manifest, max_tokens: int, temperature: float, top_k: int) -> None:
-        if m.output.kind == "classification":
-            raise InvalidInput(
-                f"{m.name} is a classifier; Generate needs a char or regression model"
-            )
-        if m.output.kind == "regression" and m.output.size != (m.input.features or 0):
-            raise InvalidInput(
-                f"{m.name} outputs {m.output.size} values for {m.input.features} input features, "
-                "so its predictions cannot be fed back"
-            )
-        if not 1 <= max_tokens <= MAX_GENERATE_TOKENS:
-            raise InvalidInput(
-                f"max_tokens must be in 1..{MAX_GENERATE_TOKENS}, got {max_tokens}", "max_tokens"
-            )
-        if not (np.isfinite(temperature) and temperature >= 0):
-            raise InvalidInput(
-                f"temperature must be finite and >= 0, got {temperature}", "temperature"
-            )
-        if top_k < 0 or top_k > m.output.size:
-            raise InvalidInput(f"top_k must be in 0..{m.output.size}, got {top_k}", "top_k")
+        def step(x: np.ndarray) -> Awaitable[StepResult]:
+            return self.step(session_id, x)
+
+        async for g in rollout(m, step, y, max_tokens, temperature, top_k, seed):
+            yield g
 
     def _last_output(self, session_id: str) -> np.ndarray:
         sess = self.sessions.get(session_id)
@@ -917,6 +893,60 @@ def check_predict_rows(count: int) -> None:
         raise PayloadTooLarge(
             f"{count} sequences in one Predict; at most {MAX_PREDICT_ROWS}", "inputs"
         )
+
+
+def check_predict_steps(total: int) -> None:
+    """All rows of one Predict together: their compute (and the batcher's calls) is bounded
+    before any of it runs; a row's own length is bounded by the model's max_steps."""
+    if total > MAX_PREDICT_STEPS:
+        raise PayloadTooLarge(
+            f"{total} time steps over the sequences of one Predict; at most {MAX_PREDICT_STEPS}",
+            "inputs",
+        )
+
+
+def check_generate(m: Manifest, max_tokens: int, temperature: float, top_k: int) -> None:
+    """Why Generate cannot run on this model with these parameters, if it cannot."""
+    if m.output.kind == "classification":
+        raise InvalidInput(f"{m.name} is a classifier; Generate needs a char or regression model")
+    if m.output.kind == "regression" and m.output.size != (m.input.features or 0):
+        raise InvalidInput(
+            f"{m.name} outputs {m.output.size} values for {m.input.features} input features, "
+            "so its predictions cannot be fed back"
+        )
+    if not 1 <= max_tokens <= MAX_GENERATE_TOKENS:
+        raise InvalidInput(
+            f"max_tokens must be in 1..{MAX_GENERATE_TOKENS}, got {max_tokens}", "max_tokens"
+        )
+    if not (np.isfinite(temperature) and temperature >= 0):
+        raise InvalidInput(f"temperature must be finite and >= 0, got {temperature}", "temperature")
+    if top_k < 0 or top_k > m.output.size:
+        raise InvalidInput(f"top_k must be in 0..{m.output.size}, got {top_k}", "top_k")
+
+
+async def rollout(
+    m: Manifest,
+    step: Callable[[np.ndarray], Awaitable[StepResult]],
+    y: np.ndarray,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    seed: int | None,
+) -> AsyncIterator[Generated]:
+    """Generate's loop on any session: from the head output ``y`` (O,) of the session's last step,
+    char models sample the next token and regression models feed their prediction back, each
+    stepped through ``step`` (so the session's state consumes everything generated)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(max_tokens):
+        if m.output.kind == "next_token":
+            token = sample_token(codec.probabilities(m, y), temperature, top_k, rng)
+            res = await step(np.array([token], dtype=np.int64))
+            yield Generated(res.step_index, token, None, res.y[0])
+        else:
+            value = y.astype(np.float32).reshape(-1)  # (F,)
+            res = await step(value.reshape(1, -1))
+            yield Generated(res.step_index, None, value, res.y[0])
+        y = res.y[0]
 
 
 def sample_token(p: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:

@@ -1,0 +1,86 @@
+// One scheduler per streamable model version: many sessions' queued steps → one model call.
+//
+// Rules a batch obeys:
+// * it takes what is queued when the worker wakes and never waits on a timer unless a queue delay
+//   is configured; while one batch runs, the next one forms in the queue;
+// * one time length T per batch (rows stack on the batch dim without padding, so outputs are
+//   exact); other lengths wait for the next turn, in arrival order;
+// * at most max_batch rows; at most one step per session (the session gate guarantees it);
+// * states are gathered from the sessions into (L, B, H) arrays before the call and scattered
+//   back after it; the model call holds no lock of the core;
+// * the store records the batch's new states and replies (one commit per batch) before any reply
+//   is answered;
+// * a failed call (the runner raised, or answered other shapes) fails every step of the batch
+//   and stores no state.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "metrics.h"
+#include "model.h"
+#include "session.h"
+#include "store.h"
+
+namespace rnnserve {
+
+// A batch as the model runner sees it.
+struct Batch {
+  int rows = 0;
+  uint32_t steps = 0;
+  std::vector<float> features;  // (B, T, F), feature models
+  std::vector<int64_t> ids;     // (B, T), token models
+  std::vector<std::vector<float>> states;  // per state tensor (L, B, H): in, then the new states
+  std::vector<float> y;         // (B, T, O), filled by the runner
+};
+
+// Runs a model's step graph on a batch; throws std::exception to fail the batch.
+using Runner = std::function<void(const ModelSpec&, Batch&)>;
+
+struct Job {
+  SessionPtr session;
+  uint64_t index = 0;  // the step index this step runs as
+  StepInput input;
+  int64_t queued_ns = 0;
+  std::function<void(Result<ReplyPtr>)> done;  // on the scheduler thread
+};
+
+class Scheduler {
+ public:
+  Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMetrics* metrics,
+            int max_batch, double queue_delay_s);
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  void submit(std::vector<Job> jobs);  // one wake-up for all of them
+  void stop();                         // queued steps fail with UNAVAILABLE; joins the worker
+
+ private:
+  void loop();
+  std::vector<Job> take(std::unique_lock<std::mutex>& lock);
+  void run(std::vector<Job>& jobs);
+  bool call_model(std::vector<Job>& jobs, Batch& batch);
+  void gather(const std::vector<Job>& jobs, Batch& batch) const;
+  void scatter(std::vector<Job>& jobs, const Batch& batch) const;
+  void answer(std::vector<Job>& jobs, const Batch& batch);
+  static void fail(std::vector<Job>& jobs, const Error& err);
+
+  const ModelPtr model_;
+  const Runner runner_;
+  SessionStore* const store_;
+  ModelMetrics* const metrics_;
+  const size_t max_batch_;
+  const int64_t queue_delay_ns_;
+  std::mutex mu_;
+  std::condition_variable wake_;
+  std::deque<Job> queue_;
+  bool stopping_ = false;
+  std::thread worker_;  // last: it starts once the members above exist
+};
+
+}  // namespace rnnserve

@@ -1,0 +1,65 @@
+// One client sequence: its recurrent state, its step bookkeeping and its gate.
+//
+// The gate serializes a session's steps in arrival order without a thread or timer of its own:
+// `busy` is held from claim to commit, and calls that find it taken wait in `waiting`, started by
+// the release of the step before them (see stepper.h).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "codec.h"
+#include "model.h"
+
+namespace rnnserve {
+
+// A step's answer, kept as the session's last reply so that a retry of its index gets it again.
+struct Reply {
+  uint64_t step_index = 0;
+  uint32_t steps = 0;
+  std::vector<float> y;  // (T, O) head outputs
+};
+using ReplyPtr = std::shared_ptr<const Reply>;
+
+struct StepOutcome {
+  ReplyPtr reply;  // set when the step ran (or was a retry of the last one)
+  Error error;     // otherwise
+  bool ok() const { return reply != nullptr; }
+};
+using StepDone = std::function<void(StepOutcome)>;
+
+struct PendingStep {
+  StepInput input;
+  std::optional<uint64_t> want;  // the client's step_index; none = "the next one"
+  StepDone done;
+};
+
+int64_t now_ns();  // steady clock
+
+struct Session {
+  Session(std::string id, ModelPtr model);
+
+  const std::string id;
+  const ModelPtr model;
+  std::atomic<int64_t> last_used_ns;
+
+  std::mutex mu;  // guards everything below but `state`, which the gate's holder owns
+  bool busy = false;
+  bool closed = false;
+  uint64_t next_index = 0;
+  ReplyPtr last;
+  std::deque<PendingStep> waiting;
+
+  std::vector<float> state;  // (L, H) per state tensor, concatenated; written by the gate's holder
+
+  void reset_state();
+};
+using SessionPtr = std::shared_ptr<Session>;
+
+}  // namespace rnnserve

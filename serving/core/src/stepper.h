@@ -1,0 +1,45 @@
+// The one step protocol: claim → run → commit → release, for every transport and every form
+// (a single step, a StepMany entry, a packed block row, an OIP sequence request).
+//
+// Claim takes the session's gate (or queues the call behind the step holding it) and checks
+// step_index: the next index runs; a retry of the last answered index gets its cached reply; any
+// other index fails with the index that was expected. Commit records the reply for retries and
+// advances the index; release hands the gate to the next queued call. A client that goes away
+// mid-step changes nothing: the step still commits, and its retry gets the reply.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include "scheduler.h"
+#include "session.h"
+
+namespace rnnserve {
+
+class Stepper {
+ public:
+  using SchedulerOf = std::function<Scheduler*(const ModelSpec&)>;
+  explicit Stepper(SchedulerOf scheduler_of) : scheduler_of_(std::move(scheduler_of)) {}
+
+  struct Call {
+    SessionPtr session;
+    PendingStep step;
+  };
+  // Claims every call and hands the claimed steps of each model to its scheduler in one go (so
+  // a StepMany message's steps share a batch). `done` runs once per call, on whichever thread
+  // answers it.
+  void step(std::vector<Call> calls);
+  void step(SessionPtr session, PendingStep step);
+
+ private:
+  // The gate is held: answer from the cache, fail, or turn the call into a job.
+  std::optional<Job> claimed(const SessionPtr& session, PendingStep step);
+  Job job(const SessionPtr& session, uint64_t index, PendingStep step);
+  void commit(const SessionPtr& session, Result<ReplyPtr> result, const StepDone& done);
+  void release(const SessionPtr& session);
+  void submit(std::vector<Job> jobs);
+
+  SchedulerOf scheduler_of_;
+};
+
+}  // namespace rnnserve
