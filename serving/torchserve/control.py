@@ -7,9 +7,16 @@ frontend and then anything left in its session, so no Java or Python worker outl
 reach Java directly) and never returns.
 
 The frontend is launched the way TorchServe 0.12's own ``torchserve --start`` launches it, with
-three differences: its pid file, logs, temp files and worker sockets live in a run folder of their
-own (so two stores never collide and a read-only store stays untouched), it runs in a new session
-(so ``stop`` finds every process it started), and the models to load are named explicitly.
+these differences: its pid file, temp files and worker sockets live in a run folder of their own
+(so two stores never collide and a read-only store stays untouched), its logs go to
+``<store>/torchserve/logs`` (the run folder's ``logs`` when the store is read-only, or
+``--log-dir``), it runs in a new session (so ``stop`` finds every process it started), and the
+models to load are named explicitly.
+
+The management API (scale workers, unregister models) is not served on any TCP port: it listens
+on a Unix socket in the run folder (``management_address=unix:management.sock``), which only this
+user can open. ``management(store, method, path)`` calls it. ``--management-port P`` serves it on
+127.0.0.1:P instead, for an operator who wants that; anyone on the host can then use it.
 """
 
 from __future__ import annotations
@@ -17,16 +24,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import http.client
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -43,6 +50,7 @@ DEFAULT_CONFIG = Path(__file__).with_name("config.properties")
 LOG_CONFIG = Path(__file__).with_name("log4j2.xml")  # TorchServe's, minus per-request lines
 FRONTEND_CLASS = "org.pytorch.serve.ModelServer"
 PID_FILE = "torchserve.pid"
+UNIX = "unix:"  # TorchServe's scheme for a Unix-socket address (needs use_native_io=true)
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,8 @@ def effective_properties(
         ("metrics_address", ports.metrics),
     ):
         if port is not None:
-            props[key] = f"http://{urlsplit(props[key]).hostname}:{port}"
+            host = urlsplit(props[key]).hostname if not props[key].startswith(UNIX) else None
+            props[key] = f"http://{host or '127.0.0.1'}:{port}"
     if ports.grpc_inference is not None:
         props["grpc_inference_port"] = str(ports.grpc_inference)
     if ports.grpc_management is not None:
@@ -94,13 +103,34 @@ def write_properties(props: dict[str, str], path: Path) -> None:
 
 
 def local_url(address: str) -> str:
-    """A URL this host can call for a bind address (0.0.0.0 means any local interface)."""
+    """A URL this host can call for a bind address (0.0.0.0 means any local interface); a
+    ``unix:`` address stays as it is (``management`` knows how to call it)."""
+    if address.startswith(UNIX):
+        return address
     parts = urlsplit(address)
     host = "127.0.0.1" if parts.hostname in ("0.0.0.0", "::", None) else parts.hostname
     return f"{parts.scheme}://{host}:{parts.port}"
 
 
 # ---- the run folder ---------------------------------------------------------------------------
+
+
+def in_run_dir(address: str, run: Path) -> str:
+    """A relative ``unix:`` socket path lies in the run folder: one per store's TorchServe."""
+    if address.startswith(UNIX) and not address[len(UNIX) :].startswith("/"):
+        return f"{UNIX}{run / address[len(UNIX) :]}"
+    return address
+
+
+def log_dir(store: Path, chosen: Path | None = None) -> Path:
+    """Where TorchServe's logs go: ``--log-dir``, else beside the archives when the store is
+    writable, else the run folder (a read-only store, as in the container)."""
+    if chosen is not None:
+        return chosen.resolve()
+    out = archive_dir(store)
+    if os.access(out if out.exists() else store, os.W_OK):
+        return out / "logs"
+    return run_dir(store) / "logs"
 
 
 def run_dir(store: Path) -> Path:
@@ -176,10 +206,14 @@ def prepare(store: Path, config: Path | None, ports: Ports, args: argparse.Names
     props = effective_properties(config, ports, args.enable_model_api)
     models = archives_to_load(store, args.models)
     run = run_dir(store)
-    shutil.rmtree(run, ignore_errors=True)  # logs and sockets of an earlier run
+    shutil.rmtree(run, ignore_errors=True)  # sockets and temp files of an earlier run
     for sub in ("logs", "tmp"):
         (run / sub).mkdir(parents=True)
-    env = {**os.environ, "LOG_LOCATION": str(run / "logs"), "METRICS_LOCATION": str(run / "logs")}
+    run.chmod(0o700)  # the management socket lives here: this user's alone
+    props["management_address"] = in_run_dir(props["management_address"], run)
+    logs = log_dir(store, getattr(args, "log_dir", None))
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LOG_LOCATION": str(logs), "METRICS_LOCATION": str(logs)}
     return props, models, run, env, java_command(props, store, models, run)
 
 
@@ -187,7 +221,8 @@ def start(
     store: Path, config: Path | None, ports: Ports, args: argparse.Namespace, timeout_s: float
 ) -> int:
     props, models, run, env, cmd = prepare(store, config, ports, args)
-    console = (run / "logs" / "console.log").open("wb")
+    logs = Path(env["LOG_LOCATION"])
+    console = (logs / "console.log").open("wb")
     proc = subprocess.Popen(
         cmd, cwd=run, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -199,11 +234,12 @@ def start(
     except BaseException:
         stop_session(proc.pid)
         proc.wait()
-        print(tail(run / "logs" / "console.log"), file=sys.stderr)
+        print(tail(logs / "console.log"), file=sys.stderr)
         raise
     print(
         f"TorchServe ready: {len(names)} models on {local_url(props['inference_address'])} "
-        f"(pid {proc.pid}, logs in {run / 'logs'})",
+        f"(pid {proc.pid}, logs in {logs}, management API on "
+        f"{local_url(props['management_address'])})",
         flush=True,
     )
     return 0
@@ -220,8 +256,62 @@ def start_foreground(store: Path, config: Path | None, ports: Ports, args) -> in
 
 
 def model_workers(management: str, name: str) -> list[dict]:
-    with urllib.request.urlopen(f"{management}/models/{name}", timeout=5) as r:
-        return json.loads(r.read())[0].get("workers", [])
+    status, body = call_management(management, "GET", f"/models/{name}")
+    if status != 200:
+        raise ValueError(f"GET /models/{name}: {status}")
+    return json.loads(body)[0].get("workers", [])
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket: how this user reaches the management API."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def call_management(address: str, method: str, path: str, timeout: float = 5.0):
+    """(status, body bytes) of one call to a management API at ``unix:/path`` or ``http://h:p``."""
+    if address.startswith(UNIX):
+        conn: http.client.HTTPConnection = UnixHTTPConnection(address[len(UNIX) :], timeout)
+    else:
+        parts = urlsplit(address)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request(method, path)
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def management(store: Path, method: str, path: str) -> tuple[int, str]:
+    """Call the management API of the TorchServe running for ``store`` (its Unix socket), e.g.
+    ``management(Path("/models"), "PUT", "/models/sine?min_worker=2")``."""
+    status, body = call_management(default_management(store), method, path, timeout=60)
+    return status, body.decode(errors="replace")
+
+
+def call_command(store: Path, request: list[str]) -> int:
+    if len(request) != 2:
+        raise SystemExit("rnnserve torchserve: call takes METHOD PATH, e.g. call GET /models")
+    try:
+        status, body = management(store, request[0].upper(), request[1])
+    except OSError as e:
+        raise SystemExit(f"rnnserve torchserve: no management API for {store}: {e}") from e
+    print(body)
+    return 0 if status < 400 else 1
+
+
+def default_management(store: Path) -> str:
+    """The management address of a TorchServe started with our config for ``store``."""
+    address = effective_properties(None, Ports())["management_address"]
+    return local_url(in_run_dir(address, run_dir(Path(store).resolve())))
 
 
 def wait_until_ready(
@@ -234,7 +324,7 @@ def wait_until_ready(
             raise SystemExit(f"rnnserve torchserve: the frontend exited with {proc.returncode}")
         if time.monotonic() > deadline:
             raise SystemExit(f"rnnserve torchserve: not READY after {timeout_s:.0f} s: {pending}")
-        with contextlib.suppress(OSError, urllib.error.URLError, ValueError, IndexError):
+        with contextlib.suppress(OSError, http.client.HTTPException, ValueError, IndexError):
             # raises until the management API is up
             pending = [n for n in pending if not _ready(model_workers(management, n))]
         time.sleep(0.25)
@@ -330,18 +420,40 @@ def _is_torchserve(p: psutil.Process) -> bool:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("torchserve", help="start or stop the real TorchServe with every archive")
-    p.add_argument("action", choices=("start", "stop"))
-    p.add_argument("--store", type=Path, default=Path("model_store"))
-    p.add_argument("--config", type=Path, help="config.properties laid over the defaults")
+    p.add_argument(
+        "action",
+        choices=("start", "stop", "call"),
+        help="start: launch TorchServe, return once every model is READY; "
+        "stop: end the TorchServe started for --store and all its workers; "
+        "call METHOD PATH: one management API call (e.g. call GET /models)",
+    )
+    p.add_argument("request", nargs="*", help="call only: METHOD PATH")
+    p.add_argument(
+        "--store", type=Path, default=Path("model_store"), help="model store (%(default)s)"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="config.properties laid over the defaults (serving/torchserve/config.properties)",
+    )
     p.add_argument("--foreground", action="store_true", help="become TorchServe (containers)")
     p.add_argument("--model", action="append", dest="models", help="only this model (repeatable)")
-    p.add_argument("--inference-port", type=int)
-    p.add_argument("--management-port", type=int)
-    p.add_argument("--metrics-port", type=int)
-    p.add_argument("--grpc-inference-port", type=int)
-    p.add_argument("--grpc-management-port", type=int)
+    port = "port on the config's host (default: the config's, %s)"
+    p.add_argument("--inference-port", type=int, help=port % "8080")
+    p.add_argument(
+        "--management-port",
+        type=int,
+        help="serve the management API on 127.0.0.1:PORT, open to anyone on the host (default: "
+        "not on TCP; a Unix socket in the run folder, this user's only)",
+    )
+    p.add_argument("--metrics-port", type=int, help=port % "8082")
+    p.add_argument("--grpc-inference-port", type=int, help=port % "7070")
+    p.add_argument("--grpc-management-port", type=int, help=port % "7071")
+    p.add_argument("--log-dir", type=Path, help="TorchServe's logs [<store>/torchserve/logs]")
     p.add_argument("--enable-model-api", action="store_true", help="allow (un)registering models")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for READY")
+    p.add_argument(
+        "--timeout", type=float, default=180.0, help="seconds to wait for READY (%(default)s)"
+    )
     p.set_defaults(func=run)
 
 
@@ -349,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
     store = args.store.resolve()
     if args.action == "stop":
         return stop(store)
+    if args.action == "call":
+        return call_command(store, args.request)
     ports = Ports(
         args.inference_port,
         args.management_port,

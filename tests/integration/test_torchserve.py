@@ -46,7 +46,7 @@ BATCH = 4
 class Server:
     store: Path
     url: str  # inference API
-    management: str
+    management: str  # unix:/path/to/socket
     metrics: str
     run_dir: Path
 
@@ -76,9 +76,13 @@ def server(quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         (store / name).symlink_to(quick_store / name, target_is_directory=True)
     archive = [*CLI, "archive", "--store", str(store)]
     subprocess.run([*archive, "--batch-size", str(BATCH), "--max-batch-delay", "1000"], check=True)
-    ports = free_ports(5)
-    flags = ["--inference-port", "--management-port", "--metrics-port"]
-    flags += ["--grpc-inference-port", "--grpc-management-port"]
+    ports = free_ports(4)
+    flags = [
+        "--inference-port",
+        "--metrics-port",
+        "--grpc-inference-port",
+        "--grpc-management-port",
+    ]
     port_args = [a for pair in zip(flags, map(str, ports), strict=True) for a in pair]
     start = [*CLI, "torchserve", "start", "--store", str(store), *port_args, "--timeout", "300"]
     run_dir = control.run_dir(store)
@@ -87,8 +91,8 @@ def server(quick_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield Server(
             store,
             f"http://127.0.0.1:{ports[0]}",
+            control.default_management(store),
             f"http://127.0.0.1:{ports[1]}",
-            f"http://127.0.0.1:{ports[2]}",
             run_dir,
         )
     finally:
@@ -137,17 +141,48 @@ def post_together(server: Server, model: str, bodies: list[Any]) -> list[Reply]:
 # ---- tests ------------------------------------------------------------------------------------
 
 
+def management(server: Server, method: str, path: str) -> tuple[int, Any]:
+    status, body = control.call_management(server.management, method, path)
+    return status, json.loads(body)
+
+
+def workers(server: Server, model: str) -> int:
+    status, described = management(server, "GET", f"/models/{model}")
+    assert status == 200
+    return len(described[0]["workers"])
+
+
 def test_every_model_is_ready_and_loopback_only(server: Server) -> None:
     assert requests.get(f"{server.url}/ping", timeout=10).json()["status"] == "Healthy"
-    listed = requests.get(f"{server.management}/models", timeout=10).json()["models"]
-    assert sorted(m["modelName"] for m in listed) == sorted(ZOO)
+    status, listed = management(server, "GET", "/models")
+    assert status == 200 and sorted(m["modelName"] for m in listed["models"]) == sorted(ZOO)
     frontend = control.running_frontend(server.store)
     assert frontend is not None
     listening = [c for c in frontend.net_connections("inet") if c.status == psutil.CONN_LISTEN]
-    assert len(listening) >= 5  # inference, management, metrics, and TorchServe's two gRPC APIs
+    assert len(listening) == 4  # inference, metrics, TorchServe's two gRPC APIs; no management
     assert all(is_loopback(c.laddr.ip) for c in listening), listening
-    register = requests.post(f"{server.management}/models?url=x.mar", timeout=10)
-    assert register.status_code >= 400  # the model API is off
+    status, _ = management(server, "POST", "/models?url=x.mar")
+    assert status >= 400  # the model API is off
+
+
+def test_no_tcp_port_lets_an_anonymous_client_scale_a_model_to_zero(server: Server) -> None:
+    """Once, `PUT /models/sine?min_worker=0` on 127.0.0.1:8081 scaled sine to zero workers and
+    its predictions answered 503. The management API now listens on a Unix socket only, in a
+    folder only this user may open; every TCP port TorchServe listens on refuses the call."""
+    frontend = control.running_frontend(server.store)
+    assert frontend is not None
+    ports = [c.laddr.port for c in frontend.net_connections("inet") if c.status == "LISTEN"]
+    for port in ports:
+        try:
+            reply = requests.put(f"http://127.0.0.1:{port}/models/sine?min_worker=0", timeout=10)
+        except requests.RequestException:
+            continue  # not HTTP/1.1 (TorchServe's gRPC ports): no answer at all
+        assert reply.status_code >= 400, (port, reply.text)
+    assert workers(server, "sine") == 1
+    assert post(server, "sine", {"inputs": [[0.5]]}).status == 200
+    socket_path = Path(server.management.removeprefix("unix:"))
+    assert socket_path.is_socket() and socket_path.parent == server.run_dir
+    assert server.run_dir.stat().st_mode & 0o077 == 0  # nobody else may reach the socket
 
 
 @pytest.mark.parametrize("name", list(ZOO))

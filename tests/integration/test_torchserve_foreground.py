@@ -21,17 +21,14 @@ from serving.torchserve import control
 CLI = [sys.executable, "-m", "serving.cli"]
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
+def wait_ready(management: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"TorchServe exited with {proc.returncode}"
         try:
-            if (
-                requests.get(f"{url}/models/sine", timeout=2).json()[0]["workers"][0]["status"]
-                == "READY"
-            ):
+            if control.model_workers(management, "sine")[0]["status"] == "READY":
                 return
-        except (requests.RequestException, ValueError, KeyError, IndexError):
+        except (OSError, ValueError, KeyError, IndexError):
             pass
         time.sleep(0.5)
     pytest.fail("TorchServe did not become READY in the foreground")
@@ -46,15 +43,15 @@ def test_foreground_execs_java_and_a_sigterm_stops_everything(quick_store: Path,
 
 
 def _run_foreground(store: Path) -> None:
-    inference, management, *others = free_ports(5)
+    inference, *others = free_ports(4)
     flags = ["--metrics-port", "--grpc-inference-port", "--grpc-management-port"]
     argv = [*CLI, "torchserve", "start", "--foreground", "--store", str(store), "--model", "sine"]
-    argv += ["--inference-port", str(inference), "--management-port", str(management)]
+    argv += ["--inference-port", str(inference)]
     argv += [a for pair in zip(flags, map(str, others), strict=True) for a in pair]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = control.run_dir(store)
     try:
-        wait_ready(f"http://127.0.0.1:{management}", proc)
+        wait_ready(control.default_management(store), proc)
         java = psutil.Process(proc.pid)
         assert control.FRONTEND_CLASS in java.cmdline()  # exec'd: the same pid is now Java
         workers = java.children(recursive=True)

@@ -20,9 +20,13 @@ CLI = [sys.executable, "-m", "serving.cli"]
 
 
 def start(store: Path) -> int:
-    ports = free_ports(5)
-    flags = ["--inference-port", "--management-port", "--metrics-port"]
-    flags += ["--grpc-inference-port", "--grpc-management-port"]
+    ports = free_ports(4)
+    flags = [
+        "--inference-port",
+        "--metrics-port",
+        "--grpc-inference-port",
+        "--grpc-management-port",
+    ]
     argv = [*CLI, "torchserve", "start", "--store", str(store), "--model", "elman"]
     argv += [a for pair in zip(flags, map(str, ports), strict=True) for a in pair]
     subprocess.run(argv, check=True, timeout=240, capture_output=True)

@@ -429,7 +429,7 @@ def test_torchserve_container_config_binds_what_compose_publishes_and_hides_mana
         # 127.0.0.1 inside a container would be unreachable through the published port.
         assert props[key].startswith("http://0.0.0.0:"), key
         assert int(props[key].rsplit(":", 1)[1]) in published, key
-    assert props["management_address"] == f"http://127.0.0.1:{TORCHSERVE_MANAGEMENT_PORT}"
+    assert props["management_address"] == "unix:management.sock"  # on no TCP port at all
     assert props["disable_token_authorization"] in {"true", "false"}, "a deliberate choice"
     assert props["enable_model_api"] == "false"
 

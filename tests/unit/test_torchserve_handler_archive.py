@@ -113,8 +113,10 @@ def test_settings_refuse_bad_values(field: str, value: object) -> None:
 
 def test_default_config_keeps_everything_on_loopback_with_model_api_off() -> None:
     props = control.effective_properties(None, control.Ports())
-    for key in ("inference_address", "management_address", "metrics_address"):
+    for key in ("inference_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:")
+    assert props["management_address"] == "unix:management.sock"  # on no TCP port
+    assert props["use_native_io"] == "true"  # TorchServe's Unix sockets need it
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert props["disable_token_authorization"] == "true"
     assert props["enable_model_api"] == "false"
@@ -131,7 +133,10 @@ def test_ports_and_a_config_file_lay_over_the_defaults(tmp_path: Path) -> None:
     deploy = ROOT / "deploy" / "torchserve" / "config.properties"
     props = control.effective_properties(deploy, control.Ports(inference=9999))
     assert props["inference_address"] == "http://0.0.0.0:9999"  # the container binds all
-    assert props["management_address"] == "http://127.0.0.1:8081"
+    assert props["management_address"] == "unix:management.sock"
+    run = Path("/run/x")
+    assert control.in_run_dir(props["management_address"], run) == "unix:/run/x/management.sock"
+    assert control.in_run_dir("unix:/abs.sock", run) == "unix:/abs.sock"
     assert control.local_url(props["inference_address"]) == "http://127.0.0.1:9999"
 
 
