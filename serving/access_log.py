@@ -34,18 +34,25 @@ FLAG = "--access-log"
 MODEL_FIELDS = ("model", "name", "model_name")
 
 
-def enabled_by_default() -> bool:
-    """The environment's say: 1/true/yes/on turn it on, anything else (or unset) leaves it off."""
-    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+def enabled(default: bool) -> bool:
+    """The environment's say when it has one (1/true/yes/on or 0/false/no/off), else ``default``."""
+    value = os.environ.get(ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
 
 
-def add_flag(parser: argparse.ArgumentParser, default: bool | None = None) -> None:
-    on = enabled_by_default() if default is None else default
+def add_flag(parser: argparse.ArgumentParser, default: bool = False) -> None:
+    """``--access-log/--no-access-log``; off unless ``default`` (``up``) or the environment."""
+    on = enabled(default)
     parser.add_argument(
         FLAG,
         action=argparse.BooleanOptionalAction,
         default=on,
-        help=f"one line per gRPC call on stderr: method, model, status, µs [{ENV}, {on}]",
+        help=f"one line per gRPC call on stderr: method, model, status, µs "
+        f"[{ENV}, {'on' if on else 'off'}]",
     )
 
 

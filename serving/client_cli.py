@@ -15,12 +15,15 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 
 from serving.client import Client
+from serving.codec import float32_text
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -36,8 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="client_command", metavar="ACTION", required=True)
     sub.add_parser("models", help="list the loaded models").set_defaults(action=_models)
 
-    m = sub.add_parser("model", help="one model's manifest")
-    m.add_argument("name")
+    m = sub.add_parser("model", help="one model's description and manifest")
+    m.add_argument("name", help="a model name, as `client models` lists them")
+    m.add_argument("--version", type=_non_negative, default=0, help="0 = latest (default)")
     m.set_defaults(action=_model)
 
     s = sub.add_parser("step", help="open a session, send the steps, print each output")
@@ -49,18 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     g = sub.add_parser("generate", help="char models: text from a prompt")
     _model_arg(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=_non_negative, default=64)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=_non_negative, default=0, help="0 = sample among all characters")
-    g.add_argument("--seed", type=_non_negative, default=0)
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-tokens", type=_non_negative, default=64, help="characters (64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    g.add_argument(
+        "--top-k", type=_non_negative, default=0, help="0 = sample among all characters (default)"
+    )
+    g.add_argument("--seed", type=_non_negative, default=0, help="the sampler's seed (0)")
     g.set_defaults(action=_generate)
 
     f = sub.add_parser("forecast", help="regression models (sine): forecast by feeding back")
     _model_arg(f)
     f.add_argument("--values", required=True, help="the history: comma-separated or JSON")
-    f.add_argument("--steps", type=_non_negative, default=50, help="values to forecast")
-    f.add_argument("--plot", help="write a PNG of history + forecast here")
+    f.add_argument("--steps", type=_non_negative, default=50, help="values to forecast (50)")
+    f.add_argument("--plot", help="write a PNG of history + forecast here (default: no plot)")
     f.set_defaults(action=_forecast)
 
     r = sub.add_parser("predict", help="whole sequences, stateless (every model)")
@@ -71,8 +77,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
-    p.add_argument("--version", type=_non_negative, default=0, help="0 = latest")
+    p.add_argument("--model", required=True, help="a model name, as `client models` lists them")
+    p.add_argument("--version", type=_non_negative, default=0, help="0 = latest (default)")
 
 
 def _non_negative(text: str) -> int:
@@ -99,15 +105,64 @@ def _features(values: list[Any]) -> list[list[float]]:
     return [v if isinstance(v, list) else [v] for v in values]
 
 
-def _print(message: Any) -> None:
-    print(
-        json.dumps(
-            MessageToDict(
-                message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            ),
-            indent=1,
-        )
-    )
+class UsageError(Exception):
+    """A mistake in the command line: ``rnnserve client: ...`` and exit status 2."""
+
+
+def message_dict(message: Message) -> dict[str, Any]:
+    """A reply as JSON-ready data for people: fields that are empty (``[]``, ``""``, an unset
+    message) are left out, 64-bit integers stay integers (protobuf's JSON writes them as strings),
+    float32 numbers are the shortest decimals that read back as them, and ``*_at`` unix times are
+    ISO 8601 (UTC)."""
+    out: dict[str, Any] = {}
+    for fd in message.DESCRIPTOR.fields:
+        value = getattr(message, fd.name)
+        if _is_repeated(fd):
+            if len(value):
+                out[fd.name] = [_field_value(fd, v) for v in value]
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE:
+            if message.HasField(fd.name):
+                out[fd.name] = message_dict(value)
+        elif fd.has_presence and not message.HasField(fd.name):
+            continue
+        elif value != "" and value != b"":
+            out[fd.name] = _field_value(fd, value)
+    return out
+
+
+def _is_repeated(fd: FieldDescriptor) -> bool:
+    if hasattr(fd, "is_repeated"):  # protobuf >= 5.29; `label` is deprecated there
+        return bool(fd.is_repeated)
+    return fd.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _field_value(fd: FieldDescriptor, value: Any) -> Any:
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_dict(value)
+    if fd.type == FieldDescriptor.TYPE_FLOAT:
+        return float32_text(value)
+    if fd.type == FieldDescriptor.TYPE_ENUM:
+        return fd.enum_type.values_by_number[value].name
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return value.hex()
+    if fd.name.endswith("_at") and isinstance(value, float):
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="milliseconds")
+    return value
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data if isinstance(data, dict) else message_dict(data), indent=1))
+
+
+def _with_labels(reply: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """Each classification output names the labels its probabilities are aligned with, as the
+    HTTP reply does; a regression output has no ``index`` (0 there means nothing)."""
+    for out in reply.get("outputs", []):
+        if "label" in out:
+            out["labels"] = labels
+        elif "char" not in out:
+            out.pop("index", None)
+    return reply
 
 
 def _models(c: Client, args: argparse.Namespace) -> None:
@@ -117,14 +172,17 @@ def _models(c: Client, args: argparse.Namespace) -> None:
 
 
 def _model(c: Client, args: argparse.Namespace) -> None:
-    info = c.model(args.name)
-    info.ClearField("manifest_json")
-    _print(info)
+    info = c.model(args.name, args.version)
+    shown = message_dict(info)
+    manifest = shown.pop("manifest_json", "")
+    if manifest:
+        shown["manifest"] = json.loads(manifest)
+    _print(shown)
 
 
 def _step(c: Client, args: argparse.Namespace) -> None:
     if (args.values is None) == (args.text is None):
-        raise SystemExit("give exactly one of --values or --text")
+        raise UsageError("step: give exactly one of --values or --text")
     if args.text is not None:
         chunks: list[Any] = [args.text] if args.one_call else list(args.text)
     else:  # parsed before a session is opened for them
@@ -135,8 +193,9 @@ def _step(c: Client, args: argparse.Namespace) -> None:
             replies = [s.step(text=t) for t in chunks]
         else:
             replies = [s.step(chunk) for chunk in chunks]
+    labels = list(c.model(args.model, args.version).output.labels)
     for reply in replies:
-        _print(reply)
+        _print(_with_labels(message_dict(reply), labels))
 
 
 def _generate(c: Client, args: argparse.Namespace) -> None:
@@ -148,11 +207,12 @@ def _generate(c: Client, args: argparse.Namespace) -> None:
             top_k=args.top_k,
             seed=args.seed,
         )
-        sys.stdout.write(args.prompt)
+        shown = False  # the prompt only once the server has accepted it
         for g in events:
-            sys.stdout.write(g.text)
+            sys.stdout.write(g.text if shown else args.prompt + g.text)
             sys.stdout.flush()
-    sys.stdout.write("\n")
+            shown = True
+    sys.stdout.write(("" if shown else args.prompt) + "\n")
 
 
 def _forecast(c: Client, args: argparse.Namespace) -> None:
@@ -186,8 +246,9 @@ def plot_forecast(history: list[list[float]], forecast: list[list[float]], path:
 def _predict(c: Client, args: argparse.Namespace) -> None:
     inputs: list[Any] = [*args.text, *(_features(parse_values(v)) for v in args.values)]
     if not inputs:
-        raise SystemExit("give at least one --values or --text sequence")
-    _print(c.predict(args.model, inputs, version=args.version))
+        raise UsageError("predict: give at least one --values or --text sequence")
+    reply = message_dict(c.predict(args.model, inputs, version=args.version))
+    _print(_with_labels(reply, list(c.model(args.model, args.version).output.labels)))
 
 
 def client_command(args: argparse.Namespace) -> int:
@@ -197,7 +258,10 @@ def client_command(args: argparse.Namespace) -> int:
         except grpc.RpcError as e:
             print(f"rnnserve client: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
-        except (ValueError, OSError) as e:  # --values that do not parse, a --plot path
+        except (ValueError, UsageError) as e:  # --values that do not parse, a missing flag
             print(f"rnnserve client: {e}", file=sys.stderr)
             return 2
+        except OSError as e:  # a --plot path that cannot be written
+            print(f"rnnserve client: {e}", file=sys.stderr)
+            return 1
     return 0

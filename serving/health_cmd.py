@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"server host:port [RNNSERVE_ADDRESS, {DEFAULT_ADDRESS}]",
     )
     p.add_argument("--model", default="", help="a model name (default: the whole server)")
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (%(default)s)")
     p.set_defaults(func=health_command)
 
 

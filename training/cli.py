@@ -43,8 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("names", nargs="*", metavar="NAME", help=f"models: {', '.join(zoo.ZOO)}")
     t.add_argument("--all", action="store_true", help="the whole zoo")
     t.add_argument("--quick", action="store_true", help="small, fast runs with a lower bar")
-    t.add_argument("--store", type=Path, default=Path("model_store"))
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--store", type=Path, default=Path("model_store"), help="model store (%(default)s)"
+    )
+    t.add_argument(
+        "--seed", type=int, default=0, help="one seed for data, init and shuffling (%(default)s)"
+    )
     t.add_argument("--force", action="store_true", help="retrain models already in the store")
     t.add_argument(
         "--set",
@@ -58,12 +62,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--threads",
         type=int,
         default=1,
-        help="torch CPU threads (1: these small models gain little from more)",
+        help="torch CPU threads (%(default)s: these small models gain little from more)",
     )
     t.set_defaults(func=lambda args: guarded(train_command, args))
     e = sub.add_parser("export", help="re-export the latest version from its weights.pt")
-    e.add_argument("name")
-    e.add_argument("--store", type=Path, default=Path("model_store"))
+    e.add_argument("name", metavar="NAME", help=f"the model: {', '.join(zoo.ZOO)}")
+    e.add_argument(
+        "--store", type=Path, default=Path("model_store"), help="model store (%(default)s)"
+    )
     e.set_defaults(func=lambda args: guarded(export_command, args))
 
 

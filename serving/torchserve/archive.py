@@ -188,7 +188,9 @@ _FLAGS = {  # flag → (settings field, help)
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("archive", help="build TorchServe .mar archives into <store>/torchserve/")
-    p.add_argument("--store", type=Path, default=Path("model_store"))
+    p.add_argument(
+        "--store", type=Path, default=Path("model_store"), help="model store (%(default)s)"
+    )
     p.add_argument("--model", action="append", dest="models", help="only this model (repeatable)")
     for flag, (dest, text) in _FLAGS.items():
         p.add_argument(flag, dest=dest, type=int, help=text)

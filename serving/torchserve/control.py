@@ -299,7 +299,8 @@ def management(store: Path, method: str, path: str) -> tuple[int, str]:
 
 def call_command(store: Path, request: list[str]) -> int:
     if len(request) != 2:
-        raise SystemExit("rnnserve torchserve: call takes METHOD PATH, e.g. call GET /models")
+        print("rnnserve torchserve: call takes METHOD PATH, e.g. call GET /models", file=sys.stderr)
+        return 2
     try:
         status, body = management(store, request[0].upper(), request[1])
     except OSError as e:
@@ -471,7 +472,13 @@ def run(args: argparse.Namespace) -> int:
         args.grpc_management_port,
     )
     if args.config is not None and not args.config.is_file():
-        raise SystemExit(f"rnnserve torchserve: no config file {args.config}")
+        print(f"rnnserve torchserve: --config: no file {args.config}", file=sys.stderr)
+        return 2
+    if args.request:
+        print(
+            f"rnnserve torchserve: {args.action} takes no {' '.join(args.request)}", file=sys.stderr
+        )
+        return 2
     try:
         if args.foreground:
             return start_foreground(store, args.config, ports, args)
