@@ -35,6 +35,7 @@ from serving.backends import BACKENDS
 from serving.engine import Engine, EngineConfig
 from serving.errors import ArtifactError
 from serving.metrics import Metrics
+from serving.security import BearerAuthInterceptor, TlsConfig, TokenTable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ServerConfig:
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
     # grpc.aio.ServerInterceptor objects, outermost first; one with ``bind(engine)`` gets the engine
     interceptors: Sequence[Any] = field(default_factory=tuple)
+    tls: TlsConfig | None = None  # TLS on the gRPC port and the metrics endpoint
+    auth_tokens: TokenTable | None = None  # bearer tokens every RPC but health must carry
 
 
 class RnnServer:
@@ -71,7 +74,7 @@ class RnnServer:
                 ("grpc.so_reuseport", 0),
                 *config.extra_options,
             ],
-            interceptors=list(config.interceptors),
+            interceptors=[*self._authentication(), *config.interceptors],
         )
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
@@ -84,9 +87,20 @@ class RnnServer:
         await self.grpc.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
-                self.config.metrics_port, self.config.metrics_address
+                self.config.metrics_port,
+                self.config.metrics_address,
+                self.config.tls.ssl_context() if self.config.tls else None,
             )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _authentication(self) -> list[BearerAuthInterceptor]:
+        """Outermost: an unauthenticated RPC is refused before anything else looks at it."""
+        tokens = self.config.auth_tokens
+        if tokens is None:
+            return []
+        return [
+            BearerAuthInterceptor(tokens, lambda m: self.metrics.on_request(m, "UNAUTHENTICATED"))
+        ]
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, stop the engine."""
@@ -150,7 +164,10 @@ async def create_server(
         ],
         server.grpc,
     )
-    server.port = server.grpc.add_insecure_port(config.address)
+    if config.tls is None:
+        server.port = server.grpc.add_insecure_port(config.address)
+    else:
+        server.port = server.grpc.add_secure_port(config.address, config.tls.server_credentials())
     if not server.port:
         raise RuntimeError(f"cannot bind {config.address}")
     return server, server.port
@@ -249,6 +266,12 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--inline-budget-us", "RNNSERVE_INLINE_BUDGET_US", float, 500.0,
      "step batches predicted to compute within this run on the event loop (0 = never)"),
     ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
+    ("--tls-cert", "RNNSERVE_TLS_CERT", str, "", "PEM certificate chain: TLS on gRPC and metrics"),
+    ("--tls-key", "RNNSERVE_TLS_KEY", str, "", "PEM private key of --tls-cert"),
+    ("--tls-client-ca", "RNNSERVE_TLS_CLIENT_CA", str, "",
+     "PEM CA bundle: clients must present a certificate it signed (mutual TLS)"),
+    ("--auth-token-file", "RNNSERVE_AUTH_TOKEN_FILE", str, "",
+     "file of 'identity:token' lines: every RPC but health needs 'authorization: Bearer <token>'"),
 ]  # fmt: skip
 
 
@@ -304,6 +327,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_address=args.metrics_address,
         grace_s=args.grace,
+        tls=TlsConfig.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
+        auth_tokens=TokenTable.from_file(Path(args.auth_token_file))
+        if args.auth_token_file
+        else None,
     )
 
 

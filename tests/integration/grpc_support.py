@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.engine import EngineConfig
@@ -44,3 +46,19 @@ def to_input(x: np.ndarray) -> pb.Input:
 def raw(reply: pb.StepResponse) -> np.ndarray:
     """(T, O) head outputs of a reply."""
     return np.array([list(o.raw) for o in reply.outputs], dtype=np.float32)
+
+
+def batch_totals(metrics_port: int) -> tuple[float, float]:
+    """(rows, backend calls) over every model, from the server's Prometheus endpoint: the same
+    black-box reading for either data plane."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    rows = calls = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "rnnserve_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    rows += sample.value
+                elif sample.name.endswith("_count"):
+                    calls += sample.value
+    return rows, calls

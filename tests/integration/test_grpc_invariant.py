@@ -11,13 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 from eager import TOL, Reference
-from grpc_support import manifest, random_chunk, raw, server_config, to_input
+from grpc_support import batch_totals, manifest, random_chunk, raw, server_config, to_input
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from serving.server import ServerThread
 
-SESSIONS = 210
+SESSIONS = 1050
 CHUNKS = 5
 
 
@@ -90,10 +90,7 @@ def test_hundreds_of_sessions_mixed_transports_match_the_offline_run(quick_store
             jobs += [pool.submit(stream, s) for s in by_mode["stream"]]
             for job in jobs:
                 job.result()
-        rows = sum(rt.scheduler.rows for rt in server.engine._runtimes.values() if rt.scheduler)
-        batches = sum(
-            rt.scheduler.batches for rt in server.engine._runtimes.values() if rt.scheduler
-        )
+        rows, batches = batch_totals(server.server.metrics_port)
 
     ref = Reference(quick_store)
     for sid, (model, mode, chunks) in plan.items():

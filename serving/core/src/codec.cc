@@ -25,14 +25,21 @@ bool all_finite(const float* values, size_t n) {
   return true;
 }
 
+namespace {
+std::string count(size_t n, const char* noun) { return std::to_string(n) + " " + noun + (n == 1 ? "" : "s"); }
+}  // namespace
+
+Error feature_count_error(const ModelSpec& m, size_t values, size_t steps) {
+  const auto f = static_cast<size_t>(m.features);
+  return Error::invalid(m.name + " expects " + count(f, "feature") + " per step: " + count(values, "value") +
+                            " do not make " + count(steps, "step") + " of " + count(f, "feature"),
+                        "inputs");
+}
+
 Result<StepInput> decode_features(const ModelSpec& m, std::vector<float> values, uint32_t steps) {
   if (m.tokens) return Error::invalid(m.name + " takes text/tokens, not feature vectors", "inputs");
   const size_t f = static_cast<size_t>(m.features);
-  if (values.size() != steps * f) {
-    return Error::invalid(std::to_string(values.size()) + " values do not make " +
-                              std::to_string(steps) + " steps of " + std::to_string(f) + " features",
-                          "inputs");
-  }
+  if (values.size() != steps * f) return feature_count_error(m, values.size(), steps);
   if (auto err = check_steps(m, steps)) return *err;
   if (!all_finite(values.data(), values.size())) {
     return Error::invalid("inputs contain NaN or Inf", "inputs");

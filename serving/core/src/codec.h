@@ -25,6 +25,8 @@ struct StepInput {
 
 // codec.check_steps: 1..limit time steps.
 std::optional<Error> check_steps(const ModelSpec& m, size_t steps, const char* field = "inputs");
+// codec.feature_count_error: the one message for features that do not fit the model.
+Error feature_count_error(const ModelSpec& m, size_t values, size_t steps);
 // codec.decode_features on a flat buffer of `steps` x F values (steps = 0: the values decide).
 Result<StepInput> decode_features(const ModelSpec& m, std::vector<float> values, uint32_t steps);
 // codec.decode_text: characters to ids, refusing characters outside the vocabulary.

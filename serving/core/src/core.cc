@@ -85,6 +85,9 @@ int Core::start() {
 void Core::set_health(bool serving) {
   auto* health = server_->GetHealthCheckService();
   health->SetServingStatus(serving);  // every service name, "" included
+  for (const char* service : {"rnnserve.v1.RnnServe", "inference.GRPCInferenceService"}) {
+    health->SetServingStatus(service, serving);
+  }
   for (const auto& [name, latest] : latest_) health->SetServingStatus(name, serving);
 }
 
