@@ -5,7 +5,7 @@ Examples::
     rnnserve client models
     rnnserve client step --model sum_sign_lstm --values '[[0.5], [-0.2], [0.9]]'
     rnnserve client generate --model char --prompt 'def ' --max-tokens 60 --temperature 0.8 --seed 1
-    rnnserve client forecast --model sine --values '0,0.3,0.56,0.78,0.93' --steps 50 --plot sine.png
+    rnnserve client forecast --model sine --values '0,0.156,0.309,0.454' --steps 50 --plot sine.png
     rnnserve client predict --model seq_bilstm --values '[[0.1], [0.4]]' --values '[[0.9]]'
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from datetime import UTC, datetime
@@ -217,12 +218,74 @@ def _generate(c: Client, args: argparse.Namespace) -> None:
 
 def _forecast(c: Client, args: argparse.Namespace) -> None:
     history = _features(parse_values(args.values))
+    manifest_json = c.model(args.model, args.version).manifest_json
+    warning = input_range_warning(json.loads(manifest_json) if manifest_json else {}, history)
+    if warning:
+        print(f"rnnserve client: warning: {warning}", file=sys.stderr)
     with c.session(args.model, args.version) as s:
         forecast = [list(g.value) for g in s.generate(history, max_tokens=args.steps)]
     print(json.dumps({"history": history, "forecast": forecast}))
     if args.plot:
         plot_forecast(history, forecast, args.plot, args.model)
         print(f"wrote {args.plot}", file=sys.stderr)
+
+
+# where a manifest may say what inputs a model was trained on: under "input" (preferred) or, for
+# manifests written before that, the training task's own arguments
+VALUE_RANGE_KEYS = ("valid_range", "value_range", "range")
+FREQUENCY_RANGE_KEYS = ("frequency_range", "valid_frequency_range", "w_range")
+TIME_STEP_KEYS = ("dt", "time_step")
+
+
+def input_range_warning(manifest: dict[str, Any], history: list[list[float]]) -> str | None:
+    """Why ``history`` looks unlike what the model was trained on, or None (also when the
+    manifest does not say). Checks the values against a declared range and, for a sine, the
+    frequency the values imply against the trained frequencies."""
+    declared = {**_task_args(manifest), **(manifest.get("input") or {})}
+    values = [row[0] for row in history if row]
+    lo_hi = _pair(declared, VALUE_RANGE_KEYS)
+    if lo_hi and any(not lo_hi[0] <= v <= lo_hi[1] for v in values):
+        return f"values outside the range {list(lo_hi)} {manifest.get('name', 'it')} was trained on"
+    w_range = _pair(declared, FREQUENCY_RANGE_KEYS)
+    if w_range is None and {"w_min", "w_max"} <= declared.keys():
+        w_range = (float(declared["w_min"]), float(declared["w_max"]))
+    dt = next((float(declared[k]) for k in TIME_STEP_KEYS if k in declared), None)
+    w = _sine_frequency(values, dt) if w_range and dt else None
+    if w is not None and w_range and not w_range[0] * 0.9 <= w <= w_range[1] * 1.1:
+        step = w * dt  # type: ignore[operator]
+        return (
+            f"these values step like sin(w t) with w ≈ {w:.2f} ({step:.3f} rad per value); "
+            f"{manifest.get('name', 'the model')} was trained on w in [{w_range[0]}, {w_range[1]}] "
+            f"sampled every dt = {dt}, so the forecast may be poor"
+        )
+    return None
+
+
+def _task_args(manifest: dict[str, Any]) -> dict[str, Any]:
+    return dict((manifest.get("training") or {}).get("task_args") or {})
+
+
+def _pair(declared: dict[str, Any], keys: tuple[str, ...]) -> tuple[float, float] | None:
+    for key in keys:
+        value = declared.get(key)
+        if isinstance(value, list | tuple) and len(value) == 2:
+            return float(value[0]), float(value[1])
+    return None
+
+
+def _sine_frequency(values: list[float], dt: float) -> float | None:
+    """The angular frequency of sin(w t + phase) sampled every ``dt`` that ``values`` follow:
+    x[k-1] + x[k+1] = 2 cos(w dt) x[k]. None when there are too few usable values."""
+    ratios = [
+        (values[k - 1] + values[k + 1]) / (2 * values[k])
+        for k in range(1, len(values) - 1)
+        if abs(values[k]) > 0.2
+    ]
+    if not ratios:
+        return None
+    ratios.sort()
+    cos_w_dt = min(1.0, max(-1.0, ratios[len(ratios) // 2]))
+    return math.acos(cos_w_dt) / dt
 
 
 def plot_forecast(history: list[list[float]], forecast: list[list[float]], path: str, title: str):

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from serving.engine import Engine
+    from serving.security import TlsConfig
 
 LATENCY_BUCKETS = (
     *(b * 1e-4 for b in (1, 2, 5)),
@@ -100,9 +101,15 @@ class Metrics:
             )
 
     # ---- HTTP endpoint ---------------------------------------------------------------------------
-    def serve(self, port: int, address: str = "127.0.0.1") -> int:
-        """Start the /metrics HTTP endpoint in a thread; returns the bound port (0 = any free)."""
-        self._http, self._thread = start_http_server(port, address, registry=self.registry)
+    def serve(self, port: int, address: str = "127.0.0.1", tls: TlsConfig | None = None) -> int:
+        """Start the /metrics HTTP endpoint in a thread; returns the bound port (0 = any free).
+        With ``tls`` it speaks HTTPS (and with its client CA, asks for client certificates)."""
+        files: dict[str, object] = {}
+        if tls is not None:
+            files = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
+            if tls.client_ca is not None:
+                files.update(client_cafile=str(tls.client_ca), client_auth_required=True)
+        self._http, self._thread = start_http_server(port, address, registry=self.registry, **files)
         return int(self._http.server_address[1])
 
     def close(self) -> None:

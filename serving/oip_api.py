@@ -56,6 +56,7 @@ from serving.errors import (
 from serving.manifest import Manifest
 from serving.oip_stats import ModelRequestStats, RequestClock, RequestStatistics
 from serving.scheduler import step_timing
+from serving.security import current_identity
 
 log = logging.getLogger(__name__)
 
@@ -485,7 +486,14 @@ def repository_index(models: Iterable[LoadedModel]) -> Any:
 
 
 def session_id_for(model: str, sequence_id: int | str) -> str:
-    return f"oip:{model}:{sequence_id}"
+    """The engine session of a Triton sequence. Sequence ids are chosen by clients, so with
+    authentication on each identity has its own namespace (``oip:<identity>:<model>:<id>``;
+    identities hold no colon): one caller can neither step nor end another's sequence 7.
+    Without authentication every client shares one namespace, as in Triton."""
+    identity = current_identity()
+    if identity is None:
+        return f"oip:{model}:{sequence_id}"
+    return f"oip:{identity}:{model}:{sequence_id}"
 
 
 class GRPCInferenceService:

@@ -89,7 +89,7 @@ class RnnServer:
             self.metrics_port = self.metrics.serve(
                 self.config.metrics_port,
                 self.config.metrics_address,
-                self.config.tls.ssl_context() if self.config.tls else None,
+                self.config.tls,
             )
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
