@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -110,11 +111,27 @@ def _block(buffer: bytes, n: int, steps: int) -> np.ndarray:
 
 
 class Client:
-    def __init__(self, address: str, timeout: float = 30.0, retries: int = 3) -> None:
+    """``tls_ca`` (PEM bytes or a file) turns TLS on and is the root the server's certificate must
+    chain to; ``tls_cert``/``tls_key`` are this client's own for mutual TLS; ``tls_server_name``
+    is the name to check the certificate against when it is not the address's host; ``token`` is
+    sent as ``authorization: Bearer <token>`` with every call."""
+
+    def __init__(
+        self,
+        address: str,
+        timeout: float = 30.0,
+        retries: int = 3,
+        *,
+        tls_ca: bytes | str | Path | None = None,
+        tls_cert: bytes | str | Path | None = None,
+        tls_key: bytes | str | Path | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.address = address
         self.timeout = timeout
         self.retries = retries
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address, tls_ca, tls_cert, tls_key, tls_server_name, token)
         self.stub = pb_grpc.RnnServeStub(self.channel)
 
     def __enter__(self) -> Client:
@@ -275,6 +292,75 @@ class Session:
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.NOT_FOUND:  # already expired or closed: fine
                 raise
+
+
+def open_channel(
+    address: str,
+    tls_ca: bytes | str | Path | None = None,
+    tls_cert: bytes | str | Path | None = None,
+    tls_key: bytes | str | Path | None = None,
+    tls_server_name: str | None = None,
+    token: str | None = None,
+) -> grpc.Channel:
+    """A plaintext or TLS channel; with ``token``, every call carries it as a bearer token."""
+    if tls_ca is None:
+        if tls_cert is not None or tls_key is not None:
+            raise ValueError("a client certificate needs TLS: pass tls_ca too")
+        channel = grpc.insecure_channel(address)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            _pem(tls_ca), _pem(tls_key) if tls_key else None, _pem(tls_cert) if tls_cert else None
+        )
+        options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        channel = grpc.secure_channel(address, credentials, options)
+    if token is None:
+        return channel
+    return grpc.intercept_channel(channel, _BearerToken(token))
+
+
+def _pem(value: bytes | str | Path) -> bytes:
+    return value if isinstance(value, bytes) else Path(value).read_bytes()
+
+
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <token>`` to every call's metadata."""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = [*(details.metadata or ()), self._header]
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials,
+            details.wait_for_ready, details.compression,
+        )  # fmt: skip
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):  # type: ignore[no-untyped-def]
+        return continuation(self._with_token(details), requests)
+
+
+@dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
 
 
 def _as_input(item: Any) -> pb.Input:
