@@ -185,3 +185,15 @@ def test_a_second_up_harms_nothing_and_a_killed_child_stops_the_rest(running_up:
     assert alive == []
     with pytest.raises(requests.ConnectionError):
         prediction_ok(up)
+
+
+def test_a_killed_torchserve_is_noticed_and_the_grpc_service_stopped(running_up: Up) -> None:
+    up = running_up
+    serve, java = children_of(up)
+    java.send_signal(signal.SIGKILL)
+    assert up.proc.wait(60) == 1
+    said = "\n".join(up.stderr)
+    assert f"TorchServe (pid {java.pid}) was killed by SIGKILL; stopping the gRPC service" in said
+    _, alive = psutil.wait_procs([serve], timeout=30)
+    assert alive == []
+    assert check(f"127.0.0.1:{up.ports[0]}", timeout=2) == "UNAVAILABLE"
