@@ -42,6 +42,10 @@ class OnnxBackend:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self._graphs: dict[str, tuple[object, GraphSpec]] = {}
+        # a Predict call's memory (rows × T_max intermediates) goes back to the system after
+        # the call; without this ORT's arena keeps its largest call's memory for good
+        self._sequence_run = ort.RunOptions()
+        self._sequence_run.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         for kind, g in manifest.graphs.items():
             try:
                 sess = ort.InferenceSession(
@@ -58,7 +62,7 @@ class OnnxBackend:
 
     def sequence(self, x, lengths):
         sess, g = self._graph("sequence")
-        return sess.run(g.outputs, {g.inputs[0]: x, g.inputs[1]: lengths})[0]
+        return sess.run(g.outputs, {g.inputs[0]: x, g.inputs[1]: lengths}, self._sequence_run)[0]
 
     def _graph(self, kind: str):
         if kind not in self._graphs:

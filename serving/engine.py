@@ -43,7 +43,7 @@ from serving.errors import (
     VersionNotFound,
 )
 from serving.manifest import Manifest, list_models, list_versions
-from serving.predict_batcher import PredictBatcher
+from serving.predict_batcher import PredictBatcher, return_large_blocks_to_the_system
 from serving.scheduler import StepCost, StepScheduler, answer_failed
 from serving.sessions import Session, SessionStore, StatePool, acquire, release
 
@@ -380,6 +380,7 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
+        return_large_blocks_to_the_system()  # a Predict's memory comes back after it
         for key, rt in self._runtimes.items():
             rt.predictor = PredictBatcher(
                 key, rt.loaded.backend, self._executor, cfg.max_batch_size
