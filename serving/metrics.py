@@ -4,22 +4,31 @@ Names: ``rnnserve_requests_total{method,code}``, ``rnnserve_errors_total{method,
 ``rnnserve_step_latency_seconds{model}`` (engine time per Step, queueing included; a StepMany
 message's steps of one model count as one observation),
 ``rnnserve_batch_size{model}`` (sessions per backend call), ``rnnserve_live_sessions{model}``,
-``rnnserve_session_evictions_total{model}`` (expired by the idle TTL) and
-``rnnserve_sessions_closed_total{model}``.
+``rnnserve_session_evictions_total{model}`` (expired by the idle TTL),
+``rnnserve_sessions_closed_total{model}`` and ``rnnserve_refused_rpcs_total{method,reason}`` (RPCs
+turned away before their handler ran: ``malformed`` bytes, or ``overloaded``; see
+serving.rpc_guard). The HTTP endpoint serves ``/metrics`` and nothing else (404).
 """
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
     from serving.engine import Engine
     from serving.security import TlsConfig
+
+log = logging.getLogger(__name__)
+
+METRICS_PATH = "/metrics"
 
 LATENCY_BUCKETS = (
     *(b * 1e-4 for b in (1, 2, 5)),
@@ -61,9 +70,15 @@ class Metrics:
         self.closed = Counter(
             "rnnserve_sessions_closed", "sessions closed by clients", ["model"], registry=r
         )
+        self.refused = Counter(
+            "rnnserve_refused_rpcs",
+            "RPCs refused before their handler ran (malformed bytes, overload)",
+            ["method", "reason"],
+            registry=r,
+        )
         self._children: dict[tuple[int, str], Histogram] = {}
         self._requests: dict[tuple[str, str], Counter] = {}
-        self._http: WSGIServer | None = None
+        self._http: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     # ---- engine hooks (EngineObserver) -----------------------------------------------------------
@@ -93,6 +108,9 @@ class Metrics:
         if code != "OK":
             self.errors.labels(method, code).inc()
 
+    def on_refused(self, method: str, reason: str) -> None:
+        self.refused.labels(method, reason).inc()
+
     def bind(self, engine: Engine) -> None:
         """Live-session gauges read the engine at scrape time."""
         for name in {m.manifest.name for m in engine.models()}:
@@ -103,13 +121,24 @@ class Metrics:
     # ---- HTTP endpoint ---------------------------------------------------------------------------
     def serve(self, port: int, address: str = "127.0.0.1", tls: TlsConfig | None = None) -> int:
         """Start the /metrics HTTP endpoint in a thread; returns the bound port (0 = any free).
-        With ``tls`` it speaks HTTPS (and with its client CA, asks for client certificates)."""
-        files: dict[str, object] = {}
+        With ``tls`` it speaks HTTPS; the handshake runs in the request's thread, so a client
+        that connects and stalls holds only its own thread, not the accept loop."""
+
+        class Server(ThreadingWSGIServer):  # a class per call: the address family is per bind
+            address_family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                # a failed TLS handshake or a dropped scrape: no traceback on stderr per client
+                log.debug("metrics: request from %s failed", client_address, exc_info=True)
+
+        app = only_metrics_path(make_wsgi_app(self.registry))
+        self._http = make_server(address, port, app, Server, handler_class=_QuietHandler)
         if tls is not None:
-            files = {"certfile": str(tls.cert), "keyfile": str(tls.key)}
-            if tls.client_ca is not None:
-                files.update(client_cafile=str(tls.client_ca), client_auth_required=True)
-        self._http, self._thread = start_http_server(port, address, registry=self.registry, **files)
+            self._http.socket = tls.ssl_context().wrap_socket(
+                self._http.socket, server_side=True, do_handshake_on_connect=False
+            )
+        self._thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+        self._thread.start()
         return int(self._http.server_address[1])
 
     def close(self) -> None:
@@ -117,3 +146,21 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def only_metrics_path(app: Callable) -> Callable:
+    """The exposition app answers every path (and /favicon.ico); a scraper asks for /metrics
+    only, so everything else is 404 and the endpoint shows nothing it was not built for."""
+
+    def serve(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == METRICS_PATH:
+            return app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [f"not found: this endpoint serves only {METRICS_PATH}\n".encode()]
+
+    return serve
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not news
+        pass

@@ -35,6 +35,7 @@ from serving.backends import BACKENDS
 from serving.engine import Engine, EngineConfig
 from serving.errors import ArtifactError
 from serving.metrics import Metrics
+from serving.rpc_guard import RpcGuard, pending_request_options
 from serving.security import BearerAuthInterceptor, TlsConfig, TokenTable
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class ServerConfig:
     metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no metrics endpoint; 0: any free port
     metrics_address: str = "127.0.0.1"
     max_message_bytes: int = 4 * 1024 * 1024  # larger messages fail with RESOURCE_EXHAUSTED
+    max_concurrent_rpcs: int = 10_000  # RPCs in flight; past it RESOURCE_EXHAUSTED (rpc_guard)
     grace_s: float = 10.0  # how long stop() lets in-flight RPCs finish
     extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
     # grpc.aio.ServerInterceptor objects, outermost first; one with ``bind(engine)`` gets the engine
@@ -67,14 +69,16 @@ class RnnServer:
         self.config = config
         self.engine = engine
         self.metrics = metrics
+        self.guard = RpcGuard(config.max_concurrent_rpcs, on_refused=metrics.on_refused)
         self.grpc = grpc.aio.server(
+            interceptors=[*self._authentication(), *config.interceptors, self.guard],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                *pending_request_options(config.max_concurrent_rpcs),
                 *config.extra_options,
             ],
-            interceptors=[*self._authentication(), *config.interceptors],
         )
         self.health = health.aio.HealthServicer()
         self.service_names: list[str] = []
@@ -122,14 +126,15 @@ class RnnServer:
             await self.health.set(name, status)
 
 
-def default_hooks() -> list[ServicerHook]:
-    """The OIP servicer, when its module is there (it is developed alongside this one)."""
+def default_hooks(max_message_bytes: int = 4 * 1024 * 1024) -> list[ServicerHook]:
+    """The OIP servicer, when its module is there (it is developed alongside this one);
+    it refuses requests whose reply would exceed ``max_message_bytes`` before computing them."""
     if importlib.util.find_spec(OIP_MODULE) is None:
         return []
     oip = importlib.import_module(OIP_MODULE)
 
     def add_oip(server: grpc.aio.Server, engine: Engine) -> list[str]:
-        oip.add_to_server(server, engine)
+        oip.add_to_server(server, engine).max_reply_bytes = max_message_bytes
         return [oip.SERVICE_NAME]
 
     return [add_oip]
@@ -150,7 +155,11 @@ async def create_server(
     server = RnnServer(config, engine, metrics)
     for interceptor in config.interceptors:
         getattr(interceptor, "bind", lambda _engine: None)(engine)
-    hooks = default_hooks() if extra_servicers is None else list(extra_servicers)
+    hooks = (
+        default_hooks(config.max_message_bytes)
+        if extra_servicers is None
+        else list(extra_servicers)
+    )
     names = [grpc_api.add_to_server(server.grpc, engine, metrics)]
     for hook in hooks:
         names.extend(_as_names(hook(server.grpc, engine)))
@@ -266,6 +275,8 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--inline-budget-us", "RNNSERVE_INLINE_BUDGET_US", float, 500.0,
      "step batches predicted to compute within this run on the event loop (0 = never)"),
     ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
+    ("--max-concurrent-rpcs", "RNNSERVE_MAX_CONCURRENT_RPCS", int, 10_000,
+     "RPCs in flight before new ones get RESOURCE_EXHAUSTED (health checks exempt)"),
     ("--tls-cert", "RNNSERVE_TLS_CERT", str, "", "PEM certificate chain: TLS on gRPC and metrics"),
     ("--tls-key", "RNNSERVE_TLS_KEY", str, "", "PEM private key of --tls-cert"),
     ("--tls-client-ca", "RNNSERVE_TLS_CLIENT_CA", str, "",
@@ -327,6 +338,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         metrics_address=args.metrics_address,
         grace_s=args.grace,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
         tls=TlsConfig.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca),
         auth_tokens=TokenTable.from_file(Path(args.auth_token_file))
         if args.auth_token_file
