@@ -31,7 +31,7 @@ import contextlib
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,6 +55,7 @@ from serving.errors import (
 )
 from serving.manifest import Manifest
 from serving.oip_stats import ModelRequestStats, RequestClock, RequestStatistics
+from serving.predict_batcher import MAX_PADDED_STEPS
 from serving.scheduler import step_timing
 from serving.security import current_identity
 
@@ -70,6 +71,9 @@ OUTPUT_PROBS = "probabilities"  # FP32, classifiers and char models
 OUTPUT_LABEL = "label"  # BYTES, the most likely label / next character
 MAX_SEQUENCE_ID_LENGTH = 200  # string ids; the session id adds "oip:<model>:"
 MAX_IN_FLIGHT_PER_STREAM = 1024  # unanswered requests one stream may hold before we stop reading
+MAX_ERROR_MESSAGE = 1024  # characters of a status message, as rnnserve.v1 (see _clipped)
+DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024  # gRPC's send limit; the server sets its own
+FLOAT_TEXT_BYTES = 47  # f"{v:f}" of a float32: "-", 39 digits of 3.4e38, ".", 6 decimals
 
 _GENERATED_DIR = Path(__file__).parent / "_proto" / "inference"
 _GENERATED = _GENERATED_DIR / "grpc_service_pb2.py"
@@ -150,12 +154,14 @@ def _bool_param(params: Any, name: str) -> bool:
 
 
 def parse_version(text: str) -> int | None:
-    """'' = latest; otherwise a positive integer."""
+    """'' = latest; otherwise a positive integer of at most 18 ASCII digits (``str.isdigit``
+    alone also accepts "²", which ``int`` refuses, and ``int`` refuses over 4,300 digits)."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit() and len(text) <= 18) or int(text) < 1:
+        shown = text if len(text) <= 64 else text[:64] + "…"
         raise InvalidInput(
-            f"model_version must be a positive integer, got {text!r}", field="version"
+            f"model_version must be a positive integer, got {shown!r}", field="version"
         )
     return int(text)
 
@@ -172,21 +178,38 @@ def decode_rows(m: Manifest, request: Any, max_steps: int | None = None) -> list
     tensor, raw = _the_input(m, request)
     if tensor.datatype == "BYTES":
         return [codec.decode_text(m, _one_text(m, tensor, raw), max_steps)]
+
+    def check_dims(shape: list[int]) -> None:
+        _check_dims(m, shape, max_steps)
+
     if m.input.kind == "features":
-        arr = _numeric(tensor, raw, {"FP32": "<f4"}, rank=3, what=expected_inputs(m))
+        arr = _numeric(tensor, raw, {"FP32": "<f4"}, 3, expected_inputs(m), check_dims)
         return [codec.decode_features(m, row, max_steps=max_steps) for row in _rows(arr)]
-    arr = _numeric(tensor, raw, {"INT64": "<i8", "INT32": "<i4"}, rank=2, what=expected_inputs(m))
+    int_types = {"INT64": "<i8", "INT32": "<i4"}
+    arr = _numeric(tensor, raw, int_types, 2, expected_inputs(m), check_dims)
     return [codec.decode_tokens(m, row, max_steps) for row in _rows(arr)]
 
 
 def _rows(arr: np.ndarray) -> np.ndarray:
-    if arr.shape[0] == 0:
-        raise InvalidInput("empty input: the batch dimension is 0", field="inputs")
-    if arr.shape[0] > MAX_PREDICT_ROWS:  # each stateless row holds a session while it runs
-        raise PayloadTooLarge(
-            f"batch of {arr.shape[0]} rows; at most {MAX_PREDICT_ROWS}", field="inputs"
-        )
+    _check_batch(arr.shape[0])
     return arr
+
+
+def _check_batch(rows: int) -> None:
+    if rows == 0:
+        raise InvalidInput("empty input: the batch dimension is 0", field="inputs")
+    if rows > MAX_PREDICT_ROWS:  # each stateless row holds a session while it runs
+        raise PayloadTooLarge(f"batch of {rows} rows; at most {MAX_PREDICT_ROWS}", field="inputs")
+
+
+def _check_dims(m: Manifest, shape: list[int], max_steps: int | None) -> None:
+    """Each dimension of a numeric input (rank checked) within what the model takes, before the
+    values are shaped: one dimension of 0 makes the element count 0 whatever the others say,
+    so [0, 2**62, 10] passes the count check, and NumPy cannot shape it."""
+    _check_batch(shape[0])
+    codec.check_steps(m, shape[1], max_steps)
+    if len(shape) == 3 and shape[2] != m.input.features:
+        raise codec.feature_count_error(m, shape[1] * shape[2], shape[1])
 
 
 def _the_input(m: Manifest, request: Any) -> tuple[Any, bytes | None]:
@@ -222,9 +245,15 @@ _CONTENTS_FIELD = {"FP32": "fp32_contents", "INT64": "int64_contents", "INT32": 
 
 
 def _numeric(
-    tensor: Any, raw: bytes | None, dtypes: dict[str, str], rank: int, what: str
+    tensor: Any,
+    raw: bytes | None,
+    dtypes: dict[str, str],
+    rank: int,
+    what: str,
+    check_dims: Callable[[list[int]], None],
 ) -> np.ndarray:
-    """Values of a numeric tensor shaped as declared, checking datatype, rank and count."""
+    """Values of a numeric tensor shaped as declared, checking datatype, rank, count and then
+    each dimension (``check_dims``)."""
     if tensor.datatype not in dtypes:
         raise InvalidInput(
             f"input {tensor.name!r} has datatype {tensor.datatype or '(empty)'}; send {what}",
@@ -252,6 +281,7 @@ def _numeric(
                 f"contents.{field} holds {values.size} values; shape {shape} needs {count}",
                 field="inputs",
             )
+    check_dims(shape)
     return values.reshape(shape)
 
 
@@ -332,6 +362,40 @@ def _class_count(out: Any, m: Manifest) -> int:
             field="outputs",
         )
     return k
+
+
+def check_reply_size(
+    request: Any, m: Manifest, rows: list[np.ndarray], wanted: dict[str, int], limit: int
+) -> None:
+    """Refuse, before any work, a request whose reply could not be sent: gRPC checks the size
+    only after the whole reply is computed and serialized. The estimate is an upper bound."""
+    positions = sum(len(r) for r in rows) if m.streamable else len(rows)  # outputs per tensor
+    per_position = sum(_bytes_per_position(m, name, k) for name, k in wanted.items())
+    estimate = positions * per_position + len(request.id) + len(request.model_name) + 1024
+    if estimate > limit:
+        steps = f" × {len(rows[0])} time steps" if m.streamable else ""
+        raise PayloadTooLarge(
+            f"the reply would take up to {estimate} bytes ({len(rows)} rows{steps} of outputs "
+            f"{', '.join(wanted)}); the limit is {limit} bytes: send fewer rows or time steps, "
+            "or request fewer outputs",
+            field="outputs",
+        )
+
+
+def _bytes_per_position(m: Manifest, name: str, class_count: int) -> int:
+    """Bytes one batch row (per time step for streamable models) adds to output ``name``."""
+    longest_label = max((len(label.encode()) for label in m.labels or []), default=0)
+    if name == OUTPUT_LABEL:
+        return 4 + longest_label  # BYTES: length prefix + text
+    size = m.output.size if name == OUTPUT_Y else _probabilities_size(m)
+    if not class_count:
+        return 4 * size  # FP32
+    entry = FLOAT_TEXT_BYTES + len(str(size)) + longest_label + 2  # "value:index:label"
+    return min(class_count, size) * (4 + entry)
+
+
+def _probabilities_size(m: Manifest) -> int:
+    return 2 if m.output.activation == "sigmoid" else m.output.size
 
 
 def infer_response(request: Any, m: Manifest, y: np.ndarray, wanted: dict[str, int]) -> Any:
@@ -502,6 +566,7 @@ class GRPCInferenceService:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.statistics = RequestStatistics()
+        self.max_reply_bytes = DEFAULT_MAX_REPLY_BYTES  # refused before computing beyond it
 
     # -- health and metadata --
     async def ServerLive(self, request: Any, context: Any) -> Any:
@@ -582,20 +647,28 @@ class GRPCInferenceService:
     async def ModelStreamInfer(
         self, requests: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[Any]:
-        """Replies in request order; a reply's error never ends the stream."""
-        replies: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(MAX_IN_FLIGHT_PER_STREAM)
+        """Replies in request order; a reply's error never ends the stream. A message that does
+        not parse does: the requests before it are answered, then the stream fails with
+        INVALID_ARGUMENT (the bytes after it cannot be read as messages)."""
+        replies: asyncio.Queue[asyncio.Task | InvalidInput | None] = asyncio.Queue(
+            MAX_IN_FLIGHT_PER_STREAM
+        )
         reader = asyncio.create_task(self._read_stream(requests, replies))
         try:
             while (task := await replies.get()) is not None:
+                if isinstance(task, InvalidInput):
+                    await _abort(context, task)
                 yield await task
         finally:
             reader.cancel()  # in-flight steps finish on their own: their sessions stay usable
 
     async def _read_stream(self, requests: AsyncIterator[Any], replies: asyncio.Queue) -> None:
         """Start one task per request; chain the tasks of one sequence so they keep their order.
-        The ``None`` after the last one tells the writer to finish; when the writer is gone (it
-        cancels this reader) nobody waits for it, and a full queue would block it forever."""
+        The ``None`` after the last one tells the writer to finish, a malformed message's error
+        to fail the stream; when the writer is gone (it cancels this reader) nobody waits for
+        it, and a full queue would block it forever."""
         last_of_sequence: dict[str, asyncio.Task] = {}
+        end: InvalidInput | None = None
         try:
             async for request in requests:
                 key = _sequence_key(request)
@@ -605,9 +678,11 @@ class GRPCInferenceService:
                     last_of_sequence[key] = task
                     task.add_done_callback(lambda t, k=key: _forget(last_of_sequence, k, t))
                 await replies.put(task)
+        except InvalidInput as e:  # bytes that do not parse (serving.rpc_guard)
+            end = e
         except Exception as e:  # the client went away mid-stream; answer what was asked
             log.debug("ModelStreamInfer: request stream ended: %r", e)
-        await replies.put(None)  # not reached when cancelled
+        await replies.put(end)  # not reached when cancelled
 
     async def _stream_reply(self, request: Any, before: asyncio.Task | None) -> Any:
         if before is not None:
@@ -647,6 +722,7 @@ class GRPCInferenceService:
         clock.resolved(m.name, m.version)
         wanted = requested_outputs(request, m)
         rows = decode_rows(m, request, self.engine.input_limit(m))  # checked once, here
+        check_reply_size(request, m, rows, wanted, self.max_reply_bytes)
         clock.inputs_decoded(len(rows))
         timing = step_timing.set(clock)  # the scheduler reports this request's queue and batch
         try:
@@ -663,7 +739,13 @@ class GRPCInferenceService:
         m = model.manifest
         if not m.streamable:
             return await self.engine.predict(m.name, m.version, rows)  # (B, O)
-        ys = await asyncio.gather(*(self._fresh_steps(m, row) for row in rows))
+        # in waves of at most MAX_PADDED_STEPS rows × steps: the rows run as one step batch,
+        # whose memory grows with rows × T (as a Predict call's, see serving.predict_batcher)
+        wave = max(1, MAX_PADDED_STEPS // len(rows[0]))
+        ys = []
+        for start in range(0, len(rows), wave):
+            chunk = rows[start : start + wave]
+            ys += await asyncio.gather(*(self._fresh_steps(m, row) for row in chunk))
         return np.stack(ys)  # (B, T, O)
 
     async def _fresh_steps(self, m: Manifest, row: np.ndarray) -> np.ndarray:
@@ -769,7 +851,13 @@ def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
 
 async def _abort(context: Any, e: BaseException) -> None:
     code, message = _status(e)
-    await context.abort(code, message)
+    await context.abort(code, _clipped(message))
+
+
+def _clipped(message: str) -> str:
+    """Messages echo client values (a model name, a sequence id); past gRPC's metadata limit the
+    client would get "Stream removed" instead of the status."""
+    return message if len(message) <= MAX_ERROR_MESSAGE else message[: MAX_ERROR_MESSAGE - 1] + "…"
 
 
 def _server_version() -> str:
