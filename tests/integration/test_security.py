@@ -30,6 +30,7 @@ from ports import free_ports
 from tls_support import Pki, make_pki
 from tritonclient.utils import InferenceServerException
 
+from bench import perf_analyzer
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from serving.client import Client
@@ -360,3 +361,16 @@ def test_serve_refuses_a_broken_security_setup_at_start(
     )
     assert done.returncode == 2
     assert words in done.stderr
+
+
+def test_perf_analyzer_runs_with_a_token_and_is_refused_without(auth_server: ServerThread) -> None:
+    try:
+        perf_analyzer.ensure()
+    except perf_analyzer.PerfAnalyzerUnavailable as e:
+        pytest.skip(f"perf_analyzer cannot run on this machine: {e}")
+    header = ["-H", f"authorization:Bearer {ALICE}"]
+    with_token = perf_analyzer.run(auth_server.address, "seq_lstm", concurrency=2, extra=header)
+    assert with_token.ok, with_token.output
+    assert ALICE not in with_token.output
+    without = perf_analyzer.run(auth_server.address, "seq_lstm", concurrency=2)
+    assert without.returncode != 0 and without.request_count == 0
