@@ -180,14 +180,15 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         return _with_identity(handler, identity)
 
     def _refused(self, method: str, reason: str) -> None:
+        """Counted each time; logged at most every REFUSAL_LOG_INTERVAL_S, with how many were
+        refused since the last line (a client retrying a bad token would flood the log)."""
         self.on_refused(method.rsplit("/", 1)[-1])
         self._refused_since_log += 1
         now = time.monotonic()
         if now - self._logged_at >= REFUSAL_LOG_INTERVAL_S:
             log.warning(
-                "refused %d unauthenticated RPC(s) in the last %.0f s; latest: %s (%s)",
+                "refused %d unauthenticated RPC(s) since the last report; latest: %s (%s)",
                 self._refused_since_log,
-                min(now - self._logged_at, 1e9),
                 method,
                 reason,
             )
