@@ -17,6 +17,7 @@ import math
 import os
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +28,13 @@ from serving.client import Client
 from serving.codec import float32_text
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# (flag, environment variable, help) for a server started with --tls-cert / --auth-token-file
+SECURITY_OPTIONS = [
+    ("--tls-ca", "RNNSERVE_TLS_CA", "PEM CA the server's certificate chains to (turns TLS on)"),
+    ("--tls-cert", "RNNSERVE_CLIENT_TLS_CERT", "PEM client certificate, for mutual TLS"),
+    ("--tls-key", "RNNSERVE_CLIENT_TLS_KEY", "PEM key of --tls-cert"),
+    ("--token-file", "RNNSERVE_TOKEN_FILE", "a file holding the bearer token (kept out of ps)"),
+]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=os.environ.get("RNNSERVE_ADDRESS", DEFAULT_ADDRESS),
         help=f"server host:port [RNNSERVE_ADDRESS, {DEFAULT_ADDRESS}]",
     )
+    for flag, env, text in SECURITY_OPTIONS:
+        p.add_argument(flag, default=os.environ.get(env, ""), help=f"{text} [{env}, none]")
     p.set_defaults(func=client_command)
     sub = p.add_subparsers(dest="client_command", metavar="ACTION", required=True)
     sub.add_parser("models", help="list the loaded models").set_defaults(action=_models)
@@ -314,8 +324,25 @@ def _predict(c: Client, args: argparse.Namespace) -> None:
     _print(_with_labels(reply, list(c.model(args.model, args.version).output.labels)))
 
 
+def _connect(args: argparse.Namespace) -> Client:
+    """A client as the security flags say; OSError for a file that cannot be read."""
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    return Client(
+        args.address,
+        tls_ca=args.tls_ca or None,
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
+        token=token,
+    )
+
+
 def client_command(args: argparse.Namespace) -> int:
-    with Client(args.address) as c:
+    try:
+        client = _connect(args)
+    except (OSError, ValueError) as e:
+        print(f"rnnserve client: {e}", file=sys.stderr)
+        return 2
+    with client as c:
         try:
             args.action(c, args)
         except grpc.RpcError as e:

@@ -336,6 +336,15 @@ def test_serve_takes_tls_and_tokens_from_its_environment(
                 assert c.models()
             with Client(address, tls_ca=pki.ca, retries=0) as c:
                 assert code_of(c.models) == grpc.StatusCode.UNAUTHENTICATED
+            (tmp_path / "token").write_text(BOB + "\n")
+            client = [str(RNNSERVE), "client", "--address", address, "--tls-ca", str(pki.ca)]
+            listed = subprocess.run(
+                [*client, "--token-file", str(tmp_path / "token"), "models"],
+                capture_output=True, text=True, env=env, timeout=60,
+            )  # fmt: skip
+            assert listed.returncode == 0 and "seq_lstm" in listed.stdout, listed.stderr
+            refused = subprocess.run([*client, "models"], capture_output=True, text=True, env=env)
+            assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
             assert https_get(f"https://127.0.0.1:{metrics_port}/metrics", pki)[0] == 200
         finally:
             server.send_signal(signal.SIGTERM)
