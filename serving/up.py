@@ -177,10 +177,13 @@ def _check(code: int, what: str) -> None:
 
 
 def _start_grpc(store: Path, grpc_addr: str, args: argparse.Namespace) -> subprocess.Popen:
+    """In a session of its own, like TorchServe: a Ctrl-C reaches only us, and we stop both, so
+    an exit of the service is always news (never the same Ctrl-C arriving there first)."""
     log_flag = "--access-log" if args.access_log else "--no-access-log"
     return subprocess.Popen(
         [*CLI, "serve", "--store", str(store), "--address", grpc_addr,
-         "--metrics-port", str(args.metrics_port), log_flag]
+         "--metrics-port", str(args.metrics_port), log_flag],
+        start_new_session=True,
     )  # fmt: skip
 
 

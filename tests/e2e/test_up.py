@@ -116,12 +116,13 @@ def _pump(stream, lines: list[str]) -> None:
 def running_up(quick_store: Path, tmp_path: Path) -> Iterator[Up]:
     store = store_copy(quick_store, tmp_path)
     ports = free_ports(len(PORT_FLAGS))
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # its own process group, as a terminal's foreground job
         up_command(store, ports),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,
     )
     up = Up(proc, ports, store)
     for stream, lines in ((proc.stdout, up.stdout), (proc.stderr, up.stderr)):
@@ -197,3 +198,15 @@ def test_a_killed_torchserve_is_noticed_and_the_grpc_service_stopped(running_up:
     _, alive = psutil.wait_procs([serve], timeout=30)
     assert alive == []
     assert check(f"127.0.0.1:{up.ports[0]}", timeout=2) == "UNAVAILABLE"
+
+
+def test_ctrl_c_stops_both_and_exits_0(running_up: Up) -> None:
+    """A terminal's Ctrl-C signals up's whole process group; up stops its children itself."""
+    up = running_up
+    serve, java = children_of(up)
+    workers = java.children(recursive=True)
+    os.killpg(up.proc.pid, signal.SIGINT)
+    assert up.proc.wait(120) == 0, "\n".join(up.stderr[-20:])
+    _, alive = psutil.wait_procs([serve, java, *workers], timeout=30)
+    assert alive == []
+    assert not any("was killed" in line or "exited with" in line for line in up.stderr)
