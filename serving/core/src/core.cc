@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "memory_store.h"
+#include "oip_service.h"
 #include "rnnserve_service.h"
 #include "text.h"
 
@@ -72,6 +73,7 @@ int Core::start() {
   builder.SetMaxSendMessageSize(config_.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a taken port must fail, not share
   services_.push_back(make_rnnserve_service(this));
+  services_.push_back(make_oip_service(this));
   for (auto& s : services_) builder.RegisterService(s.get());
   generic_ = std::make_unique<BridgeService>(this);
   builder.RegisterCallbackGenericService(generic_.get());
