@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,10 +31,30 @@ from serving.errors import ArtifactError, ModelNotFound, VersionNotFound
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+SUMMARY_FILE = "summary.png"  # in the store's root: every model's metric against its bar
 
 InputKind = Literal["features", "tokens"]
 OutputKind = Literal["classification", "regression", "next_token"]
 Activation = Literal["softmax", "sigmoid", "log_softmax", "none"]
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a features input samples a periodic signal in time: the grid the model was trained on.
+
+    A series sampled on another grid (another dt), or of a frequency outside the range, is a
+    signal the model never saw; ``period_steps`` is the same range counted in steps per cycle.
+    """
+
+    dt: float  # time between consecutive steps
+    angular_frequency: ValueRange  # w of sin(w t + phase), radians per unit of time
+    period_steps: ValueRange  # 2 pi / (w dt): steps per cycle, for the same range of w
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,85 @@ class InputSpec:
     features: int | None = None  # F, for kind == "features"
     vocab: list[str] | None = None  # index -> character, for kind == "tokens"
     max_steps: int = 1024  # longest sequence one request may carry
+    description: str = ""  # what one step's input is, in words
+    range: ValueRange | None = None  # features: every value training fed lies in [min, max]
+    sampling: Sampling | None = None  # features sampled from a signal in time (sine)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        values = dict(d)
+        values["range"] = value_range(values.get("range"), "input.range")
+        sampling = values.get("sampling")
+        if sampling is not None:
+            if not isinstance(sampling, dict) or set(sampling) != SAMPLING_KEYS:
+                raise ValueError(
+                    f"input.sampling must be an object with {', '.join(sorted(SAMPLING_KEYS))}, "
+                    f"got {sampling!r}"
+                )
+            values["sampling"] = Sampling(
+                sampling["dt"],
+                value_range(sampling["angular_frequency"], "input.sampling.angular_frequency"),
+                value_range(sampling["period_steps"], "input.sampling.period_steps"),
+            )
+        return cls(**values)
+
+    def hint_problems(self) -> list[str]:
+        """What is wrong with the optional description, range and sampling (empty: nothing)."""
+        problems = []
+        if not isinstance(self.description, str):
+            problems.append(f"input.description must be text, got {self.description!r}")
+        if self.kind != "features" and (self.range or self.sampling):
+            problems.append("input.range and input.sampling apply to features inputs only")
+        if self.range is not None:
+            problems += range_problems(self.range, "input.range")
+        if self.sampling is not None:
+            problems += sampling_problems(self.sampling)
+        return problems
+
+
+SAMPLING_KEYS = {"dt", "angular_frequency", "period_steps"}
+
+
+def value_range(value: Any, where: str) -> ValueRange | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) != {"min", "max"}:
+        raise ValueError(f'{where} must be {{"min": number, "max": number}}, got {value!r}')
+    return ValueRange(value["min"], value["max"])
+
+
+def is_finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def range_problems(r: ValueRange, where: str) -> list[str]:
+    for end in ("min", "max"):
+        if not is_finite_number(getattr(r, end)):
+            return [f"{where}.{end} must be a finite number, got {getattr(r, end)!r}"]
+    if not r.min < r.max:
+        return [f"{where} needs min < max, got min {r.min!r} and max {r.max!r}"]
+    return []
+
+
+def sampling_problems(s: Sampling) -> list[str]:
+    if not (is_finite_number(s.dt) and s.dt > 0):
+        return [f"input.sampling.dt must be a finite number > 0, got {s.dt!r}"]
+    w, period = s.angular_frequency, s.period_steps
+    problems = range_problems(w, "input.sampling.angular_frequency")
+    problems += range_problems(period, "input.sampling.period_steps")
+    if problems:
+        return problems
+    if w.min <= 0:
+        return [f"input.sampling.angular_frequency.min must be > 0, got {w.min!r}"]
+    # the two ranges describe one set of signals: a mismatch means one of them was edited
+    expected = (2 * math.pi / (w.max * s.dt), 2 * math.pi / (w.min * s.dt))
+    stated = (period.min, period.max)
+    if not all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(stated, expected, strict=True)):
+        return [
+            f"input.sampling.period_steps [{period.min:g}, {period.max:g}] does not match "
+            f"2 pi / (angular_frequency * dt) = [{expected[0]:g}, {expected[1]:g}]"
+        ]
+    return []
 
 
 @dataclass(frozen=True)
@@ -106,7 +206,7 @@ class Manifest:
             m = cls(
                 **{
                     **d,
-                    "input": InputSpec(**d["input"]),
+                    "input": InputSpec.from_dict(d["input"]),
                     "output": OutputSpec(**d["output"]),
                     "state": [StateSpec(**s) for s in d["state"]],
                     "graphs": {k: GraphSpec(**g) for k, g in d["graphs"].items()},
@@ -135,6 +235,7 @@ class Manifest:
             problems.append(f"input.max_steps must be a positive integer, got {steps!r}")
         if self.input.kind == "tokens" and not self.input.vocab:
             problems.append("tokens input needs input.vocab")
+        problems += self.input.hint_problems()
         if self.output.kind == "classification" and not self.output.labels:
             problems.append("classification output needs output.labels")
         if "sequence" not in self.graphs:
@@ -225,3 +326,9 @@ def resolve(store: Path, name: str, version: int | None = None) -> Path:
             f"model {name!r} has no version {version}; it has: {', '.join(map(str, versions))}"
         )
     return Path(store) / name / str(version)
+
+
+def summary_path(store: Path) -> Path:
+    """Where ``rnnserve train`` and ``rnnserve export`` draw the store's training summary (every
+    model's held-out metric against its quality bar); absent until one of them ran."""
+    return Path(store) / SUMMARY_FILE

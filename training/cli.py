@@ -19,6 +19,8 @@ from serving.errors import RnnServeError
 from serving.manifest import list_versions, resolve
 from training import zoo
 from training.export import Artifact, ExportError, export, load_checkpoint, writable_dir
+from training.progress import Progress
+from training.summary import write_summary
 from training.train import TrainingError, train
 
 EXIT_ERROR = 2  # bad input or a broken artifact
@@ -57,7 +59,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override a hyperparameter, e.g. --set lr=0.001",
     )
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="only one line per model (default: a bar per model on a terminal, else a line "
+        "per epoch)",
+    )
     t.add_argument(
         "--threads",
         type=int,
@@ -99,22 +106,31 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def train_specs(specs: list[zoo.ModelSpec], args: argparse.Namespace) -> int:
+    todo = {s.name for s in specs if args.force or not list_versions(args.store, s.name)}
+    run = Progress(
+        [s for s in specs if s.name in todo], args.quick, sys.stdout, epochs=not args.no_progress
+    )
     missed = []
-    for spec in specs:
-        if list_versions(args.store, spec.name) and not args.force:
-            print(f"{spec.name}: already in {args.store} (--force retrains), skipped")
+    for k, spec in enumerate(specs, 1):
+        tag = f"[{k}/{len(specs)}]"
+        if spec.name not in todo:
+            print(f"{tag} {spec.name}: already in {args.store} (--force retrains), skipped")
             continue
         began = time.perf_counter()
-        trained = train(spec, seed=args.seed, quick=args.quick, progress=not args.no_progress)
-        folder = export(Artifact.from_trained(trained), args.store)
+        with run.model(spec, tag) as on_epoch:
+            trained = train(spec, seed=args.seed, quick=args.quick, on_epoch=on_epoch)
+            folder = export(Artifact.from_trained(trained), args.store)
         m = trained.metrics
         verdict = "passed" if m["passed"] else "MISSED"
         print(
-            f"{spec.name}: {spec.bar.metric} {m[spec.bar.metric]:.4g} ({m['bar']}: {verdict}) "
-            f"-> {folder} in {time.perf_counter() - began:.1f} s"
+            f"{tag} {spec.name}: {spec.bar.metric} {m[spec.bar.metric]:.4g} ({m['bar']}: "
+            f"{verdict}) -> {folder} in {time.perf_counter() - began:.1f} s; "
+            f"{run.estimate.describe()}",
+            flush=True,
         )
         if not m["passed"]:
             missed.append(spec.name)
+    print(f"summary of {args.store}: {write_summary(args.store)}")
     if missed:
         print(f"error: quality bar missed by {', '.join(missed)}", file=sys.stderr)
         return EXIT_BAR_MISSED
@@ -128,6 +144,7 @@ def export_command(args: argparse.Namespace) -> int:
     source = resolve(args.store, spec.name)
     folder = export(load_checkpoint(source, spec), args.store)
     print(f"{spec.name}: re-exported {source} -> {folder}")
+    print(f"summary of {args.store}: {write_summary(args.store)}")
     return 0
 
 

@@ -235,6 +235,15 @@ TASKS: dict[str, Callable[[dict, int, tuple[int, int, int]], TaskData]] = {
 }
 
 
+def train_shape(task: str, args: dict, n_train: int) -> tuple[int, int]:
+    """(rows, steps per row) of a task's training split, without building it (time estimates)."""
+    if task == "hello":
+        return 1, len(args["text"])  # one row, whatever n_train says
+    if task == "sine":
+        return n_train, args["window"] * args["windows"]
+    return n_train, args["seq_len"]
+
+
 def build(task: str, args: dict, seed: int, n_train: int, n_val: int, n_test: int) -> TaskData:
     """The data of one task. Test splits of ``last`` tasks use full-length rows (the seeds' task);
     train and validation use variable lengths so the classifiers also answer short rows well."""

@@ -32,7 +32,9 @@ from serving.manifest import (
     InputSpec,
     Manifest,
     OutputSpec,
+    Sampling,
     StateSpec,
+    ValueRange,
     load_manifest,
     sha256_file,
 )
@@ -47,7 +49,7 @@ from training.models import (
     state_names,
 )
 from training.train import Trained, write_plots
-from training.zoo import Arch, ModelSpec
+from training.zoo import Arch, InputDoc, ModelSpec, period_steps
 
 OPSET = 17
 TOLERANCE = 1e-5
@@ -126,7 +128,8 @@ def write_version(artifact: Artifact, folder: Path, version: int) -> None:
     if model.training or graph.training:
         raise ExportError("the model left eval mode during export")
     parity = check_parity(artifact, model, folder)
-    plots = write_plots(artifact.spec, artifact.history, artifact.metrics, folder)
+    hyper = artifact.training.get("hyper", {})
+    plots = write_plots(artifact.spec, artifact.history, artifact.metrics, hyper, folder)
     metrics = {**artifact.metrics, "history": artifact.history}
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     files = [
@@ -308,6 +311,16 @@ def versions() -> dict[str, str]:
     }
 
 
+def sampling(doc: InputDoc) -> Sampling | None:
+    if doc.dt is None or doc.angular_frequency is None:
+        return None
+    w_min, w_max = doc.angular_frequency
+    periods = ValueRange(
+        round(period_steps(w_max, doc.dt), 2), round(period_steps(w_min, doc.dt), 2)
+    )
+    return Sampling(doc.dt, ValueRange(w_min, w_max), periods)
+
+
 def build_manifest(
     artifact: Artifact,
     version: int,
@@ -334,6 +347,9 @@ def build_manifest(
             features=None if tokens else arch.input_size,
             vocab=artifact.vocab if tokens else None,
             max_steps=spec.max_steps,
+            description=spec.inputs.description,
+            range=ValueRange(*spec.inputs.range) if spec.inputs.range else None,
+            sampling=sampling(spec.inputs),
         ),
         output=OutputSpec(
             spec.output_kind,

@@ -1,4 +1,4 @@
-"""The training loop: Adam, gradient clipping, weight decay, early stopping, progress bar, metrics.
+"""The training loop: Adam, gradient clipping, weight decay, early stopping, metrics.
 
 ``train(spec, seed, quick)`` returns a ``Trained`` (the best eager model by validation loss, its
 history and its held-out metrics); ``training.export`` turns it into a model_store version.
@@ -10,6 +10,7 @@ import copy
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from training import data as tasks
 from training import plots
@@ -72,6 +72,14 @@ def loss_of(spec: ModelSpec, y: Tensor, targets: Tensor) -> Tensor:
     if spec.activation == "softmax":
         return F.cross_entropy(y, targets)
     return F.mse_loss(y[:, 0], targets)
+
+
+LOSS_NAMES = {  # by manifest.output.activation, as loss_of reads it
+    "sigmoid": "binary cross-entropy (nats)",
+    "softmax": "cross-entropy (nats)",
+    "log_softmax": "negative log-likelihood (nats)",
+    "none": "mean squared error",
+}
 
 
 def batch_loss(spec: ModelSpec, model: Model, mode: str, x: Tensor, n: Tensor, t: Tensor) -> Tensor:
@@ -158,7 +166,23 @@ def eval_loss(spec: ModelSpec, model: Model, split: tasks.Split, mode: str) -> f
 
 
 # ---- the loop -----------------------------------------------------------------------------
-def train(spec: ModelSpec, seed: int = 0, quick: bool = False, progress: bool = True) -> Trained:
+@dataclass(frozen=True)
+class Epoch:
+    """One finished epoch, as a progress display receives it."""
+
+    number: int  # 1-based
+    train_loss: float
+    val_loss: float
+    improved: bool  # the lowest validation loss so far: these weights are kept for now
+    seconds: float  # its training and validation
+
+
+def train(
+    spec: ModelSpec,
+    seed: int = 0,
+    quick: bool = False,
+    on_epoch: Callable[[Epoch], None] | None = None,
+) -> Trained:
     began = time.perf_counter()
     hp = spec.hyper_for(quick)
     seed_everything(seed)
@@ -169,26 +193,22 @@ def train(spec: ModelSpec, seed: int = 0, quick: bool = False, progress: bool = 
     g = torch.Generator().manual_seed(seed)
     history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
     best, best_state, stale = math.inf, copy.deepcopy(model.state_dict()), 0
-    bar = tqdm(
-        range(hp.epochs),
-        desc=f"{spec.name}{' (quick)' if quick else ''}",
-        disable=not progress,
-        leave=False,
-        unit="epoch",
-    )
-    for epoch in bar:
+    for epoch in range(hp.epochs):
+        epoch_began = time.perf_counter()
         train_loss = run_epoch(spec, model, opt, data.train, data.mode, hp.clip, hp.batch, g, epoch)
         val_loss = eval_loss(spec, model, data.val, data.mode)
+        seconds = time.perf_counter() - epoch_began
         history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
-        bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
-        if val_loss < best:
+        improved = val_loss < best
+        if on_epoch is not None:
+            on_epoch(Epoch(epoch + 1, train_loss, val_loss, improved, seconds))
+        if improved:
             best, best_state, stale = val_loss, copy.deepcopy(model.state_dict()), 0
         else:
             stale += 1
             if stale >= hp.patience:
                 break  # early stopping: the validation loss stopped improving
-    bar.close()
     model.load_state_dict(best_state)
     model.eval()
     metrics = evaluate(spec, model, data, seed, quick)
@@ -239,6 +259,7 @@ def classifier_metrics(spec: ModelSpec, model: Model, data: tasks.TaskData, seed
     labels = spec.labels or []
     out = {
         "accuracy": float((pred == true).float().mean()),
+        "scored_per": "step" if data.mode == "steps" else "sequence",
         "test_rows": len(test),
         "confusion": confusion_matrix(pred, true, len(labels)),
         "labels": labels,
@@ -328,17 +349,41 @@ def text_metrics(spec: ModelSpec, model: Model, data: tasks.TaskData, seed: int)
 
 
 # ---- plots ---------------------------------------------------------------------------------
-def write_plots(spec: ModelSpec, history: dict, m: dict, folder: Path) -> list[str]:
-    """PNG files into ``folder``; returns their names."""
-    files = ["loss.png"]
-    plots.loss_curves(history, f"{spec.name}: loss", folder / "loss.png")
-    if "confusion" in m:
-        plots.confusion(
-            m["confusion"],
-            m["labels"],
-            f"{spec.name}: held-out confusion",
-            folder / "confusion.png",
+def why_validation_lower(spec: ModelSpec) -> list[str]:
+    """Reasons this model's validation loss can sit below its training loss (loss plot caption)."""
+    reasons = []
+    if spec.arch.dropout > 0:
+        reasons.append(
+            f"dropout (p = {spec.arch.dropout:g}) is active while training and off for validation"
         )
+    if "warmup" in spec.task_args:  # the carried-state series (sine): see sine_mse
+        reasons.append(
+            f"validation skips each series' first {spec.task_args['warmup']} steps, where the "
+            "hidden state has not locked on yet; training counts them"
+        )
+    reasons.append(
+        "the training loss is the mean over the epoch, while the weights were still improving; "
+        "validation is measured once, after the epoch"
+    )
+    return reasons
+
+
+def write_plots(
+    spec: ModelSpec, history: dict, m: dict, hyper: dict[str, Any], folder: Path
+) -> list[str]:
+    """PNG files into ``folder``; returns their names. ``hyper``: the run's ``Hyper`` as a dict."""
+    files = ["loss.png"]
+    info = plots.LossInfo(
+        loss_name=LOSS_NAMES[spec.activation],
+        max_epochs=int(hyper.get("epochs", len(history["val_loss"]))),
+        patience=int(hyper.get("patience", 0)),
+        why_validation_lower=why_validation_lower(spec),
+    )
+    plots.loss_curves(history, f"{spec.name}: loss per epoch", info, folder / "loss.png")
+    if "confusion" in m:
+        per = " per step" if m.get("scored_per") == "step" else ""
+        title = f"{spec.name}: held-out confusion{per}"
+        plots.confusion(m["confusion"], m["labels"], title, folder / "confusion.png")
         files.append("confusion.png")
     if "forecast" in m:
         f = m["forecast"]

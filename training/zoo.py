@@ -59,6 +59,11 @@ class Hyper:
                 raise ValueError(f"{f.name} must be {rule}, got {value!r}")
 
 
+def period_steps(w: float, dt: float) -> float:
+    """Steps per cycle of sin(w t) sampled every ``dt``."""
+    return 2 * math.pi / (w * dt)
+
+
 def hyper_value(key: str, text: str) -> int | float:
     """``--set KEY=TEXT`` read as the type of ``Hyper.KEY``; a one-line ValueError otherwise."""
     kinds = {f.name: f.type for f in fields(Hyper)}
@@ -90,6 +95,17 @@ class Bar:
 
 
 @dataclass(frozen=True)
+class InputDoc:
+    """What one step's input is, for people and clients: exported as manifest.input's
+    ``description``, ``range`` and ``sampling`` (docs/manifest.md)."""
+
+    description: str
+    range: tuple[float, float] | None = None  # every value training fed lies in [min, max]
+    dt: float | None = None  # signals in time: time between two steps
+    angular_frequency: tuple[float, float] | None = None  # w of the sin(w t + phase) trained on
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     seed_doc: str  # which tutorial in shared/seeds it comes from
@@ -102,6 +118,7 @@ class ModelSpec:
     bar: Bar
     output_kind: Literal["classification", "regression", "next_token"]
     activation: Literal["softmax", "sigmoid", "log_softmax", "none"]
+    inputs: InputDoc
     labels: list[str] | None = None
     max_steps: int = 1024
     extra: dict[str, Any] = field(default_factory=dict)
@@ -126,6 +143,7 @@ class ModelSpec:
 
 SUM_SIGN = dict(seq_len=10, min_len=1)
 SEQ5 = dict(seq_len=50, min_len=10, features=10, classes=5, shift=0.8)
+SINE = dict(window=20, windows=8, dt=0.15708, w_min=0.5, w_max=2.0, warmup=10)
 SEQ5_LABELS = [f"class_{i}" for i in range(5)]
 SEQ_HYPER = Hyper(lr=2e-3, weight_decay=1e-5, clip=5.0, epochs=15, patience=3, n_train=3000)
 SEQ_QUICK = Hyper(
@@ -146,6 +164,10 @@ def _sum_sign(name: str, cell: CellKind) -> ModelSpec:
         bar=Bar("accuracy", full=0.97, quick=0.90),
         output_kind="classification",
         activation="sigmoid",
+        inputs=InputDoc(
+            "one real number per step; trained on N(0, 1) draws, rows of 1-10 steps "
+            "(the label is the sign of their sum)"
+        ),
         labels=["negative", "positive"],
     )
 
@@ -173,7 +195,26 @@ def _seq5(name: str, cell: CellKind, bidirectional: bool, dropout: float) -> Mod
         bar=Bar("accuracy", full=0.90, quick=0.85),
         output_kind="classification",
         activation="softmax",
+        inputs=InputDoc(
+            "10 real features per step; trained on N(0, 1) draws with one of features 0-4 "
+            "shifted by +0.8, rows of 10-50 steps (the class is which of features 0-4 sums "
+            "highest; features 5-9 are noise)"
+        ),
         labels=SEQ5_LABELS,
+    )
+
+
+def sine_input(a: dict[str, Any]) -> InputDoc:
+    """The sine task's sampling grid and frequency range, from its task arguments."""
+    dt, w_min, w_max = a["dt"], a["w_min"], a["w_max"]
+    fastest, slowest = period_steps(w_max, dt), period_steps(w_min, dt)
+    return InputDoc(
+        f"one sample of sin(w t + phase) per step, t advancing by dt = {dt} between steps; "
+        f"trained on w in [{w_min}, {w_max}] (one period every {fastest:.0f}-{slowest:.0f} "
+        "steps), any phase",
+        range=(-1.0, 1.0),
+        dt=dt,
+        angular_frequency=(w_min, w_max),
     )
 
 
@@ -203,6 +244,10 @@ ZOO_LIST: list[ModelSpec] = [
         bar=Bar("accuracy", full=0.90, quick=0.85),
         output_kind="classification",
         activation="log_softmax",
+        inputs=InputDoc(
+            "one real number per step; trained on N(0, 1) draws, 20 steps a row (the label at "
+            "each step is the sign of the sum of the last 3 inputs)"
+        ),
         labels=["negative", "positive"],
     ),
     ModelSpec(
@@ -211,13 +256,14 @@ ZOO_LIST: list[ModelSpec] = [
         description="nn.RNN 1->32 regression: next value of sin(w t + phase), hidden state "
         "carried across consecutive 20-step windows",
         task="sine",
-        task_args=dict(window=20, windows=8, dt=0.15708, w_min=0.5, w_max=2.0, warmup=10),
+        task_args=SINE,
         arch=Arch(cell="rnn", input_kind="features", input_size=1, hidden=32, output_size=1),
         hyper=Hyper(lr=5e-3, epochs=60, n_train=2048, n_val=256, n_test=512, batch=32, patience=8),
         quick=Hyper(lr=1e-2, epochs=12, n_train=512, n_val=128, n_test=256, batch=32),
         bar=Bar("mse", full=1e-3, quick=1e-2, higher_is_better=False),
         output_kind="regression",
         activation="none",
+        inputs=sine_input(SINE),
     ),
     ModelSpec(
         name="char_hello",
@@ -234,6 +280,7 @@ ZOO_LIST: list[ModelSpec] = [
         bar=Bar("exact_steps", full=1.0, quick=1.0),
         output_kind="next_token",
         activation="softmax",
+        inputs=InputDoc("one character id per step (index into input.vocab: h, e, l, o)"),
     ),
     ModelSpec(
         name="char",
@@ -269,6 +316,10 @@ ZOO_LIST: list[ModelSpec] = [
         bar=Bar("loss_vs_unigram", full=0.60, quick=0.90, higher_is_better=False),
         output_kind="next_token",
         activation="softmax",
+        inputs=InputDoc(
+            "one character id per step (index into input.vocab); trained on English prose "
+            "and Python code of the Python language reference"
+        ),
     ),
 ]
 

@@ -1,10 +1,12 @@
 """Export: the artifacts follow serving/manifest.py, the three runtimes agree, the sequence graph
-equals running each row alone (bidirectional included), and bad input fails on one line without
-leaving a half-written version behind."""
+equals running each row alone (bidirectional included), bad input fails on one line without
+leaving a half-written version behind, and the manifest's optional input description, range and
+sampling are checked (and may be absent, as in stores written before them)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +20,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.manifest import MANIFEST_FILE, list_versions, load_manifest, resolve, sha256_file
+from serving.errors import ArtifactError
+from serving.manifest import (
+    MANIFEST_FILE,
+    list_versions,
+    load_manifest,
+    resolve,
+    sha256_file,
+    summary_path,
+)
 from training import export as exporter
 from training import zoo
 from training.cli import main
@@ -99,6 +109,94 @@ def test_manifest_example_in_docs_is_a_real_manifest() -> None:
 
     m = Manifest.from_dict(json.loads(example))
     assert m.name == "seq_lstm" and m.graphs["step"].inputs == ["x", "h", "c"]
+
+
+# ---- the input's description, range and sampling --------------------------------------------
+def sine_manifest(quick_store: Path) -> dict:
+    return json.loads((resolve(quick_store, "sine") / MANIFEST_FILE).read_text())
+
+
+def with_input(d: dict, **changes) -> dict:
+    return {**d, "input": {**d["input"], **changes}}
+
+
+def with_sampling(d: dict, **changes) -> dict:
+    return with_input(d, sampling={**d["input"]["sampling"], **changes})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: with_input(d, description=3), "input.description must be text, got 3"),
+        (lambda d: with_input(d, range=[-1, 1]), 'input.range must be {"min": number'),
+        (lambda d: with_input(d, range={"min": -1}), 'input.range must be {"min": number'),
+        (
+            lambda d: with_input(d, range={"min": "-1", "max": 1}),
+            "input.range.min must be a finite number, got '-1'",
+        ),
+        (
+            lambda d: with_input(d, range={"min": 1, "max": -1}),
+            "input.range needs min < max, got min 1 and max -1",
+        ),
+        (
+            lambda d: with_input(d, range={"min": -1, "max": float("inf")}),
+            "input.range.max must be a finite number",
+        ),
+        (lambda d: with_input(d, sampling={"dt": 0.1}), "input.sampling must be an object with"),
+        (lambda d: with_sampling(d, dt=0), "input.sampling.dt must be a finite number > 0, got 0"),
+        (lambda d: with_sampling(d, dt=True), "input.sampling.dt must be a finite number > 0"),
+        (
+            lambda d: with_sampling(d, angular_frequency={"min": 0, "max": 2.0}),
+            "input.sampling.angular_frequency.min must be > 0",
+        ),
+        (
+            lambda d: with_sampling(d, period_steps={"min": 10, "max": 80}),
+            "input.sampling.period_steps [10, 80] does not match",
+        ),
+        (
+            lambda d: with_input(d, kind="tokens", vocab=["a"], features=None),
+            "input.range and input.sampling apply to features inputs only",
+        ),
+    ],
+    ids=[
+        "description-number",
+        "range-list",
+        "range-no-max",
+        "range-text",
+        "range-reversed",
+        "range-infinite",
+        "sampling-partial",
+        "dt-zero",
+        "dt-bool",
+        "frequency-zero",
+        "periods-mismatch",
+        "range-on-tokens",
+    ],
+)
+def test_a_bad_input_hint_is_an_artifact_error_naming_the_field(
+    quick_store: Path, tmp_path: Path, change, message: str
+) -> None:
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(change(sine_manifest(quick_store))))
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        load_manifest(tmp_path, verify=False)
+
+
+def test_a_manifest_without_input_hints_still_loads(quick_store: Path, tmp_path: Path) -> None:
+    """Stores exported before the fields existed keep loading: all three are optional."""
+    d = sine_manifest(quick_store)
+    for key in ("description", "range", "sampling"):
+        del d["input"][key]
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(d))
+    m = load_manifest(tmp_path, verify=False)
+    assert (m.input.description, m.input.range, m.input.sampling) == ("", None, None)
+
+
+def test_input_hints_round_trip_through_json(quick_store: Path) -> None:
+    m = load_manifest(resolve(quick_store, "sine"))
+    again = json.loads(m.to_json())["input"]
+    assert again == sine_manifest(quick_store)["input"]
+    assert again["range"] == {"min": -1.0, "max": 1.0}
+    assert set(again["sampling"]) == {"dt", "angular_frequency", "period_steps"}
 
 
 # ---- parity, checked again independently of export.check_parity ---------------------------
@@ -329,13 +427,16 @@ def test_reexport_from_checkpoint_and_skip_existing(quick_store, tmp_path, capsy
     assert (
         new.training["exported_from_version"] == 1 and new.metrics == load_manifest(source).metrics
     )
+    assert f"summary of {tmp_path}: {summary_path(tmp_path)}" in out
+    assert summary_path(tmp_path).read_bytes()[:4] == b"\x89PNG"
     status, out, _ = run_cli(["train", "elman", "--quick", "--store", str(tmp_path)], capsys)
-    assert status == 0 and "skipped" in out and list_versions(tmp_path, "elman") == [1, 2]
+    assert status == 0 and "[1/1] elman: already in" in out and "skipped" in out
+    assert list_versions(tmp_path, "elman") == [1, 2]
 
 
 def test_broken_parity_leaves_no_version(tmp_path: Path, monkeypatch) -> None:
     spec = zoo.get("elman").with_overrides({"epochs": 1, "n_train": 64}, quick=True)
-    trained = train(spec, quick=True, progress=False)
+    trained = train(spec, quick=True)
     monkeypatch.setattr(exporter, "TOLERANCE", -1.0)  # nothing can pass
     with pytest.raises(exporter.ExportError, match="parity broken"):
         exporter.export(exporter.Artifact.from_trained(trained), tmp_path)
