@@ -67,7 +67,8 @@ class Malformed:
 
 class RateLimitedLog:
     """``warning`` at most once per ``every_s`` per key; the line counts the events since the
-    last line (a fuzzing client must not be able to fill the disk with our log)."""
+    last line of that key, this one included (a fuzzing client must not be able to fill the
+    disk with our log)."""
 
     def __init__(self, logger: logging.Logger, every_s: float = LOG_EVERY_S) -> None:
         self._log = logger
@@ -81,7 +82,7 @@ class RateLimitedLog:
         if now - self._last.get(key, -self._every_s) < self._every_s:
             return
         count, self._count[key], self._last[key] = self._count[key], 0, now
-        self._log.warning("%s (%d in the last %.0f s)", message, count, self._every_s)
+        self._log.warning("%s (%d of these since the last report)", message, count)
 
 
 class RpcGuard(grpc.aio.ServerInterceptor):

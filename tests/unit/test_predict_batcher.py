@@ -80,3 +80,19 @@ def test_submit_after_stop_is_unavailable(quick_store: Path) -> None:
 def test_bad_max_rows_is_refused() -> None:
     with pytest.raises(ValueError, match="max_rows"):
         PredictBatcher("m", None, None, max_rows=0)  # type: ignore[arg-type]
+
+
+def test_plan_calls_keeps_every_call_within_its_padding_and_row_caps() -> None:
+    from serving.predict_batcher import PADDING_SLACK, plan_calls
+
+    lengths = [1024] + [1] * 63 + [500, 510, 20]
+    calls = plan_calls(lengths, max_rows=256, max_padded=16_384)
+    assert sorted(i for call in calls for i in call) == list(range(len(lengths)))  # each once
+    for call in calls:
+        longest = max(lengths[i] for i in call)
+        assert len(call) * longest <= 16_384
+        assert len(call) * longest <= 2 * sum(lengths[i] for i in call) + PADDING_SLACK
+    (with_long,) = [call for call in calls if 0 in call]
+    assert not set(with_long) & set(range(1, 64))  # the 63 one-step rows are not padded to 1,024
+    assert [len(c) for c in plan_calls([1024] * 40, 256, 16_384)] == [16, 16, 8]
+    assert [len(c) for c in plan_calls([1] * 600, 256, 16_384)] == [256, 256, 88]
