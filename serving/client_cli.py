@@ -240,46 +240,41 @@ def _forecast(c: Client, args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
-# where a manifest may say what inputs a model was trained on: under "input" (preferred) or, for
-# manifests written before that, the training task's own arguments
-VALUE_RANGE_KEYS = ("valid_range", "value_range", "range")
-FREQUENCY_RANGE_KEYS = ("frequency_range", "valid_frequency_range", "w_range")
-TIME_STEP_KEYS = ("dt", "time_step")
-
-
 def input_range_warning(manifest: dict[str, Any], history: list[list[float]]) -> str | None:
     """Why ``history`` looks unlike what the model was trained on, or None (also when the
-    manifest does not say). Checks the values against a declared range and, for a sine, the
-    frequency the values imply against the trained frequencies."""
-    declared = {**_task_args(manifest), **(manifest.get("input") or {})}
+    manifest does not say): a value outside ``input.range``, or, for a sampled signal (sine,
+    ``input.sampling``), a frequency outside the trained ``angular_frequency`` at its ``dt``."""
     values = [row[0] for row in history if row]
-    lo_hi = _pair(declared, VALUE_RANGE_KEYS)
-    if lo_hi and any(not lo_hi[0] <= v <= lo_hi[1] for v in values):
-        return f"values outside the range {list(lo_hi)} {manifest.get('name', 'it')} was trained on"
-    w_range = _pair(declared, FREQUENCY_RANGE_KEYS)
-    if w_range is None and {"w_min", "w_max"} <= declared.keys():
-        w_range = (float(declared["w_min"]), float(declared["w_max"]))
-    dt = next((float(declared[k]) for k in TIME_STEP_KEYS if k in declared), None)
-    w = _sine_frequency(values, dt) if w_range and dt else None
-    if w is not None and w_range and not w_range[0] * 0.9 <= w <= w_range[1] * 1.1:
-        step = w * dt  # type: ignore[operator]
-        return (
-            f"these values step like sin(w t) with w ≈ {w:.2f} ({step:.3f} rad per value); "
-            f"{manifest.get('name', 'the model')} was trained on w in [{w_range[0]}, {w_range[1]}] "
-            f"sampled every dt = {dt}, so the forecast may be poor"
-        )
-    return None
+    name = manifest.get("name", "the model")
+    low_high = _min_max((manifest.get("input") or {}).get("range"))
+    if low_high and any(not low_high[0] <= v <= low_high[1] for v in values):
+        return f"values outside [{low_high[0]}, {low_high[1]}], the range {name} was trained on"
+    dt, w_range = _sampling(manifest)
+    w = _sine_frequency(values, dt) if dt and w_range else None
+    if w is None or w_range is None or w_range[0] * 0.9 <= w <= w_range[1] * 1.1:
+        return None  # a tenth of slack: the estimate from a few rounded values is rough
+    return (
+        f"these values step like sin(w t) with w ≈ {w:.2f} ({w * dt:.3f} rad per value); {name} "
+        f"was trained on w in [{w_range[0]}, {w_range[1]}] sampled every dt = {dt}, so the "
+        "forecast may be poor"
+    )
 
 
-def _task_args(manifest: dict[str, Any]) -> dict[str, Any]:
-    return dict((manifest.get("training") or {}).get("task_args") or {})
+def _sampling(manifest: dict[str, Any]) -> tuple[float | None, tuple[float, float] | None]:
+    """(dt, (w_min, w_max)) from ``input.sampling``, or from the training task's arguments in a
+    manifest written before the input said so; (None, None) when neither has them."""
+    sampling = (manifest.get("input") or {}).get("sampling")
+    if isinstance(sampling, dict):
+        return float(sampling["dt"]), _min_max(sampling.get("angular_frequency"))
+    task = (manifest.get("training") or {}).get("task_args") or {}
+    if {"dt", "w_min", "w_max"} <= task.keys():
+        return float(task["dt"]), (float(task["w_min"]), float(task["w_max"]))
+    return None, None
 
 
-def _pair(declared: dict[str, Any], keys: tuple[str, ...]) -> tuple[float, float] | None:
-    for key in keys:
-        value = declared.get(key)
-        if isinstance(value, list | tuple) and len(value) == 2:
-            return float(value[0]), float(value[1])
+def _min_max(value: Any) -> tuple[float, float] | None:
+    if isinstance(value, dict) and {"min", "max"} <= value.keys():
+        return float(value["min"]), float(value["max"])
     return None
 
 

@@ -90,11 +90,14 @@ def test_generate_prints_the_prompt_then_the_text(address, capsys):
         ("0,0.156,0.309,0.454,0.588,0.707", False),  # sin(k dt), w = 1: what sine learnt
         ("0,0.84,0.91,0.14,-0.76", True),  # sin(k): w = 1 / dt ≈ 6.4, far past w_max
         ("0,0.31,0.59,0.81,0.95", False),  # w = 2, the edge of the range
+        ("0,0.5,1.5", True),  # a value past sin's [-1, 1]
     ],
 )
 def test_forecast_warns_when_the_values_look_out_of_sines_range(address, capsys, values, warns):
     code, out, err = client(address, capsys, "forecast", "--model", "sine", "--values", values)
     assert code == 0 and len(json.loads(out)["forecast"]) == 50
     assert ("warning:" in err) == warns, err
-    if warns:
+    if "1.5" in values:
+        assert "values outside [-1.0, 1.0], the range sine was trained on" in err
+    elif warns:
         assert "w ≈ 6.3" in err and "trained on w in [0.5, 2.0]" in err
