@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving import access_log, ports
-from serving.manifest import list_models
+from serving.manifest import list_models, summary_path
 from serving.torchserve import control
 
 log = logging.getLogger("rnnserve.up")
 CLI = [sys.executable, "-m", "serving.cli"]
 WATCH_INTERVAL_S = 0.1
-SUMMARY_PNG = "summary.png"  # the training summary, when the store has one
 SINE_EXAMPLE = "0,0.156,0.309,0.454,0.588,0.707"  # sin(k dt), dt = 0.157: inside sine's range
 
 
@@ -261,7 +260,7 @@ def _print_examples(store: Path, grpc_addr: str, args: argparse.Namespace) -> No
             f"  TorchServe metrics: http://127.0.0.1:{args.ts_metrics_port}/metrics",
             f"  TorchServe logs: {control.log_dir(store)}",
         ]
-    summary = store / SUMMARY_PNG
+    summary = summary_path(store)  # the training summary, when the store has one
     if summary.is_file():
         lines.append(f"  training summary: {summary}")
     lines += [

@@ -66,7 +66,9 @@ def test_up_serves_grpc_and_http_then_stops_cleanly(quick_store: Path, tmp_path:
     assert f"TorchServe metrics: http://127.0.0.1:{ports[3]}/metrics" in out.stdout
     logs = store / "torchserve" / "logs"
     assert f"TorchServe logs: {logs}" in out.stdout and (logs / "ts_log.log").is_file()
-    assert ("training summary:" in out.stdout) == (store / "summary.png").is_file()
+    summary = store / "summary.png"
+    assert summary.is_file(), "the quick store has a training summary"
+    assert f"training summary: {summary}" in out.stdout
     # the access log is on by default: the smoke call's lines are on stderr
     assert re.search(
         r"grpc /rnnserve\.v1\.RnnServe/Generate model=sine status=OK us=\d+", out.stderr
