@@ -50,6 +50,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name  # "rnnserve
 DEFAULT_TOP_K = 5
 MAX_STEPMANY_ENTRIES = 4096
 MAX_ERROR_MESSAGE = 1024  # characters of a status message (see _clipped)
+DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024  # gRPC's send limit; the server passes its own
+ENTRY_ERROR_BYTES = 256  # a StepMany entry's error, as counted in a reply's size bound
 FEW_ROWS = 4  # OutputRows converts up to this many rows in plain Python, more with NumPy
 
 
@@ -330,9 +332,15 @@ def _plain_steps(features: int, values: int, steps: int, limit: int) -> int:
 
 
 class RnnServeServicer(pb_grpc.RnnServeServicer):
-    def __init__(self, engine: Engine, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        metrics: Metrics | None = None,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.max_reply_bytes = max_reply_bytes  # a StepMany reply past it is refused up front
 
     # models
     @_rpc
@@ -387,7 +395,9 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
 
         async for message in request_iterator:
             if message.HasField("packed"):
-                yield await step_packed(self.engine, message, self._entry_error)
+                yield await step_packed(
+                    self.engine, message, self._entry_error, self.max_reply_bytes
+                )
                 continue
             if len(message.steps) > MAX_STEPMANY_ENTRIES:
                 raise PayloadTooLarge(
@@ -418,11 +428,29 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
                 index = req.step_index if req.HasField("step_index") else None
                 checked.append((sess, rt, xs[pos], index))
                 where.append(pos)
+        check_reply_bytes(
+            self._entries_reply_bytes(requests, checked, where, outcomes), self.max_reply_bytes
+        )
         expires_at = time.time() + e.sessions.ttl_s  # the lookups just pushed the deadlines back
         for pos, outcome in zip(where, await e.step_many(checked), strict=True):
             outcomes[pos] = outcome
         manifests = [c[1].manifest for c in checked]
         return self._many_replies(requests, outcomes, where, manifests, expires_at)
+
+    @staticmethod
+    def _entries_reply_bytes(
+        requests: Sequence[pb.StepRequest],
+        checked: list[CheckedStep],
+        where: list[int],
+        outcomes: list[StepResult | Exception | None],
+    ) -> int:
+        """Upper bound of a StepMany reply's size: the checked steps' outputs, every entry's
+        session id (twice), the errors already known."""
+        total = sum(2 * len(r.session_id) + 32 for r in requests)
+        total += ENTRY_ERROR_BYTES * sum(o is not None for o in outcomes)
+        for (_, rt, x, _), pos in zip(checked, where, strict=True):
+            total += len(x) * output_bytes_per_step(rt.manifest, requests[pos].top_k)
+        return total
 
     def _many_replies(
         self,
@@ -592,6 +620,38 @@ class RnnServeServicer(pb_grpc.RnnServeServicer):
         await _abort(context, err)
 
 
-def add_to_server(server: grpc.aio.Server, engine: Engine, metrics: Metrics | None = None) -> str:
-    pb_grpc.add_RnnServeServicer_to_server(RnnServeServicer(engine, metrics), server)
+def output_bytes_per_step(m: Manifest, top_k: int = 0) -> int:
+    """Upper bound of one time step's ``Output`` (and its share of the reply's ``text``) in a
+    reply, protobuf framing included: what a step costs in a reply's size."""
+    floats = 4 * m.output.size + 6  # packed floats: tag, length, values
+    if m.output.kind == "regression":
+        return 6 + 2 * floats  # raw and value
+    labels = m.labels
+    longest = max((len(label.encode()) for label in labels), default=0)
+    named = longest + 3 + 6  # label or char, and index
+    if m.output.kind == "classification":
+        return 6 + floats + named + 4 * len(labels) + 6  # + probabilities
+    candidates = min(top_k or DEFAULT_TOP_K, len(labels))
+    return 6 + floats + named + candidates * (longest + 3 + 6 + 5 + 3) + longest  # + top_k, text
+
+
+def check_reply_bytes(estimate: int, limit: int) -> None:
+    """Refuse a StepMany message before any step runs if its reply could exceed what gRPC may
+    send: gRPC checks only after the reply is built, when the sessions have moved on."""
+    if estimate > limit:
+        raise PayloadTooLarge(
+            f"the reply to this StepMany message would take up to {estimate} bytes; the limit "
+            f"is {limit} bytes: send fewer sessions or time steps per message",
+            field="steps",
+        )
+
+
+def add_to_server(
+    server: grpc.aio.Server,
+    engine: Engine,
+    metrics: Metrics | None = None,
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+) -> str:
+    servicer = RnnServeServicer(engine, metrics, max_reply_bytes)
+    pb_grpc.add_RnnServeServicer_to_server(servicer, server)
     return SERVICE_NAME

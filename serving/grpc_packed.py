@@ -25,7 +25,13 @@ from serving import codec
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.engine import BlockResult, Engine, ModelRuntime
 from serving.errors import InvalidInput, NotStreamable, PayloadTooLarge
-from serving.grpc_api import MAX_STEPMANY_ENTRIES, own_session_ids
+from serving.grpc_api import (
+    DEFAULT_MAX_REPLY_BYTES,
+    ENTRY_ERROR_BYTES,
+    MAX_STEPMANY_ENTRIES,
+    check_reply_bytes,
+    own_session_ids,
+)
 from serving.manifest import Manifest
 from serving.sessions import Session
 
@@ -162,12 +168,16 @@ class _Group:
 
 
 async def step_packed(
-    engine: Engine, message: pb.StepManyRequest, entry_error: EntryErrorFn
+    engine: Engine,
+    message: pb.StepManyRequest,
+    entry_error: EntryErrorFn,
+    max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
 ) -> pb.StepManyResponse:
     """One packed StepMany message → its reply: the sessions looked up at once, each model
     version's valid entries through one ``Engine.step_block``, the outputs back as (N, T, ...)
-    buffers."""
+    buffers. A reply that could exceed ``max_reply_bytes`` is refused before any step runs."""
     block = decode_block(engine, message)
+    check_reply_bytes(packed_reply_bytes(block), max_reply_bytes)
     errors: dict[int, Exception] = {}
     groups = _grouped(engine, block, errors)
     if len(groups) == 1:  # the common case, without a task
@@ -180,6 +190,19 @@ async def step_packed(
     expires_at = engine.expires_at(first) if first is not None else 0.0
     reply = packed_results(block.m, y, step_indexes, errors, entry_error, expires_at)
     return pb.StepManyResponse(packed=reply)
+
+
+def packed_reply_bytes(block: Block) -> int:
+    """Bound of a packed reply's size: raw (N, T, O) and probabilities (N, T, K) floats,
+    indexes (N, T) of at most 5 bytes each, a step index per entry and an error per entry
+    whose rows are already known bad (the entries that fail later, rarely, are not counted)."""
+    m = block.m
+    per_step = 4 * m.output.size
+    if m.output.kind != "regression":
+        per_step += 4 * len(m.labels) + 5
+    entries = len(block.session_ids)
+    errors = int(block.bad.sum()) * ENTRY_ERROR_BYTES
+    return entries * block.steps * per_step + entries * 10 + errors + 64
 
 
 def _grouped(engine: Engine, block: Block, errors: dict[int, Exception]) -> list[_Group]:

@@ -160,7 +160,7 @@ async def create_server(
         if extra_servicers is None
         else list(extra_servicers)
     )
-    names = [grpc_api.add_to_server(server.grpc, engine, metrics)]
+    names = [grpc_api.add_to_server(server.grpc, engine, metrics, config.max_message_bytes)]
     for hook in hooks:
         names.extend(_as_names(hook(server.grpc, engine)))
     server.service_names = names
