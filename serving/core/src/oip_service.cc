@@ -4,12 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <unordered_map>
 
 #include "core.h"
@@ -34,7 +36,8 @@ constexpr uint64_t kMaxRows = 4096;               // engine.MAX_PREDICT_ROWS
 constexpr uint64_t kMaxPaddedSteps = 16384;       // predict_batcher.MAX_PADDED_STEPS
 constexpr uint64_t kFloatTextBytes = 47;          // f"{v:f}" of a float32: "-", 39 digits, ".", 6
 constexpr const char* kInferMethod = "/inference.GRPCInferenceService/ModelInfer";
-const char* const kNative[] = {"ModelInfer", "ModelStreamInfer"};
+constexpr const char* kStatisticsMethod = "/inference.GRPCInferenceService/ModelStatistics";
+const char* const kNative[] = {"ModelInfer", "ModelStreamInfer", "ModelStatistics"};
 
 using Params = google::protobuf::Map<std::string, inf::InferParameter>;
 
@@ -590,6 +593,119 @@ void fill_outputs(const ModelSpec& m, std::vector<float> y, int64_t rows, int64_
   }
 }
 
+// ---- Triton's statistics: per model version, what the OIP requests cost ------------------------
+//
+// Each request is timed in phases, as serving/oip_stats.py does: decoding the inputs
+// (compute_input), waiting for its step batch (queue) and that batch's model call (compute_infer;
+// a request of several rows takes its slowest row's), building the reply (compute_output). It is
+// counted once, as a success or a failure, under the model version it resolved to; a request
+// naming an unknown model counts nowhere (as in Triton).
+
+struct Duration {
+  uint64_t count = 0, ns = 0;
+  void add(int64_t elapsed_ns) {
+    ++count;
+    ns += static_cast<uint64_t>(std::max<int64_t>(0, elapsed_ns));
+  }
+};
+
+struct ModelStats {
+  Duration success, fail, queue, compute_input, compute_infer, compute_output;
+  uint64_t inference_count = 0;  // rows: a request of batch 4 counts 4
+  uint64_t last_inference_ms = 0;
+};
+
+struct Clock {  // one request's phase boundaries (steady ns) and the model it resolved to
+  int64_t started = now_ns(), decoded = 0, computed = 0;
+  std::optional<int64_t> queued;  // none: no step scheduler timed it (the bridge's sequence graph)
+  int64_t batch = 0;
+  ModelPtr model;
+  uint64_t rows = 0;
+  void timed(const Reply& r) {
+    queued = std::max(queued.value_or(0), r.queue_ns);
+    batch = std::max(batch, r.batch_ns);
+  }
+};
+
+class Statistics {
+ public:
+  void succeeded(const Clock& c) {
+    if (!c.model) return;
+    const int64_t done = now_ns();
+    std::lock_guard<std::mutex> lock(mu_);
+    ModelStats& s = by_model_[c.model->key()];
+    s.success.add(done - c.started);
+    s.compute_input.add(c.decoded - c.started);
+    s.queue.add(c.queued.value_or(0));
+    s.compute_infer.add(c.queued ? c.batch : c.computed - c.decoded);
+    s.compute_output.add(done - c.computed);
+    s.inference_count += c.rows;
+    s.last_inference_ms = static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+            .count());
+  }
+  void failed(const Clock& c) {
+    if (!c.model) return;
+    const int64_t done = now_ns();
+    std::lock_guard<std::mutex> lock(mu_);
+    by_model_[c.model->key()].fail.add(done - c.started);
+  }
+  ModelStats snapshot(const ModelSpec& m) const {  // zeros for a model never asked
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = by_model_.find(m.key());
+    return it == by_model_.end() ? ModelStats{} : it->second;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::unordered_map<std::string, ModelStats> by_model_;  // "name:version"
+};
+
+void fill_duration(const Duration& d, inf::StatisticDuration* out) {
+  out->set_count(d.count);
+  out->set_ns(d.ns);
+}
+
+// One model version's ModelStatistics; execution_count is the step scheduler's batches over every
+// API's steps of the model (they share its batches; 0 for a model without steps).
+void fill_statistics(Core* core, const ModelSpec& m, const ModelStats& s, inf::ModelStatistics* out) {
+  out->set_name(m.name);
+  out->set_version(std::to_string(m.version));
+  out->set_last_inference(s.last_inference_ms);
+  out->set_inference_count(s.inference_count);
+  auto* inference = out->mutable_inference_stats();
+  fill_duration(s.success, inference->mutable_success());
+  fill_duration(s.fail, inference->mutable_fail());
+  fill_duration(s.queue, inference->mutable_queue());
+  fill_duration(s.compute_input, inference->mutable_compute_input());
+  fill_duration(s.compute_infer, inference->mutable_compute_infer());
+  fill_duration(s.compute_output, inference->mutable_compute_output());
+  if (m.streamable) out->set_execution_count(core->metrics().model(m.name).batches.load());
+}
+
+// Empty name: every model; empty version: every version of the named model(s).
+Result<std::vector<ModelPtr>> models_named(Core* core, const std::string& name, const std::string& version) {
+  if (!name.empty() && !version.empty()) {
+    auto v = parse_version(version);
+    if (!v.ok()) return v.error();
+    auto m = find_model(core, name, v.value());
+    if (!m.ok()) return m.error();
+    return std::vector<ModelPtr>{m.value()};
+  }
+  if (!name.empty()) {
+    auto known = core->model(name, 0);  // NOT_FOUND for an unknown name
+    if (!known.ok()) return known.error();
+  }
+  if (!version.empty()) return Error::invalid("model statistics of a version need the model's name", "version");
+  std::vector<ModelPtr> found;
+  for (const auto& m : core->models()) {
+    if (name.empty() || m->name == name) found.push_back(m);
+  }
+  std::sort(found.begin(), found.end(),
+            [](const ModelPtr& a, const ModelPtr& b) { return std::tie(a->name, a->version) < std::tie(b->name, b->version); });
+  return found;
+}
+
 // ---- one request, start to answer --------------------------------------------------------------
 
 struct Call {  // a request and its bytes as they came (the bridge takes them unchanged)
@@ -621,12 +737,13 @@ Error not_open(const SequenceId& id, const std::string& model, const Error& err)
 // sequence's session, or a throwaway session per stateless row), or handed to the bridge.
 class Inference : public std::enable_shared_from_this<Inference> {
  public:
-  static void run(Core* core, CallPtr call, Answered done) {
-    std::shared_ptr<Inference>(new Inference(core, std::move(call), std::move(done)))->start();
+  static void run(Core* core, Statistics* stats, CallPtr call, Answered done) {
+    std::shared_ptr<Inference>(new Inference(core, stats, std::move(call), std::move(done)))->start();
   }
 
  private:
-  Inference(Core* core, CallPtr call, Answered done) : core_(core), call_(std::move(call)), done_(std::move(done)) {}
+  Inference(Core* core, Statistics* stats, CallPtr call, Answered done)
+      : core_(core), stats_(stats), call_(std::move(call)), done_(std::move(done)) {}
 
   const inf::ModelInferRequest& request() const { return call_->request; }
 
@@ -649,12 +766,16 @@ class Inference : public std::enable_shared_from_this<Inference> {
     if (!version.ok()) return version.error();
     auto model = find_model(core_, request().model_name(), version.value());
     if (!model.ok()) return model.error();
-    if (!control_.id && !model.value()->streamable) return std::nullopt;
+    if (!control_.id && !model.value()->streamable) {
+      clock_.model = model.value();
+      return std::nullopt;
+    }
     if (control_.id) {
       if (auto err = sequence_model(model.value(), version.value())) return err;
     } else {
       model_ = model.value();
     }
+    clock_.model = model_;
     auto wanted = requested_outputs(request(), *model_);
     if (!wanted.ok()) return wanted.error();
     wanted_ = std::move(wanted.value());
@@ -666,6 +787,8 @@ class Inference : public std::enable_shared_from_this<Inference> {
       return err;
     }
     if (core_->stopping()) return core_->shutting_down();
+    clock_.rows = rows_.size();
+    clock_.decoded = now_ns();
     return std::nullopt;
   }
 
@@ -714,6 +837,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
     // sequence, after its last step
     if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close(sid_);
     if (!o.ok()) return fail(o.error);
+    clock_.timed(*o.reply);
     answer(std::vector<float>(o.reply->y), 1, o.reply->steps);
   }
 
@@ -755,6 +879,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
     const size_t per_row = rows_[0].steps * static_cast<size_t>(model_->output_size);
     for (size_t i = 0; i < outcomes_.size(); ++i) {
       if (!outcomes_[i].ok()) return fail(outcomes_[i].error);
+      clock_.timed(*outcomes_[i].reply);
       std::copy(outcomes_[i].reply->y.begin(), outcomes_[i].reply->y.end(), y_.begin() + (rows_done_ + i) * per_row);
     }
     rows_done_ += outcomes_.size();
@@ -766,31 +891,52 @@ class Inference : public std::enable_shared_from_this<Inference> {
   void relay() {
     auto self = shared_from_this();
     core_->bridge_pool().post([self] {
+      self->clock_.decoded = now_ns();  // decoded by the bridge: its whole call counts as compute_infer
       BridgeReply reply = self->core_->bridge()(kInferMethod, self->call_->bytes, "");
+      self->clock_.computed = now_ns();
       Answer a;
       if (reply.code != 0) {
         a.status = grpc::Status(static_cast<grpc::StatusCode>(reply.code), reply.message, reply.details);
       } else if (reply.messages.empty() || !a.response.ParseFromString(reply.messages[0])) {
         a.status = grpc::Status(grpc::StatusCode::INTERNAL, "internal error: the bridge answered no ModelInferResponse");
       }
-      self->done_(std::move(a));
+      self->finish(std::move(a));
     });
   }
 
   void answer(std::vector<float> y, int64_t rows, int64_t steps) {
+    clock_.computed = now_ns();
     Answer a;
     a.response.set_model_name(model_->name);
     a.response.set_model_version(std::to_string(model_->version));
     a.response.set_id(request().id());
     fill_outputs(*model_, std::move(y), rows, steps, wanted_, &a.response);
+    finish(std::move(a));
+  }
+
+  void fail(const Error& err) { finish(Answer{grpc::Status(grpc_code(err.kind), err.message), {}}); }
+
+  void finish(Answer a) {
+    if (!a.status.ok()) {
+      stats_->failed(clock_);
+    } else {
+      if (!model_) clock_.rows = bridged_rows(request());
+      stats_->succeeded(clock_);
+    }
     done_(std::move(a));
   }
 
-  void fail(const Error& err) { done_(Answer{grpc::Status(grpc_code(err.kind), err.message), {}}); }
+  // The rows of a request the bridge answered (it checked them): one text, or the batch dim.
+  static uint64_t bridged_rows(const inf::ModelInferRequest& r) {
+    const auto& t = r.inputs(0);
+    return t.datatype() == "BYTES" ? 1 : static_cast<uint64_t>(t.shape(0));
+  }
 
   Core* const core_;
+  Statistics* const stats_;
   const CallPtr call_;
   const Answered done_;
+  Clock clock_;
   SequenceControl control_;
   ModelPtr model_;
   std::vector<Wanted> wanted_;
@@ -824,9 +970,9 @@ CallPtr parsed_call(const grpc::ByteBuffer& buffer) {
   return call;
 }
 
-grpc::Status malformed() {
-  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                      "malformed request: the bytes are not a valid inference.ModelInferRequest message");
+grpc::Status malformed(const google::protobuf::Message& type = inf::ModelInferRequest::default_instance()) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "malformed request: the bytes are not a valid " +
+                                                              type.GetDescriptor()->full_name() + " message");
 }
 
 grpc::ByteBuffer buffer_of(const google::protobuf::Message& message) {
@@ -861,7 +1007,7 @@ inf::ModelStreamInferResponse stream_reply(const inf::ModelInferRequest& request
 
 class InferStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
-  explicit InferStream(Core* core) : core_(core) { Read(); }
+  InferStream(Core* core, Statistics* stats) : core_(core), stats_(stats) { Read(); }
 
   void OnReadDone(bool ok) override {
     CallPtr call = ok ? parsed_call(request_) : nullptr;
@@ -912,7 +1058,7 @@ class InferStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   }
 
   void Run(size_t slot, const CallPtr& call, const std::string& key) {
-    Inference::run(core_, call, [this, slot, call, key](Answer a) {
+    Inference::run(core_, stats_, call, [this, slot, call, key](Answer a) {
       Deliver(slot, key, buffer_of(stream_reply(call->request, std::move(a))));
     });
   }
@@ -962,6 +1108,7 @@ class InferStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
   }
 
   Core* const core_;
+  Statistics* const stats_;
   grpc::ByteBuffer request_, out_;
   std::mutex mu_;  // guards everything below
   std::deque<std::optional<grpc::ByteBuffer>> slots_;  // replies owed, in request order
@@ -974,7 +1121,8 @@ class InferStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
 // ---- the service --------------------------------------------------------------------------------
 
 using Base = inf::GRPCInferenceService::WithRawCallbackMethod_ModelInfer<
-    inf::GRPCInferenceService::WithRawCallbackMethod_ModelStreamInfer<inf::GRPCInferenceService::Service>>;
+    inf::GRPCInferenceService::WithRawCallbackMethod_ModelStreamInfer<
+        inf::GRPCInferenceService::WithRawCallbackMethod_ModelStatistics<inf::GRPCInferenceService::Service>>>;
 
 class OipService final : public Base {
  public:
@@ -996,7 +1144,7 @@ class OipService final : public Base {
       return reactor;
     }
     Core* core = core_;
-    Inference::run(core_, call, [core, reactor, response](Answer a) {
+    Inference::run(core_, &stats_, call, [core, reactor, response](Answer a) {
       const grpc::Status& s = a.status;
       if (!s.ok()) {
         return finish_unary(core, reactor, grpc::Status(s.error_code(), clipped(s.error_message()), s.error_details()));
@@ -1009,7 +1157,24 @@ class OipService final : public Base {
   }
 
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* ModelStreamInfer(grpc::CallbackServerContext*) override {
-    return new InferStream(core_);
+    return new InferStream(core_, &stats_);
+  }
+
+  grpc::ServerUnaryReactor* ModelStatistics(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* request,
+                                            grpc::ByteBuffer* response) override {
+    auto* reactor = ctx->DefaultReactor();
+    inf::ModelStatisticsRequest req;
+    if (!req.ParseFromString(bytes_of(*request))) return finish_statistics(reactor, malformed(req));
+    auto models = models_named(core_, req.name(), req.version());
+    if (!models.ok()) {
+      const Error& e = models.error();
+      return finish_statistics(reactor, grpc::Status(grpc_code(e.kind), clipped(e.message)));
+    }
+    inf::ModelStatisticsResponse reply;
+    for (const auto& m : models.value()) fill_statistics(core_, *m, stats_.snapshot(*m), reply.add_model_stats());
+    grpc::ByteBuffer bytes = buffer_of(reply);
+    response->Swap(&bytes);
+    return finish_statistics(reactor, grpc::Status::OK);
   }
 
  private:
@@ -1018,7 +1183,15 @@ class OipService final : public Base {
     reactor->Finish(status);
   }
 
+  // counted under the name the bridge counted it by before it was served here
+  grpc::ServerUnaryReactor* finish_statistics(grpc::ServerUnaryReactor* reactor, const grpc::Status& status) {
+    core_->metrics().request(kStatisticsMethod, code_name(status.error_code()));
+    reactor->Finish(status);
+    return reactor;
+  }
+
   Core* core_;
+  Statistics stats_;
 };
 
 }  // namespace

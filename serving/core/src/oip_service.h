@@ -1,8 +1,9 @@
 // The Open Inference Protocol (KServe v2 / Triton) natively: ModelInfer and ModelStreamInfer with
-// Triton's sequence extension, as serving/oip_api.py answers them (same checks, same messages).
-// The other methods of inference.GRPCInferenceService (health, metadata, Triton's configuration,
-// statistics and repository index) go through the bridge to Python, and so does a stateless
-// request of a model that reads whole sequences (bidirectional): it runs the sequence graph.
+// Triton's sequence extension, as serving/oip_api.py answers them (same checks, same messages),
+// and Triton's ModelStatistics of the requests served here. The other methods of
+// inference.GRPCInferenceService (health, metadata, Triton's configuration and repository index)
+// go through the bridge to Python, and so does a stateless request of a model that reads whole
+// sequences (bidirectional): Python runs its sequence graph.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

@@ -94,9 +94,9 @@ void Scheduler::run(std::vector<Job>& jobs) {
   batch.rows = static_cast<int>(jobs.size());
   batch.steps = jobs.front().input.steps;
   gather(jobs, batch);
-  const int64_t started = now_ns();
+  const int64_t started = batch.started_ns = now_ns();
   if (!call_model(jobs, batch)) return;
-  const int64_t finished = now_ns();
+  const int64_t finished = batch.finished_ns = now_ns();
   metrics_->compute_ns.fetch_add(static_cast<uint64_t>(finished - started), std::memory_order_relaxed);
   for (const auto& job : jobs) {
     metrics_->queue_ns.fetch_add(static_cast<uint64_t>(started - job.queued_ns), std::memory_order_relaxed);
@@ -167,6 +167,8 @@ void Scheduler::answer(std::vector<Job>& jobs, const Batch& batch) {
     auto reply = std::make_shared<Reply>();
     reply->step_index = jobs[b].index;
     reply->steps = batch.steps;
+    reply->queue_ns = batch.started_ns - jobs[b].queued_ns;
+    reply->batch_ns = batch.finished_ns - batch.started_ns;
     reply->y.assign(batch.y.begin() + static_cast<std::ptrdiff_t>(b * per_row),
                     batch.y.begin() + static_cast<std::ptrdiff_t>((b + 1) * per_row));
     commits.push_back(Commit{jobs[b].session.get(), jobs[b].index, std::move(reply)});

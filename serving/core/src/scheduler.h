@@ -36,6 +36,7 @@ struct Batch {
   std::vector<int64_t> ids;     // (B, T), token models
   std::vector<std::vector<float>> states;  // per state tensor (L, B, H): in, then the new states
   std::vector<float> y;         // (B, T, O), filled by the runner
+  int64_t started_ns = 0, finished_ns = 0;  // the model call
 };
 
 // Runs a model's step graph on a batch; throws std::exception to fail the batch.

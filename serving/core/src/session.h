@@ -24,6 +24,7 @@ struct Reply {
   uint64_t step_index = 0;
   uint32_t steps = 0;
   std::vector<float> y;  // (T, O) head outputs
+  int64_t queue_ns = 0, batch_ns = 0;  // waited for its batch, the batch's model call (OIP statistics)
 };
 using ReplyPtr = std::shared_ptr<const Reply>;
 
