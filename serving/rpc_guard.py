@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
+MAX_CACHED_HANDLERS = 1024  # more than any server's methods; past it handlers are wrapped per call
 MIN_PENDING_REQUESTS = 20_000
 
 
@@ -106,7 +107,11 @@ class RpcGuard(grpc.aio.ServerInterceptor):
             return None
         guarded = self._wrapped.get(handler)
         if guarded is None:
-            guarded = self._wrapped[handler] = self._guard(handler, details.method)
+            guarded = self._guard(handler, details.method)
+            # an interceptor before this one may build a handler per call: the cache must not
+            # grow with them (last in the chain, this one sees the registered handlers)
+            if len(self._wrapped) < MAX_CACHED_HANDLERS:
+                self._wrapped[handler] = guarded
         return guarded
 
     # ---- wrapping -------------------------------------------------------------------------------
