@@ -1,30 +1,36 @@
-"""The gRPC benchmark, in one run: our server vs the echo floor vs the in-process ORT ceiling.
+"""The gRPC benchmark, in one run: the native core, the Python data plane, the C++ echo floor and
+the in-process ORT ceiling, side by side, with C++ clients only.
 
-    python -m bench.run                 # the full run (`make bench`), about 6-8 minutes
-    python -m bench.run --quick         # a smoke run: 1 and 16 sessions, short windows
+    python -m bench.run                 # the full run (`make bench`), about 12-15 minutes
+    python -m bench.run --quick         # a smoke run: 1 and 64 sessions, one window each, ~2 min
 
 What it does, in this order:
-1. finds a model store with seq_lstm and sine (``--store``; else the tests' quick store when it is
-   complete; else it trains ``--quick seq_lstm sine`` into .cache/bench_store);
-2. starts three server processes on loopback: ``rnnserve serve`` (the real CLI, ONNX Runtime,
-   1 intra-op thread, metrics on a free port), ``bench.echo_server`` (same messages, no model) and
-   ``bench.echo_server --model ...`` (echo+model: the echo paying the real step-graph call,
-   batched per loop turn, no session handling; ``--no-echo-model`` leaves it out);
-3. starts ``--workers`` client processes (``bench.load``); for each model, path (unary Step, bidi
-   Session stream, StepMany with ``--per-message`` sessions per message, and the same in StepMany's
-   packed form: one PackedSteps block per message) and session count, opens
-   the sessions on every server, then runs ``--reps`` timed windows (``--warmup`` s not counted,
-   ``--duration`` s counted), one per server in turn (the order reversed every other rep), and
-   keeps the median of each metric;
-4. measures the ORT ceiling in this process (``bench.ceiling``) and idle-session memory in a fresh
-   process (``bench.idle_sessions``);
+1. finds a model store with seq_lstm (``--store``; else the tests' quick store when it is
+   complete; else it trains ``--quick seq_lstm`` into .cache/bench_store), builds the C++ tools
+   (``bench.native_tools``) and fetches perf_analyzer (``bench.perf_analyzer``);
+2. starts three server processes on loopback: ``rnnserve serve`` with the native data plane,
+   ``rnnserve serve`` with the Python data plane (both ONNX Runtime, 1 intra-op thread) and the
+   C++ echo server (same messages, canned replies, no model);
+3. for each cell (API, path, concurrency) runs ``--reps`` measurements per server, the servers
+   taking turns (the order reversed every other rep), and keeps the median of each metric:
+   - the OIP with Triton's perf_analyzer: sequences of 50±20 steps of seq_lstm, unary
+     (``--async``) and streaming (``--async --streaming``);
+   - rnnserve.v1 with the C++ load_client: unary Step, Session streams, and StepMany packed with
+     ``--per-message`` sessions per message;
+   each measurement also reads the server process's CPU time (psutil, all its threads) over the
+   measured span: µs of server CPU per step;
+4. measures the ORT ceiling in this process (``bench.ceiling``);
 5. writes docs/bench_results.json, the plot docs/bench_steps.png and the generated section of
    docs/benchmarks.md (``bench.report``).
+
+A server that exits during the run is counted (``crashes``) and started again; a measurement
+that failed keeps its error in the results instead of a number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -32,27 +38,31 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import onnxruntime
+import psutil
 
-from bench import ceiling, report
-from bench.echo_server import MAX_BATCH_ROWS
-from bench.load import FEATURES, GROUPED, Workers
+from bench import ceiling, native_tools, perf_analyzer, report
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("seq_lstm", "sine")
-PATHS = ("unary", "stream", "stepmany", "packed")
-SESSIONS = (1, 16, 64, 256, 1000)
-LISTENING = re.compile(r"on (127\.0\.0\.1:\d+)(?:, metrics on (127\.0\.0\.1:\d+))?")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+MODEL = "seq_lstm"
+FEATURES = 10
+SERVERS = ("native", "python", "echo")  # the order their turns run in
+OIP_PATHS = ("unary", "stream")
+V1_PATHS = ("unary", "stream", "packed")
+CONCURRENCY = (1, 16, 64, 256, 1000)
+PACKED_CONCURRENCY = (64, 256, 1000)  # sessions; 64 per message: 1, 4 and 16 streams
+SEQUENCE_LENGTH, SEQUENCE_VARIATION = 50, 20  # perf_analyzer: 50 ± 20% steps per sequence
+LISTENING = re.compile(r"on (127\.0\.0\.1:\d+)")
+SAMPLE_EVERY_S = 0.05
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -60,29 +70,55 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 @dataclass
 class Server:
-    name: str  # "rnnserve", "echo" or "echo+model"
-    proc: subprocess.Popen
-    address: str
-    metrics: str | None = None
+    name: str  # "native", "python" or "echo"
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    address: str = ""
+    crashes: list[dict[str, Any]] = field(default_factory=list)
+    stderr: Any = None
+
+    def start(self, timeout: float = 120.0) -> None:
+        if self.stderr is not None:
+            self.stderr.close()
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read back if it fails to start)
+        self.proc = subprocess.Popen(
+            self.argv, cwd=ROOT, env=self.env, stdout=subprocess.PIPE,
+            stderr=self.stderr, text=True, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        try:
+            self.address = read_address(self.proc, self.name)
+            wait_ready(self.address, deadline)
+        except BaseException as e:  # not ready in time, or interrupted: leave no process behind
+            self.stop()
+            self.stderr.seek(0)
+            tail = self.stderr.read().strip().splitlines()[-3:]
+            raise RuntimeError(f"{self.name} did not start: {e}; stderr: {' / '.join(tail)}") from e
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def restart_if_dead(self, during: str) -> bool:
+        """Counts a crash and starts the server again when it exited; True when it had."""
+        if self.alive():
+            return False
+        assert self.proc is not None
+        self.crashes.append({"during": during, "returncode": self.proc.returncode})
+        print(f"bench: {self.name} exited ({self.proc.returncode}) during {during}; restarting",
+              flush=True)  # fmt: skip
+        self.start()
+        return True
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server process so far (all its threads)."""
-        return process_cpu_seconds(self.proc.pid)
-
-    def batch_totals(self, model: str) -> tuple[float, float]:
-        """(sum, count) of the server's batch-size histogram for ``model`` (0, 0 without)."""
-        if not self.metrics:
-            return 0.0, 0.0
-        text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=5).read().decode()
-        total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith(f'rnnserve_batch_size_sum{{model="{model}"}}'):
-                total = float(line.split()[-1])
-            elif line.startswith(f'rnnserve_batch_size_count{{model="{model}"}}'):
-                count = float(line.split()[-1])
-        return total, count
+        assert self.proc is not None
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
 
     def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(15)
@@ -91,65 +127,15 @@ class Server:
             self.proc.wait()
 
 
-def process_cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def cpu_times() -> list[int]:
-    """The machine's jiffies: user nice system idle iowait irq softirq steal (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        return [int(v) for v in f.readline().split()[1:9]]
-
-
-def steal_share(before: list[int], after: list[int]) -> float:
-    """Share of the vCPUs' time the hypervisor gave to someone else between two cpu_times()."""
-    delta = [b - a for a, b in zip(before, after, strict=True)]
-    return delta[7] / max(1, sum(delta))
-
-
-def cores_busy_between(server: Server, start: float, end: float) -> float:
-    """Cores the server kept busy from wall-clock ``start`` to ``end`` (both still to come), read
-    at those moments: the CPU that matches the messages counted in that window, without the
-    warm-up. Divided by the interval actually slept, in case a read comes late on a busy machine."""
-    cpu_first, t_first = cpu_seconds_at(server, start)
-    cpu_last, t_last = cpu_seconds_at(server, end)
-    return (cpu_last - cpu_first) / max(t_last - t_first, 1e-9)
-
-
-def cpu_seconds_at(server: Server, when: float) -> tuple[float, float]:
-    """(server CPU seconds, wall-clock time of the read), read once ``when`` has come."""
-    time.sleep(max(0.0, when - time.time()))
-    return server.cpu_seconds(), time.time()
-
-
-def start_server(name: str, argv: list[str], timeout: float = 60.0) -> Server:
-    proc = subprocess.Popen(
-        [sys.executable, *argv],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    deadline = time.monotonic() + timeout
+def read_address(proc: subprocess.Popen, name: str) -> str:
+    """The address from the server's first lines ("... on 127.0.0.1:PORT ...")."""
     assert proc.stdout is not None
-    try:
-        for line in proc.stdout:  # the first line says where it listens
-            found = LISTENING.search(line)
-            if found:
-                server = Server(name, proc, found.group(1), found.group(2))
-                wait_ready(server.address, deadline)
-                return server
-            if time.monotonic() > deadline:
-                break
-    except BaseException:  # not ready in time, or interrupted: leave no process behind
-        proc.kill()
-        proc.wait()
-        raise
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"{name} did not start: {' '.join(argv)}")
+    for line in proc.stdout:
+        found = LISTENING.search(line)
+        if found:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # drain, never block
+            return found.group(1)
+    raise RuntimeError(f"{name} exited before it listened (status {proc.wait()})")
 
 
 def wait_ready(address: str, deadline: float) -> None:
@@ -157,138 +143,212 @@ def wait_ready(address: str, deadline: float) -> None:
         grpc.channel_ready_future(channel).result(timeout=max(1.0, deadline - time.monotonic()))
 
 
-def server_commands(store: Path, echo_model_for: list[str]) -> dict[str, list[str]]:
-    """Each server's argv, in the order their windows run; echo+model only for ``echo_model_for``
-    (the models benched) and not at all when that is empty."""
-    echo = ["-m", "bench.echo_server", "--store", str(store), "--address", "127.0.0.1:0"]
-    commands = {"echo": echo}
-    if echo_model_for:
-        commands["echo+model"] = [*echo, "--model", *echo_model_for]
-    commands["rnnserve"] = [
-        "-m", "serving.cli", "serve", "--store", str(store), "--address", "127.0.0.1:0",
-        "--metrics-port", "0", "--threads", "1",
-        "--max-batch", str(MAX_BATCH_ROWS),  # echo+model's cap too (not $RNNSERVE_MAX_BATCH)
+def serve_command(store: Path) -> list[str]:
+    """``rnnserve serve`` as shipped, on free ports; the data plane comes from ``server_env``."""
+    return [
+        sys.executable, "-m", "serving.cli", "serve", "--store", str(store),
+        "--address", "127.0.0.1:0", "--metrics-port", "0", "--threads", "1",
     ]  # fmt: skip
-    return commands
 
 
-def echo_model_for(args: argparse.Namespace) -> list[str]:
-    """The models echo+model runs the step graph of: the ones benched, unless left out."""
-    return [] if args.no_echo_model else list(args.models)
+def server_commands(store: Path, echo_binary: Path, canned: Path) -> dict[str, list[str]]:
+    """Each server's argv, in the order their turns run."""
+    serve = serve_command(store)
+    return {
+        "native": serve,
+        "python": serve,
+        "echo": native_tools.echo_command(echo_binary, canned),
+    }
 
 
-def start_servers(store: Path, echo_model_for: list[str]) -> dict[str, Server]:
-    """Starts them all, or none: one failing to start stops those already running."""
-    servers: dict[str, Server] = {}
+def server_env(name: str) -> dict[str, str]:
+    """The data plane by the environment (``RNNSERVE_DATA_PLANE``), which every serve reads."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
+    if name in ("native", "python"):
+        env["RNNSERVE_DATA_PLANE"] = name
+    return env
+
+
+# ---- the server CPU over a measured span -------------------------------------------------------
+
+
+class CpuSampler:
+    """Reads a server's CPU time every 50 ms in a thread; ``cores(a, b)`` is the CPU it used from
+    monotonic time a to b (interpolated between samples) divided by b - a."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            self._sample()
+
+    def _sample(self) -> None:
+        with contextlib.suppress(psutil.Error, AssertionError):  # gone: a crash, counted elsewhere
+            self.samples.append((time.monotonic(), self.server.cpu_seconds()))
+
+    def cores(self, start: float, end: float) -> float | None:
+        return cores_between(self.samples, start, end)
+
+
+def cores_between(samples: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """Cores busy from ``start`` to ``end``, from (time, cpu seconds) samples in time order;
+    None when the samples do not cover the span."""
+    if len(samples) < 2 or end <= start or start < samples[0][0] or end > samples[-1][0]:
+        return None
+    times = [t for t, _ in samples]
+    cpu = [c for _, c in samples]
+    return float(np.interp(end, times, cpu) - np.interp(start, times, cpu)) / (end - start)
+
+
+def per_step_us(cores: float | None, steps_per_s: float) -> float | None:
+    """µs of server CPU per step: 0.5 cores at 5,000 steps/s is 100 µs a step."""
+    if cores is None or steps_per_s <= 0:
+        return None
+    return cores / steps_per_s * 1e6
+
+
+# ---- one measurement: perf_analyzer on the OIP, or load_client on rnnserve.v1 ------------------
+
+
+def oip_measurement(server: Server, path: str, n: int, args, binary: Path) -> dict[str, Any]:
+    """One perf_analyzer run (three windows of ``--window-ms``). Its windows fill the run but
+    for its start and its drain, so the CPU is read over a span as long as its windows, centered
+    in the run."""
+    command = perf_analyzer.command(
+        binary, server.address, MODEL, concurrency=n, streaming=path == "stream",
+        sequence_length=SEQUENCE_LENGTH, window_ms=args.window_ms,
+        extra=["--sequence-length-variation", str(SEQUENCE_VARIATION),
+               *([] if path == "stream" else ["--async"])],
+    )  # fmt: skip
+    env = {**os.environ, "LD_LIBRARY_PATH": str(binary.parent.parent / "lib")}
+    timeout = 60 + 10 * args.window_ms / 1000
+    with CpuSampler(server) as sampler:
+        started = time.monotonic()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+            result = perf_analyzer.parse(done.returncode, done.stdout + done.stderr)
+        except subprocess.TimeoutExpired:
+            return {"error": f"perf_analyzer did not finish within {timeout:.0f} s"}
+        ended = time.monotonic()
+    if not result.ok:
+        return {"error": first_error(result), "steps_per_s": result.throughput}
+    measured = result.request_count / result.throughput if result.throughput else 0.0
+    margin = max(0.0, (ended - started - measured) / 2)
+    cores = sampler.cores(started + margin, ended - margin)
+    return {
+        "steps_per_s": result.throughput,
+        "msgs_per_s": result.throughput,
+        "p50_us": result.p50_us,
+        "p99_us": result.p99_us,
+        "server_cores": cores,
+        "server_us_per_step": per_step_us(cores, result.throughput),
+    }
+
+
+def first_error(result: perf_analyzer.PerfResult) -> str:
+    if result.errors:
+        return result.errors[0][:300]
+    return f"perf_analyzer exited {result.returncode}, {result.request_count} requests"
+
+
+def v1_measurement(server: Server, path: str, n: int, args, binary: Path) -> dict[str, Any]:
+    """One load_client run: it opens its sessions, says so, then runs the warm-up and the counted
+    window; the CPU is read over exactly that window, timed from its "ready" line."""
+    command = native_tools.load_command(
+        binary, server.address, MODEL, FEATURES, path, n, per_message=args.per_message,
+        warmup=args.warmup, duration=args.duration,
+    )  # fmt: skip
+    with CpuSampler(server) as sampler:
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        ready_line = proc.stdout.readline()
+        counted_from = time.monotonic() + args.warmup
+        try:
+            rest, err = proc.communicate(timeout=120 + args.warmup + args.duration)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"error": "load_client did not finish within 120 s of its window"}
     try:
-        for name, argv in server_commands(store, echo_model_for).items():
-            servers[name] = start_server(name, argv)
-    except BaseException:
-        for s in servers.values():
-            s.stop()
-        raise
-    return servers
+        result = native_tools.parse_load(ready_line + rest)
+    except (RuntimeError, ValueError, KeyError) as e:
+        return {"error": f"{e} {err.strip()[-200:]}".strip()}
+    cores = sampler.cores(counted_from, counted_from + args.duration)
+    side: dict[str, Any] = {
+        "steps_per_s": result.steps_per_s,
+        "msgs_per_s": result.msgs_per_s,
+        "p50_us": result.p50_us,
+        "p99_us": result.p99_us,
+        "server_cores": cores,
+        "server_us_per_step": per_step_us(cores, result.steps_per_s),
+    }
+    if result.errors:
+        side["error"] = f"{result.errors} failed: {result.first_error[:300]}"
+    return side
 
 
-# ---- one cell: (model, path, sessions) on every server ----------------------------------------
+# ---- cells ------------------------------------------------------------------------------------
 
 
-def split_sessions(n: int, path: str, per_message: int, workers: int) -> list[int]:
-    """Sessions per worker; StepMany keeps whole messages (groups) on one worker."""
-    if path in GROUPED:
-        groups = [min(per_message, n - i) for i in range(0, n, per_message)]
-        counts = [0] * workers
-        for g, size in enumerate(groups):
-            counts[g * workers // len(groups)] += size
-        return counts
-    base, extra = divmod(n, workers)
-    return [base + (1 if w < extra else 0) for w in range(workers)]
+def cell_plan(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(api, path, concurrency) of every cell, in the order they run."""
+    plan = [("oip", p, n) for p in args.oip_paths for n in args.concurrency]
+    for path in args.v1_paths:
+        counts = args.packed_concurrency if path == "packed" else args.concurrency
+        plan += [("v1", path, n) for n in counts]
+    return plan
 
 
 def run_cell(
-    workers: Workers, servers: dict[str, Server], model: str, path: str, n: int, args
+    servers: dict[str, Server], api: str, path: str, n: int, args, tools: dict[str, Path]
 ) -> dict[str, Any]:
-    counts = split_sessions(n, path, args.per_message, min(len(workers), n))
-    counts += [0] * (len(workers) - len(counts))
-    for s in servers.values():
-        workers.call(
-            [("open", {"target": s.address, "model": model, "count": c}) if c else None
-             for c in counts]
-        )  # fmt: skip
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    measure = oip_measurement if api == "oip" else v1_measurement
+    binary = tools["perf_analyzer"] if api == "oip" else tools["load_client"]
+    samples: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     order = list(servers)
     for rep in range(args.reps):
         for name in order if rep % 2 == 0 else order[::-1]:
-            samples[name].append(run_window(workers, servers[name], model, path, counts, args))
-    for s in servers.values():
-        workers.call(
-            [("close", {"target": s.address, "model": model}) if c else None for c in counts]
-        )
-    per_message = min(args.per_message, n) if path in GROUPED else 1
-    cell: dict[str, Any] = {
-        "model": model,
-        "path": path,
-        "sessions": n,
-        "per_message": per_message,
-        "client_processes": sum(1 for c in counts if c),
-    }
+            server = servers[name]
+            side = measure(server, path, n, args, binary)
+            if server.restart_if_dead(f"{api} {path} c={n}"):
+                side["error"] = f"the server exited: {side.get('error', '')}".rstrip(": ")
+            samples[name].append(side)
+    per_message = min(args.per_message, n) if path == "packed" else 1
+    cell: dict[str, Any] = {"api": api, "path": path, "concurrency": n, "per_message": per_message}
     for name, reps in samples.items():
         cell[name] = summarize(reps)
-        cell[name]["reps"] = reps
     return cell
 
 
-def summarize(reps: list[dict[str, float | None]]) -> dict[str, float | None]:
-    """Each metric's median over the windows; a None (a per-message cost in a window without
-    messages) is left out, and a metric no window has stays None."""
-    medians: dict[str, float | None] = {}
-    for key in reps[0]:
-        values = [r[key] for r in reps if r[key] is not None]
-        medians[key] = statistics.median(values) if values else None
-    return medians
+METRICS = ("steps_per_s", "msgs_per_s", "p50_us", "p99_us", "server_cores", "server_us_per_step")
 
 
-def run_window(
-    workers: Workers, server: Server, model: str, path: str, counts: list[int], args
-) -> dict[str, float | None]:
-    batch_before = server.batch_totals(model)
-    cpu_before = server.cpu_seconds()
-    clients_before = sum(process_cpu_seconds(p.pid) for p in workers.procs)
-    machine_before = cpu_times()
-    window = {"start_at": time.time() + 0.1, "warmup": args.warmup, "duration": args.duration}
-    command = {
-        "target": server.address,
-        "model": model,
-        "path": path,
-        "per_message": args.per_message,
-        "window": window,
-    }
-    counted_from = window["start_at"] + args.warmup
-    counted_to = counted_from + args.duration
-    with ThreadPoolExecutor(1) as clock:  # reads the server's CPU while the workers run
-        counted = clock.submit(cores_busy_between, server, counted_from, counted_to)
-        answers = workers.call([("run", command) if c else None for c in counts])
-        cores_counted = counted.result()
-    cpu = server.cpu_seconds() - cpu_before
-    clients = sum(process_cpu_seconds(p.pid) for p in workers.procs) - clients_before
-    steal = steal_share(machine_before, cpu_times())
-    batch_after = server.batch_totals(model)
-    latencies = np.concatenate([np.asarray(a["latencies"]) for a in answers])
-    steps = sum(a["steps"] for a in answers)
-    batches = batch_after[1] - batch_before[1]
-    elapsed = 0.1 + args.warmup + args.duration  # the server's CPU is read around all of it
-    rates = {"steps_per_s": steps / args.duration, "msgs_per_s": len(latencies) / args.duration}
-    return {
-        **rates,
-        "p50_us": float(np.percentile(latencies, 50)) * 1e6 if len(latencies) else float("nan"),
-        "p99_us": float(np.percentile(latencies, 99)) * 1e6 if len(latencies) else float("nan"),
-        "server_cpu": cpu / elapsed,  # cores busy, roughly (includes the warm-up)
-        "server_cpu_counted": cores_counted,  # cores busy while the messages were counted
-        **report.cpu_per_message(cores_counted, **rates),  # µs of that CPU per message / step
-        "client_cpu": clients / elapsed,  # all client processes together
-        "steal": steal,  # share of CPU time the hypervisor took away during the window
-        "mean_batch": (batch_after[0] - batch_before[0]) / batches if batches else 0.0,
-    }
+def summarize(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric's median over the measurements that have it, without the failed ones; the
+    errors beside (None when none failed)."""
+    good = [r for r in reps if "error" not in r]
+    side: dict[str, Any] = {}
+    for key in METRICS:
+        values = [r[key] for r in good if r.get(key) is not None]
+        side[key] = statistics.median(values) if values else None
+    errors = [r["error"] for r in reps if "error" in r]
+    side["errors"] = errors or None
+    side["reps"] = reps
+    return side
 
 
 # ---- the whole run ----------------------------------------------------------------------------
@@ -304,10 +364,10 @@ def find_store(given: Path | None) -> Path:
     if (quick / COMPLETE).is_file():
         return quick
     store = ROOT / ".cache" / "bench_store"
-    if not all((store / m).is_dir() for m in MODELS):
-        print(f"bench: training {' '.join(MODELS)} (--quick) into {store}", flush=True)
+    if not (store / MODEL).is_dir():
+        print(f"bench: training {MODEL} (--quick) into {store}", flush=True)
         subprocess.run(
-            [sys.executable, "-m", "training", "train", "--quick", *MODELS, "--store", str(store),
+            [sys.executable, "-m", "training", "train", "--quick", MODEL, "--store", str(store),
              "--no-progress"],
             cwd=ROOT, check=True,
         )  # fmt: skip
@@ -323,6 +383,18 @@ def wait_for_quiet(max_wait_s: float, threshold: float = 1.0) -> dict[str, Any]:
     return {"load_at_start": load, "waited_s": round(time.monotonic() - started)}
 
 
+def cpu_times() -> list[int]:
+    """The machine's jiffies: user nice system idle iowait irq softirq steal (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        return [int(v) for v in f.readline().split()[1:9]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+    """Share of the vCPUs' time the hypervisor gave to someone else between two cpu_times()."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    return delta[7] / max(1, sum(delta))
+
+
 def machine() -> dict[str, Any]:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -336,9 +408,15 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
+        "libgrpc++": debian_version("libgrpc++-dev"),
         "kernel": platform.release(),
     }
+
+
+def debian_version(package: str) -> str:
+    done = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True,
+                          text=True)  # fmt: skip
+    return done.stdout.strip() or "unknown"
 
 
 def bounded(kind: type[int] | type[float], low: float, strict: bool = False):
@@ -359,39 +437,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     count, seconds = bounded(int, 1), bounded(float, 0.0)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, default=None)
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(FEATURES))
-    p.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
-    p.add_argument("--sessions", nargs="+", type=count, default=list(SESSIONS))
+    p.add_argument("--oip-paths", nargs="*", default=list(OIP_PATHS), choices=OIP_PATHS)
+    p.add_argument("--v1-paths", nargs="*", default=list(V1_PATHS), choices=V1_PATHS)
+    p.add_argument("--concurrency", nargs="+", type=count, default=list(CONCURRENCY),
+                   help="sequences (OIP) and sessions (rnnserve.v1 unary, stream)")  # fmt: skip
+    p.add_argument("--packed-concurrency", nargs="+", type=count, default=list(PACKED_CONCURRENCY),
+                   help="sessions of StepMany packed")  # fmt: skip
+    p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
     p.add_argument("--per-message", type=count, default=64, help="StepMany sessions per message")
-    p.add_argument("--workers", type=count, default=2, help="client processes")
-    p.add_argument("--reps", type=count, default=3)
-    p.add_argument("--warmup", type=seconds, default=0.4, help="seconds per window not counted")
+    p.add_argument("--reps", type=count, default=3, help="measurements per server and cell")
+    p.add_argument("--window-ms", type=bounded(int, 100), default=800,
+                   help="perf_analyzer's measurement window (it runs three)")  # fmt: skip
+    p.add_argument("--warmup", type=seconds, default=0.3, help="load_client: seconds not counted")
     p.add_argument("--duration", type=bounded(float, 0.0, strict=True), default=1.0,
-                   help="seconds per window counted")  # fmt: skip
-    p.add_argument("--idle-sessions", type=count, default=100_000)
+                   help="load_client: seconds counted")  # fmt: skip
     p.add_argument("--wait-quiet", type=seconds, default=0.0, help="wait up to this many seconds "
                    "for a 1-minute load average < 1.0 before measuring")  # fmt: skip
-    p.add_argument(
-        "--no-echo-model",
-        action="store_true",
-        help="leave out the echo+model "
-        "server (the echo paying the step-graph call); a run without it is shorter",
-    )
     p.add_argument("--out", type=Path, default=ROOT / "docs")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 and 16 sessions, 1 rep")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 and 64, one measurement")
     args = p.parse_args(argv)
-    missing = [m for m in args.models if args.store and not (args.store / m).is_dir()]
-    if missing:
-        p.error(f"--store {args.store} has no {', '.join(missing)}")
+    if args.store and not (args.store / MODEL).is_dir():
+        p.error(f"--store {args.store} has no {MODEL}")
     if args.quick:
-        args.sessions, args.reps, args.warmup, args.duration = [1, 16], 1, 0.2, 0.5
-        args.idle_sessions = 10_000
+        args.concurrency, args.packed_concurrency, args.reps = [1, 64], [64], 1
+        args.window_ms, args.warmup, args.duration = 500, 0.2, 0.6
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     store = find_store(args.store)
+    tools = {**native_tools.ensure_built(), "perf_analyzer": perf_analyzer.ensure()}
     quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet else {}
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -400,11 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "quiet": quiet,
         "load_before": os.getloadavg(),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     machine_before = cpu_times()
-    results["cells"] = measure_cells(store, args)
-    results["ceiling"] = ceiling.measure(store, args.models, tuple(args.sessions))
-    results["idle"] = idle_sessions(store, args.idle_sessions)
+    results["cells"], results["crashes"] = measure_cells(store, args, tools)
+    results["ceiling"] = ceiling.measure(store, [MODEL], (1, 16, 64, 256, 1000))
     results["load_after"] = os.getloadavg()
     results["steal"] = steal_share(machine_before, cpu_times())
     results["seconds"] = round(time.monotonic() - started)
@@ -416,33 +492,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def measure_cells(store: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (model, path, sessions) cell on every server; the servers and the client processes
-    are stopped however it ends (a client process failing to start, an interrupt)."""
-    cells = []
-    servers = start_servers(store, echo_model_for(args))
-    try:
-        workers = Workers(args.workers)
+def measure_cells(
+    store: Path, args: argparse.Namespace, tools: dict[str, Path]
+) -> tuple[list[dict[str, Any]], dict[str, list]]:
+    """Every cell on every server; the servers are stopped however it ends."""
+    cells: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-canned-") as tmp:
+        canned = native_tools.write_canned(store, MODEL, Path(tmp))
+        commands = server_commands(store, tools["echo_server"], canned)
+        servers = {name: Server(name, commands[name], server_env(name)) for name in args.servers}
         try:
-            for model in args.models:
-                for path in args.paths:
-                    for n in args.sessions:
-                        cells.append(run_cell(workers, servers, model, path, n, args))
-                        print(report.cell_line(cells[-1]), flush=True)
+            for s in servers.values():
+                s.start()
+            for api, path, n in cell_plan(args):
+                cells.append(run_cell(servers, api, path, n, args, tools))
+                print(report.cell_line(cells[-1]), flush=True)
         finally:
-            workers.close()
-    finally:
-        for s in servers.values():
-            s.stop()
-    return cells
-
-
-def idle_sessions(store: Path, count: int) -> dict[str, Any]:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.idle_sessions", "--store", str(store), "--count", str(count)],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+            for s in servers.values():
+                s.stop()
+    return cells, {name: s.crashes for name, s in servers.items()}
 
 
 if __name__ == "__main__":

@@ -1,37 +1,35 @@
-"""The gRPC bench's own logic, without servers: its flags, how it splits sessions over client
-processes, where a window reads the server's CPU, echo+model's batching (on the real step graph),
-the report's tables and targets (each a pure function of a results dict) and its plot."""
+"""The gRPC bench's own logic, without servers: its flags, its plan of cells, how it reads a
+server's CPU over a span, how it parses perf_analyzer's and load_client's reports, the report's
+targets, tables and plot (each a pure function of a results dict), the crash check's summary, and
+the Python echo+model's batching (on the real step graph)."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
+import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from bench import echo_server, report, run
-from serving.server import SERVE_OPTIONS
+from bench import crash, echo_server, native_tools, perf_analyzer, report, run
 from tests.bench_support import RecordingGraph
+
+# ---- flags and the plan -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--workers", "0"], "argument --workers: must be >= 1, got 0"),
-        (["--sessions", "16", "0"], "argument --sessions: must be >= 1, got 0"),
-        (["--per-message", "-4"], "argument --per-message: must be >= 1, got -4"),
         (["--reps", "0"], "argument --reps: must be >= 1, got 0"),
-        (["--idle-sessions", "0"], "argument --idle-sessions: must be >= 1, got 0"),
+        (["--concurrency", "16", "0"], "argument --concurrency: must be >= 1, got 0"),
+        (["--per-message", "-4"], "argument --per-message: must be >= 1, got -4"),
         (["--duration", "0"], "argument --duration: must be > 0.0, got 0"),
         (["--duration", "nan"], "argument --duration: must be > 0.0, got nan"),
         (["--warmup", "-1"], "argument --warmup: must be >= 0.0, got -1"),
-        (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
-        (["--models", "char"], "argument --models: invalid choice: 'char'"),
+        (["--window-ms", "50"], "argument --window-ms: must be >= 100, got 50"),
+        (["--servers", "triton"], "argument --servers: invalid choice: 'triton'"),
+        (["--v1-paths", "stepmany"], "argument --v1-paths: invalid choice: 'stepmany'"),
     ],
 )
 def test_bad_flags_stop_before_anything_runs(flags: list[str], message: str, capsys) -> None:
@@ -41,252 +39,333 @@ def test_bad_flags_stop_before_anything_runs(flags: list[str], message: str, cap
     assert message in capsys.readouterr().err
 
 
-def test_a_store_without_the_models_is_refused(tmp_path: Path, capsys) -> None:
-    (tmp_path / "sine").mkdir()
+def test_a_store_without_seq_lstm_is_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         run.parse_args(["--store", str(tmp_path)])
     assert f"--store {tmp_path} has no seq_lstm" in capsys.readouterr().err
-    assert run.parse_args(["--store", str(tmp_path), "--models", "sine"]).models == ["sine"]
 
 
-def test_defaults_parse() -> None:
+def test_the_default_run_measures_every_cell_the_issue_asks_on_every_server() -> None:
     args = run.parse_args([])
-    assert (args.workers, args.reps, args.per_message) == (2, 3, 64)
-    assert (args.warmup, args.duration) == (0.4, 1.0) and args.sessions == list(run.SESSIONS)
+    assert args.servers == ["native", "python", "echo"] and args.reps == 3
+    plan = run.cell_plan(args)
+    for path in ("unary", "stream"):
+        for n in (1, 16, 64, 256, 1000):
+            assert ("oip", path, n) in plan and ("v1", path, n) in plan
+    assert [c for c in plan if c[1] == "packed"] == [("v1", "packed", n) for n in (64, 256, 1000)]
+    assert args.per_message == 64
+    assert len(plan) == len(set(plan)) == 23
 
 
-def test_echo_model_runs_by_default_for_the_models_benched() -> None:
-    store = Path("store")
-    commands = run.server_commands(store, run.echo_model_for(run.parse_args([])))
-    assert list(commands) == ["echo", "echo+model", "rnnserve"]  # the order windows run in
-    assert commands["echo+model"] == [*commands["echo"], "--model", "seq_lstm", "sine"]
-    quick = run.parse_args(["--no-echo-model", "--models", "sine"])
-    assert list(run.server_commands(store, run.echo_model_for(quick))) == ["echo", "rnnserve"]
-    assert run.echo_model_for(run.parse_args(["--models", "sine"])) == ["sine"]
+def test_quick_is_a_short_smoke_run() -> None:
+    args = run.parse_args(["--quick"])
+    assert (args.concurrency, args.packed_concurrency, args.reps) == ([1, 64], [64], 1)
+    assert len(run.cell_plan(args)) == 9
+
+
+def test_each_serve_gets_its_data_plane_and_nothing_else_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("RNNSERVE_MAX_BATCH", "3")  # a leftover must not change what is benched
+    monkeypatch.setenv("RNNSERVE_DATA_PLANE", "python")
+    assert run.server_env("native")["RNNSERVE_DATA_PLANE"] == "native"
+    assert run.server_env("python")["RNNSERVE_DATA_PLANE"] == "python"
+    assert "RNNSERVE_MAX_BATCH" not in run.server_env("native")
+    assert not any(k.startswith("RNNSERVE_") for k in run.server_env("echo"))
+    commands = run.server_commands(Path("store"), Path("echo_server"), Path("canned"))
+    assert list(commands) == ["native", "python", "echo"]
+    assert commands["native"] == commands["python"] == run.serve_command(Path("store"))
+    assert commands["echo"] == ["echo_server", "--canned", "canned", "--address", "127.0.0.1:0"]
+
+
+# ---- the server CPU over a span ---------------------------------------------------------------
+
+
+def test_cores_between_interpolates_the_samples() -> None:
+    samples = [(10.0, 1.0), (11.0, 1.5), (12.0, 3.5)]  # 0.5 cores, then 2 cores
+    assert run.cores_between(samples, 10.0, 11.0) == pytest.approx(0.5)
+    assert run.cores_between(samples, 11.5, 12.0) == pytest.approx(2.0)
+    assert run.cores_between(samples, 10.5, 11.5) == pytest.approx((0.25 + 1.0) / 1.0)
+    assert run.cores_between(samples, 9.0, 11.0) is None  # before the first sample
+    assert run.cores_between(samples, 11.0, 12.5) is None  # after the last
+    assert run.cores_between(samples[:1], 10.0, 10.0) is None
+
+
+def test_cpu_per_step_is_cores_over_the_step_rate() -> None:
+    assert run.per_step_us(0.5, 5_000.0) == pytest.approx(100.0)
+    assert run.per_step_us(None, 5_000.0) is None
+    assert run.per_step_us(0.5, 0.0) is None
+
+
+def test_summarize_takes_medians_of_the_measurements_that_worked() -> None:
+    reps = [
+        {"steps_per_s": 100.0, "p50_us": 5.0, "server_us_per_step": 10.0},
+        {"error": "perf_analyzer exited 99", "steps_per_s": 1.0},
+        {"steps_per_s": 300.0, "p50_us": 7.0, "server_us_per_step": None},
+        {"steps_per_s": 200.0, "p50_us": 9.0, "server_us_per_step": 30.0},
+    ]
+    side = run.summarize(reps)
+    assert side["steps_per_s"] == 200.0 and side["p50_us"] == 7.0
+    assert side["server_us_per_step"] == 20.0  # the window without a reading is left out
+    assert side["errors"] == ["perf_analyzer exited 99"] and side["reps"] == reps
+    assert run.summarize([{"error": "x"}])["steps_per_s"] is None
+
+
+# ---- the tools' reports -----------------------------------------------------------------------
+
+PERF_ANALYZER_OUTPUT = """\
+*** Measurement Settings ***
+  Batch size: 1
+  Service Kind: Triton
+  Using "time_windows" mode for stabilization
+Request concurrency: 16
+  Client:
+    Request count: 70124
+    Sequence count: 1393 (381.443 seq/sec)
+    Throughput: 19202 infer/sec
+    p50 latency: 693 usec
+    p90 latency: 1163 usec
+    p99 latency: 2038 usec
+    Avg gRPC time: 741 usec ((un)marshal request/response 1 usec + response wait 740 usec)
+Inferences/Second vs. Client p99 Batch Latency
+Concurrency: 16, throughput: 19202 infer/sec, latency 2038 usec
+"""
+
+
+def test_perf_analyzer_output_parses_into_the_numbers_the_bench_uses() -> None:
+    r = perf_analyzer.parse(0, PERF_ANALYZER_OUTPUT)
+    assert (r.request_count, r.sequence_count) == (70124, 1393)
+    assert (r.throughput, r.p50_us, r.p99_us) == (19202.0, 693.0, 2038.0)
+    assert r.ok and r.errors == []
+    failed = perf_analyzer.parse(99, "error: failed to get model metadata: unknown model\n")
+    assert not failed.ok and failed.errors == ["error: failed to get model metadata: unknown model"]
+    assert run.first_error(failed).startswith("error: failed to get model metadata")
+
+
+LOAD_CLIENT_OUTPUT = (
+    '{"ready": 64}\n'
+    '{"path": "packed", "sessions": 64, "per_message": 64, "seconds": 1, "steps": 497984, '
+    '"messages": 7781, "steps_per_s": 497984, "msgs_per_s": 7781, "p50_us": 77.822, '
+    '"p99_us": 668.592, "errors": 0, "first_error": "", "open_seconds": 0.0083}\n'
+)
+
+
+def test_load_client_output_parses_into_its_report() -> None:
+    r = native_tools.parse_load(LOAD_CLIENT_OUTPUT)
+    assert (r.path, r.sessions, r.per_message) == ("packed", 64, 64)
+    assert (r.steps_per_s, r.msgs_per_s, r.p50_us, r.p99_us) == (497984.0, 7781.0, 77.822, 668.592)
+    assert r.ok and isinstance(r.steps, int)
 
 
 @pytest.mark.parametrize(
-    ("n", "path", "workers", "counts"),
+    ("output", "message"),
     [
-        (16, "unary", 2, [8, 8]),
-        (7, "stream", 2, [4, 3]),
-        (64, "stepmany", 2, [64, 0]),  # one message of 64: never split across processes
-        (1000, "packed", 2, [512, 488]),  # 16 messages (the last of 40), 8 per process
-        (1, "unary", 1, [1]),
+        (
+            '{"ready": 3}\n{"error": "the server stopped answering"}\n',
+            "the server stopped answering",
+        ),
+        ('{"error": "OpenSession: gRPC 14: failed to connect"}\n', "OpenSession: gRPC 14"),
+        ('{"ready": 3}\n', "stopped after opening its sessions"),
+        ("Segmentation fault\n", "printed no report: 'Segmentation fault'"),
     ],
 )
-def test_split_sessions_keeps_messages_whole(
-    n: int, path: str, workers: int, counts: list[int]
-) -> None:
-    assert run.split_sessions(n, path, 64, workers) == counts
-    assert sum(counts) == n
+def test_a_load_client_that_failed_says_why(output: str, message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        native_tools.parse_load(output)
 
 
-def cell(path: str, sessions: int, steps_per_s: float, per_message: int = 64) -> dict[str, Any]:
-    side = {"steps_per_s": steps_per_s, "msgs_per_s": steps_per_s / per_message}
-    return {
-        "model": "seq_lstm",
-        "path": path,
-        "sessions": sessions,
-        "per_message": per_message,
-        "rnnserve": side,
-        "echo": side,
-    }
+def test_a_load_client_report_with_failed_steps_is_not_ok() -> None:
+    report_line = json.loads(LOAD_CLIENT_OUTPUT.splitlines()[1])
+    report_line.update(errors=2, first_error="Step answered index 3, sent 4")
+    r = native_tools.parse_load(json.dumps(report_line))
+    assert not r.ok and r.first_error == "Step answered index 3, sent 4"
 
 
-def test_ceiling_targets_rate_only_messages_of_64() -> None:
-    """The targets say "@64/msg": a run with --per-message 32 must not be rated under them."""
-    ceiling = [{"model": "seq_lstm", "batch": 64, "steps_per_s": 100_000.0}]
-    rated = {"cells": [cell("packed", 64, 60_000.0)], "ceiling": ceiling}
-    [t] = report.targets(rated)
-    assert t["target"] == report.CEILING_TARGETS[("packed", 64)]
-    assert t["value"] == pytest.approx(0.6) and t["met"]
-    other = {"cells": [cell("packed", 64, 60_000.0, per_message=32)], "ceiling": ceiling}
-    assert report.targets(other) == []
+def test_load_command_names_every_setting_and_refuses_an_unknown_path() -> None:
+    argv = native_tools.load_command(Path("lc"), "127.0.0.1:1", "seq_lstm", 10, "stream", 256)
+    assert argv[0] == "lc" and argv[argv.index("--sessions") + 1] == "256"
+    assert argv[argv.index("--path") + 1] == "stream"
+    assert argv[argv.index("--features") + 1] == "10"
+    with pytest.raises(ValueError, match="path must be one of unary, stream, packed"):
+        native_tools.load_command(Path("lc"), "127.0.0.1:1", "seq_lstm", 10, "stepmany", 64)
 
 
-def window(cores: float, msgs_per_s: float, steps_per_message: int = 1) -> dict[str, float | None]:
-    """One timed window as run_window records it (the fields the CPU cost is made of)."""
-    rates = {"steps_per_s": msgs_per_s * steps_per_message, "msgs_per_s": msgs_per_s}
-    return {**rates, "server_cpu_counted": cores, **report.cpu_per_message(cores, **rates)}
+# ---- targets, tables, plot ---------------------------------------------------------------------
 
 
-def test_cpu_per_message_is_cores_over_the_message_rate() -> None:
-    assert report.cpu_per_message(0.5, msgs_per_s=5_000.0, steps_per_s=5_000.0) == {
-        "server_us_per_msg": pytest.approx(100.0),  # 0.5 s of CPU per second / 5,000 messages
-        "server_us_per_step": pytest.approx(100.0),
-    }
-    # StepMany: 500 messages of 64 steps a second; each message costs 1 ms, each step 1/64 of it
-    many = report.cpu_per_message(0.5, msgs_per_s=500.0, steps_per_s=32_000.0)
-    assert many["server_us_per_msg"] == pytest.approx(1_000.0)
-    assert many["server_us_per_step"] == pytest.approx(15.625)
-    assert report.cpu_per_message(0.3, msgs_per_s=0.0, steps_per_s=0.0) == {
-        "server_us_per_msg": None,
-        "server_us_per_step": None,
-    }
+def side(steps: float, p50: float = 1000.0, cpu: float | None = None) -> dict[str, Any]:
+    rates = {"steps_per_s": steps, "msgs_per_s": steps, "p50_us": p50, "p99_us": 2 * p50}
+    return {**rates, "server_us_per_step": cpu, "server_cores": None, "errors": None, "reps": [{}]}
 
 
-def test_summarize_takes_medians_and_leaves_out_windows_without_messages() -> None:
-    reps = [window(0.5, 5_000.0), window(0.2, 0.0), window(0.9, 3_000.0), window(0.6, 4_000.0)]
-    medians = run.summarize(reps)
-    assert medians["server_cpu_counted"] == pytest.approx(0.55)  # every window counts here
-    assert medians["server_us_per_msg"] == pytest.approx(150.0)  # median of 100, 300, 150
-    assert run.summarize([window(0.2, 0.0)])["server_us_per_msg"] is None
+def cell(api: str, path: str, n: int, native, python, echo, per_message: int = 1) -> dict:
+    return {"api": api, "path": path, "concurrency": n, "per_message": per_message,
+            "native": native, "python": python, "echo": echo}  # fmt: skip
 
 
-def cost_cell(path: str, sessions: int, real: list, echo: list, per_message: int = 1) -> dict:
-    """A cell as run_cell builds it, from each server's windows."""
-    return {
-        "model": "seq_lstm",
-        "path": path,
-        "sessions": sessions,
-        "per_message": per_message,
-        "rnnserve": run.summarize(real),
-        "echo": run.summarize(echo),
-    }
+def results_of(cells: list[dict], ceiling: float | None = 200_000.0) -> dict[str, Any]:
+    rows = [{"model": "seq_lstm", "batch": 64, "us_per_call": 320.0, "steps_per_s": ceiling}]
+    return {"cells": cells, "ceiling": rows if ceiling else []}
 
 
-def test_cpu_per_message_table() -> None:
-    steps = 64
+def by_target(results: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(t["api"], t["target"]): t for t in report.targets(results)}
+
+
+def test_cpu_per_step_is_rated_against_the_echo_at_16_64_and_256() -> None:
     cells = [
-        # 0.5 cores at 5,000 msgs/s = 100 µs; the echo: 0.4 cores at 8,000 msgs/s = 50 µs
-        cost_cell("unary", 1, [window(0.5, 5_000.0)], [window(0.4, 8_000.0)]),
-        # 0.8 cores at 500 messages of 64 steps a second = 1,600 µs a message, 25 µs a step;
-        # the echo: 0.5 cores at 1,000 messages = 500 µs a message, 7.8 µs a step
-        cost_cell(
-            "stepmany",
-            64,
-            [window(0.8, 500.0, steps), window(0.9, 0.0, steps)],
-            [window(0.5, 1_000.0, steps)],
-            per_message=steps,
-        ),
-        cost_cell("unary", 64, [window(0.7, 0.0)], [window(0.6, 9_000.0)]),  # nothing answered
-        cell("stepmany", 1, 500.0, per_message=1),  # from a run before the column existed
+        cell("oip", "unary", 16, side(9e3, cpu=50.0), side(1e3, cpu=600.0), side(2e4, cpu=25.0)),
+        cell("oip", "stream", 64, side(9e3, cpu=40.0), side(1e3, cpu=150.0), side(2e4, cpu=16.0)),
+        cell("oip", "stream", 1, side(2e3, cpu=300.0), side(1e3, cpu=600.0), side(8e3, cpu=78.0)),
     ]
-    lines = report.cpu_per_message_table({"cells": cells}, "seq_lstm").splitlines()
-    assert lines[0] == (
-        "| sessions | unary Step: rnnserve / echo | ratio "
-        "| StepMany: rnnserve / echo | ratio | per step: rnnserve / echo |"
-    )
-    assert lines[2:] == [
-        "| 1 | 100 / 50.0 | 2.00 | — / — | — | — / — |",
-        "| 64 | — / 66.7 | — | 1,600 / 500 | 3.20 | 25.0 / 7.8 |",
-    ]
+    rated = by_target(results_of(cells))
+    unary = rated["oip", "unary c=16: CPU per step vs echo"]
+    assert unary["native"] == pytest.approx(2.0) and unary["met"]
+    assert unary["python"] == pytest.approx(24.0)  # beside, not rated
+    stream = rated["oip", "stream c=64: CPU per step vs echo"]
+    assert stream["native"] == pytest.approx(2.5) and stream["met"]  # the goal itself is met
+    assert not any("c=1:" in target for _, target in rated)  # c=1 is not one of them
 
 
-MACHINE_FIELDS = ("nproc", "cpu", "kernel", "python", "grpcio", "onnxruntime", "numpy")
+def test_a_cpu_ratio_above_the_goal_is_missed() -> None:
+    cells = [cell("v1", "unary", 256, side(9e3, cpu=60.0), side(1e3), side(2e4, cpu=20.0))]
+    [t] = report.targets(results_of(cells, ceiling=None))
+    assert t["native"] == pytest.approx(3.0) and not t["met"] and t["python"] is None
 
 
-def test_the_generated_section_explains_the_cpu_per_message_table() -> None:
-    results = {
-        "machine": dict.fromkeys(MACHINE_FIELDS, "x"),
-        "settings": {"workers": 2, "warmup": 0.4, "duration": 1.0, "reps": 1, "per_message": 64},
-        "command": "python -m bench.run",
-        "seconds": 1,
-        "load_before": [0.0],
-        "load_after": [0.0],
-        "cells": [cost_cell("unary", 1, [window(0.5, 5_000.0)], [window(0.4, 8_000.0)])],
-    }
-    for side in ("rnnserve", "echo"):
-        results["cells"][0][side] |= {"p50_us": 1.0, "p99_us": 2.0, "mean_batch": 1.0}
-        results["cells"][0][side] |= {"server_cpu": 0.5, "client_cpu": 0.5, "steal": 0.1}
-    section = report.generated_section(results)
-    heading = "### seq_lstm: server CPU per message (µs): rnnserve / echo / ratio\n\n"
-    assert heading + report.cpu_per_message_table(results, "seq_lstm") in section
-    assert report.CPU_PER_MESSAGE_NOTE in section
-    assert "twice the echo's CPU per message" in report.CPU_PER_MESSAGE_NOTE
-
-
-# ---- echo+model: the echo paying the step-graph call ------------------------------------------
-
-
-def side(steps_per_s: float, msgs_per_s: float | None = None) -> dict[str, float]:
-    return {"steps_per_s": steps_per_s, "msgs_per_s": msgs_per_s or steps_per_s}
-
-
-def three_sides(path: str, n: int, real: float, echo: float, bound: float | None) -> dict:
-    """A cell with rnnserve, echo and (unless ``bound`` is None) echo+model steps/s."""
-    c = {"model": "seq_lstm", "path": path, "sessions": n, "per_message": 1}
-    c |= {"rnnserve": side(real), "echo": side(echo)}
-    if bound is not None:
-        c[report.ECHO_MODEL] = side(bound)
-    return c
-
-
-def test_echo_model_table() -> None:
+def test_the_lone_stream_target_is_the_p50_above_the_echo() -> None:
     cells = [
-        three_sides("unary", 1, 300.0, 600.0, 450.0),  # the model call costs 1/4 of the echo
-        three_sides("stream", 1, 400.0, 1_000.0, 800.0),
-        three_sides("unary", 64, 2_000.0, 2_500.0, 2_500.0),
-        three_sides("stream", 64, 4_000.0, 8_000.0, None),  # run without echo+model
+        cell("oip", "stream", 1, side(3e3, p50=240.0), side(1e3, p50=690.0), side(9e3, p50=100.0)),
+        cell("v1", "stream", 1, side(3e3, p50=260.0), side(1e3, p50=500.0), side(9e3, p50=100.0)),
     ]
-    lines = report.echo_model_table({"cells": cells}, "seq_lstm").splitlines()
-    assert lines[0] == (
-        "| sessions | unary Step: echo+model steps/s | echo+model / echo | rnnserve / echo+model "
-        "| bidi Session stream: echo+model steps/s | echo+model / echo | rnnserve / echo+model |"
-    )
-    assert lines[2:] == [
-        "| 1 | 450 | 0.75 | 0.67 | 800 | 0.80 | 0.50 |",
-        "| 64 | 2,500 | 1.00 | 0.80 | — | — | — |",
+    rated = by_target(results_of(cells))
+    oip = rated["oip", "lone stream (c=1): p50 − echo p50"]
+    assert (oip["native"], oip["python"], oip["met"]) == (140.0, 590.0, True)
+    v1 = rated["v1", "lone stream (c=1): p50 − echo p50"]
+    assert (v1["native"], v1["met"]) == (160.0, False)
+    assert report.value_text(v1, "native") == "+160 µs"
+
+
+def test_packed_is_rated_against_the_ceiling_only_at_64_a_message() -> None:
+    name = ("v1", "StepMany packed, 64 a message, vs ORT ceiling at batch 64")
+    cells = [cell("v1", "packed", 64, side(110e3), side(40e3), side(400e3), per_message=64)]
+    t = by_target(results_of(cells, ceiling=200_000.0))[name]
+    assert (t["native"], t["python"], t["met"]) == (0.55, 0.2, True)
+    other = [cell("v1", "packed", 64, side(110e3), side(40e3), side(400e3), per_message=32)]
+    assert name not in by_target(results_of(other))
+    assert name not in by_target(results_of(cells, ceiling=None))
+
+
+def test_throughput_at_1000_is_rated_against_64_per_api_and_path() -> None:
+    cells = [
+        cell("oip", "stream", 64, side(10e3), side(5e3), side(20e3)),
+        cell("oip", "stream", 1000, side(8.5e3), side(5e3), side(20e3)),
+        cell("v1", "unary", 64, side(10e3), side(1e3), side(20e3)),
+        cell("v1", "unary", 1000, side(9e3), side(9e2), side(20e3)),
     ]
+    rated = by_target(results_of(cells))
+    stream = rated["oip", "stream: steps/s at 1,000 vs at 64"]
+    assert stream["native"] == pytest.approx(0.85) and not stream["met"]
+    assert stream["python"] == pytest.approx(1.0)
+    unary = rated["v1", "unary: steps/s at 1,000 vs at 64"]
+    assert unary["native"] == pytest.approx(0.9) and unary["met"]
 
 
-def test_bounds_are_echo_model_over_echo_at_64_and_only_where_it_ran() -> None:
-    results = {
-        "cells": [
-            three_sides("stream", 64, 4_000.0, 8_000.0, 5_000.0),
-            three_sides("unary", 64, 2_000.0, 2_500.0, None),
-        ]
-    }
-    [bound] = report.echo_model_bounds(results)
-    assert (bound["target"], bound["value"]) == ("bidi stream @64 vs echo", pytest.approx(0.625))
-    text = report.targets_text(results).splitlines()
-    assert text == [
-        "MISSED seq_lstm: bidi stream @64 vs echo: 0.50 (≥ 0.75; 4,000 vs 8,000 msgs/s)",
-        "       bound: echo+model reaches 0.62 of echo (5,000 vs 8,000 msgs/s)",
-        "MET    seq_lstm: unary @64 vs echo: 0.80 (≥ 0.75; 2,000 vs 2,500 msgs/s)",
+def test_a_failed_native_measurement_rates_nothing_and_is_listed() -> None:
+    broken = side(0.0)
+    broken.update(steps_per_s=None, p50_us=None, errors=["the server exited"], reps=[{}, {}])
+    cells = [cell("oip", "stream", 1, broken, side(1e3, p50=700.0), side(9e3, p50=100.0))]
+    results = results_of(cells)
+    assert report.targets(results) == []
+    assert report.error_lines(results) == [
+        "- native core, oip stream c=1: 1 of 2 failed; first: `the server exited`"
     ]
-    plain = [{k: v for k, v in c.items() if k != report.ECHO_MODEL} for c in results["cells"]]
-    assert report.targets(results) == report.targets({"cells": plain})  # not a target itself
+    assert "| stream | 1 | failed | 1,000 | 9,000 |" in report.throughput_table(results, "oip")
 
 
-def section_of(cells: list[dict]) -> str:
-    for c in cells:
-        for name in ("rnnserve", "echo", report.ECHO_MODEL):
-            if name in c:
-                c[name] |= {"p50_us": 1.0, "p99_us": 2.0, "mean_batch": 1.0, "server_cpu": 0.5}
-    return report.generated_section(
-        {
-            "machine": dict.fromkeys(MACHINE_FIELDS, "x"),
-            "settings": {"workers": 2, "warmup": 0.4, "duration": 1.0, "reps": 1, "per_message": 1},
-            "command": "python -m bench.run",
-            "seconds": 1,
-            "load_before": [0.0],
-            "load_after": [0.0],
-            "cells": cells,
-        }
-    )
+def full_results() -> dict[str, Any]:
+    cells = []
+    for api in ("oip", "v1"):
+        for path in ("unary", "stream"):
+            for n in (1, 64, 1000):
+                cells.append(cell(api, path, n, side(8e3 + n, cpu=40.0), side(2e3, cpu=300.0),
+                                  side(2e4, cpu=20.0)))  # fmt: skip
+    cells.append(cell("v1", "packed", 64, side(9e4), side(4e4), side(4e5), per_message=64))
+    results = results_of(cells)
+    results.update(
+        machine={"nproc": 2, "cpu": "cpu", "kernel": "k", "python": "3.11", "grpcio": "1",
+                 "libgrpc++": "1.51", "onnxruntime": "1.32"},
+        settings={"reps": 3, "window_ms": 800, "per_message": 64, "warmup": 0.3, "duration": 1.0},
+        command="python -m bench.run", seconds=600, load_before=[0.5], load_after=[1.5],
+        steal=0.02, crashes={"native": [], "python": [], "echo": []},
+    )  # fmt: skip
+    return results
 
 
-def test_the_section_shows_echo_model_only_for_a_run_that_has_it() -> None:
-    with_it = [three_sides("stream", 64, 4_000.0, 8_000.0, 5_000.0)]
-    section = section_of(with_it)
-    heading = "### seq_lstm: echo+model: the transport floor with the model call\n\n"
-    assert heading + report.echo_model_table({"cells": with_it}, "seq_lstm") in section
-    assert report.ECHO_MODEL_NOTE in section and report.BOUNDS_NOTE in section
-    assert "- seq_lstm: bidi stream @64 vs echo: bound: echo+model reaches 0.62 of echo" in section
-    # without it (--no-echo-model, or an older run) the section is what it was before
-    without = section_of([three_sides("stream", 64, 4_000.0, 8_000.0, None)])
-    bounds = (
-        f"{report.BOUNDS_NOTE}\n\n- seq_lstm: bidi stream @64 vs echo: bound: echo+model reaches "
-        "0.62 of echo (5,000 vs 8,000 msgs/s)\n\n"
-    )
-    table = heading + report.echo_model_table({"cells": with_it}, "seq_lstm") + "\n\n"
-    turns = ("(echo, echo+model and rnnserve take turns)", "(echo and rnnserve alternate)")
-    assert turns[0] in section
-    section = section.replace(bounds, "").replace(table + report.ECHO_MODEL_NOTE + "\n\n", "")
-    assert section.replace(*turns) == without
-    assert "echo+model" not in without
+def test_the_generated_section_has_the_run_the_targets_and_a_table_per_api(tmp_path) -> None:
+    results = full_results()
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# Benchmarks\n\nprose before\n\n{report.BEGIN}\nold\n{report.END}\nafter\n")
+    report.write_markdown(results, doc)
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks\n\nprose before\n\n" + report.BEGIN)
+    assert text.endswith(report.END + "\nafter\n") and "old" not in text
+    for title in ("### OIP (perf_analyzer): steps/s and latency",
+                  "### rnnserve.v1 (C++ load_client): server CPU per step",
+                  "### Targets (one run)", "### ORT ceiling"):  # fmt: skip
+        assert title in text
+    assert "| unary | 64 | 40.0 | 300 | 20.0 | 2.00 | 15.00 |" in text
+    assert "- Server exits during the run: none." in text
+    assert "Failed measurements" not in text
+
+
+def test_the_plot_has_a_panel_per_api_and_a_line_per_server_and_path(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = report.steps_figure(full_results())
+    titles = [ax.get_title() for ax in fig.axes]
+    v1_lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    plt.close(fig)
+    assert titles == [report.API_TITLES["oip"], report.API_TITLES["v1"]]
+    servers, paths = ("native", "python", "echo"), ("unary", "stream", "packed")
+    assert set(v1_lines) == {f"{s}, {p}" for s in servers for p in paths} | {report.CEILING_LABEL}
+    assert list(v1_lines["native, unary"].get_xdata()) == [1, 64, 1000]
+    assert list(v1_lines["native, unary"].get_ydata()) == [8001.0, 8064.0, 9000.0]
+    assert v1_lines["native, unary"].get_linestyle() != v1_lines["echo, unary"].get_linestyle()
+    assert legend == ["unary", "stream", "StepMany packed", "native core", "Python plane",
+                      "C++ echo", report.CEILING_LABEL]  # fmt: skip
+    report.plot(full_results(), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- the crash check --------------------------------------------------------------------------
+
+
+def outcome(n: int, exit_code: int | None = None, hang: bool = False, errors=()) -> dict:
+    return {"concurrency": n, "run": 1, "steps_per_s": 1000.0 * n, "errors": list(errors),
+            "hang": hang, "seconds": 2.0, "server_exit": exit_code}  # fmt: skip
+
+
+def test_the_crash_summary_counts_exits_hangs_and_errors_per_concurrency(tmp_path) -> None:
+    rows = [outcome(64), outcome(64, exit_code=-11), outcome(256, hang=True),
+            outcome(256, errors=["error: stream closed"]), outcome(256)]  # fmt: skip
+    summary = crash.summarize(rows, [64, 256, 1000])
+    assert [(s["runs"], s["crashes"], s["hangs"], s["runs_with_errors"]) for s in summary] == [
+        (2, 1, 0, 0), (3, 0, 1, 1), (0, 0, 0, 0),
+    ]  # fmt: skip
+    assert "EXITED (-11)" in crash.crash_line(rows[1])
+    results = {"runs": rows, "summary": summary, "command": "python -m bench.crash"}
+    results.update(data_plane="native", window_ms=500, seconds=9, finished_utc="t")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"head\n{report.BEGIN}\ngrpc\n{report.END}\ntail\n")
+    report.write_crash_markdown(results, doc)
+    report.write_crash_markdown(results, doc)  # a second run replaces its own section
+    text = doc.read_text()
+    assert text.count(report.CRASH_BEGIN) == 1 and text.endswith("tail\n")
+    assert "| 64 | 2 | **1** | 0 | 0 | 64,000 |" in text
+    assert "- `error: stream closed`" in text
+
+
+# ---- the Python echo+model's batching (bench/echo_server.py) ----------------------------------
 
 
 def test_rows_submitted_in_one_loop_turn_run_as_one_call(quick_store: Path) -> None:
@@ -358,132 +437,3 @@ def test_a_failed_call_fails_its_items_and_drops_their_other_rows(quick_store) -
     assert isinstance(first, RuntimeError) and isinstance(split, RuntimeError)
     assert after is None
     assert graph.calls == [(4, 1), (3, 1)]  # item 1's last 3 rows never ran
-
-
-def test_rnnserve_is_benched_at_the_batch_cap_echo_model_uses() -> None:
-    """Pinned on the command line, so $RNNSERVE_MAX_BATCH cannot set rnnserve's cap alone; and
-    it is serve's own default, so the bench measures rnnserve as it ships."""
-    argv = run.server_commands(Path("store"), ["sine"])["rnnserve"]
-    assert argv[argv.index("--max-batch") + 1] == str(echo_server.MAX_BATCH_ROWS)
-    [serve_default] = [o[3] for o in SERVE_OPTIONS if o[0] == "--max-batch"]
-    assert serve_default == echo_server.MAX_BATCH_ROWS
-
-
-# ---- the server CPU of a window: read where the messages are counted ---------------------------
-
-
-class MeteredServer(run.Server):
-    """A server whose CPU counter runs at 3 cores outside the counted window and 0.5 in it."""
-
-    def __init__(self) -> None:
-        super().__init__("echo", None, "127.0.0.1:1")  # type: ignore[arg-type]
-        self.counted: tuple[float, float] | None = None  # wall clock, once the window is sent
-
-    def cpu_seconds(self) -> float:
-        if self.counted is None:
-            return 0.0
-        start, end = self.counted
-        now = time.time()
-        return 3.0 * now - 2.5 * (min(max(now, start), end) - start)
-
-
-class WindowWorkers:
-    """Client processes as run_window sees them: each answers its window with 100 messages of
-    2 steps, once the window has ended (as bench.load does)."""
-
-    def __init__(self, server: MeteredServer) -> None:
-        self.server = server
-        self.procs: list = []  # no client CPU to read
-
-    def call(self, per_worker: list) -> list[dict[str, Any]]:
-        [(_, command)] = per_worker
-        w = command["window"]
-        start = w["start_at"] + w["warmup"]
-        self.server.counted = (start, start + w["duration"])
-        time.sleep(max(0.0, start + w["duration"] - time.time()) + 0.05)
-        return [{"steps": 200, "latencies": [0.001] * 100}]
-
-
-def test_a_window_reads_the_server_cpu_at_the_counted_window_only() -> None:
-    server = MeteredServer()
-    args = SimpleNamespace(warmup=0.2, duration=0.3, per_message=64)
-    window = run.run_window(WindowWorkers(server), server, "sine", "unary", [1], args)
-    # around the whole window (warm-up, tail) it would be 3 cores, or ~1.1 with the warm-up alone
-    assert window["server_cpu_counted"] == pytest.approx(0.5, abs=0.15)
-    msgs_per_s = 100 / args.duration
-    per_msg = window["server_cpu_counted"] / msgs_per_s * 1e6
-    assert window["server_us_per_msg"] == pytest.approx(per_msg)
-    assert window["server_us_per_step"] == pytest.approx(per_msg / 2)
-
-
-def test_the_servers_stop_when_the_client_processes_cannot_start(monkeypatch) -> None:
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        started = {"echo": run.Server("echo", sleeper, "127.0.0.1:1")}
-        monkeypatch.setattr(run, "start_servers", lambda store, names: started)
-
-        def cannot_spawn(count: int) -> None:
-            raise OSError("cannot spawn a client process")
-
-        monkeypatch.setattr(run, "Workers", cannot_spawn)
-        with pytest.raises(OSError, match="cannot spawn"):
-            run.measure_cells(Path("store"), run.parse_args([]))
-        assert sleeper.poll() is not None  # stopped, not left serving
-    finally:
-        if sleeper.poll() is None:
-            sleeper.kill()
-            sleeper.wait()
-
-
-# ---- the plot -----------------------------------------------------------------------------------
-
-
-def plotted(with_echo_model: bool) -> dict[str, Any]:
-    """Two paths at 1 and 64 sessions; echo+model (if any) missing from the stream at 1."""
-    cells = []
-    for path in ("unary", "stream"):
-        for n in (1, 64):
-            bound = 500.0 * n if with_echo_model and (path, n) != ("stream", 1) else None
-            cells.append(three_sides(path, n, 400.0 * n, 600.0 * n, bound))
-    ceiling = [{"model": "seq_lstm", "batch": n, "steps_per_s": 9e3 * n} for n in (1, 64)]
-    return {"cells": cells, "ceiling": ceiling}
-
-
-def lines_of(fig) -> dict[str, Any]:
-    return {line.get_label(): line for line in fig.axes[0].get_lines()}
-
-
-def test_the_plot_draws_echo_model_per_path_in_its_own_style(tmp_path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = report.steps_figure(plotted(with_echo_model=True))
-    lines = lines_of(fig)
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    plt.close(fig)
-    servers = ("rnnserve", "echo", "echo+model")
-    assert set(lines) == {f"{s}, {p}" for s in servers for p in ("unary", "stream")} | {
-        report.CEILING_LABEL
-    }
-    assert list(lines["echo+model, unary"].get_xdata()) == [1, 64]
-    assert list(lines["echo+model, unary"].get_ydata()) == [500.0, 32_000.0]
-    assert list(lines["echo+model, stream"].get_xdata()) == [64]  # where it ran
-    styles = {s: lines[f"{s}, unary"].get_linestyle() for s in servers}
-    assert len(set(styles.values())) == 3  # each server its own line style
-    assert lines["echo+model, unary"].get_color() == lines["echo, unary"].get_color()
-    assert legend == ["unary Step", "bidi Session stream", *servers, report.CEILING_LABEL]
-    report.plot(plotted(with_echo_model=True), tmp_path / "with.png")
-    assert (tmp_path / "with.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_the_plot_of_a_run_without_echo_model_has_no_such_line(tmp_path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = report.steps_figure(plotted(with_echo_model=False))
-    lines = lines_of(fig)
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    plt.close(fig)
-    assert not any("echo+model" in label for label in [*lines, *legend])
-    assert {"rnnserve, stream", "echo, stream"} <= set(lines)
-    assert legend == ["unary Step", "bidi Session stream", "rnnserve", "echo", report.CEILING_LABEL]
-    report.plot(plotted(with_echo_model=False), tmp_path / "without.png")
-    assert (tmp_path / "without.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
