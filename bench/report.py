@@ -383,37 +383,49 @@ SERVER_STYLES = {  # line style per server; the color says the path
 CEILING_LABEL = "in-process ORT (batch = concurrency)"
 
 
+PANELS = (  # (metric, y label): a row of panels each, a panel per API
+    ("steps_per_s", "steps/s"),
+    ("server_us_per_step", "server CPU µs per step"),
+)
+
+
 def steps_figure(results: dict[str, Any]):
-    """steps/s vs concurrency, a panel per API: a line per (server, path), labelled
-    "server, path"; one legend under the panels keys colors (paths) and styles (servers)."""
+    """Per API a column: steps/s vs concurrency above, server CPU µs per step below; a line per
+    (server, path), labelled "server, path"; one legend under the panels keys colors (paths) and
+    styles (servers). The ceiling is drawn in the steps/s panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     apis = apis_of(results)
-    fig, axes = plt.subplots(1, len(apis), figsize=(6.2 * len(apis), 5.0), squeeze=False)
-    for ax, api in zip(axes[0], apis, strict=True):
-        for path in paths_of(results, api):
-            cells = [find(results, api, path, n) for n in concurrencies(results, api, path)]
-            for server, style in SERVER_STYLES.items():
-                points = [(c["concurrency"], metric(c, server, "steps_per_s")) for c in cells if c]
-                points = [(x, y) for x, y in points if y]
-                if points:
-                    ax.plot(*zip(*points, strict=True), color=COLORS[path],
-                            label=f"{server}, {path}", **style)  # fmt: skip
-        top = [(r["batch"], r["steps_per_s"]) for r in results.get("ceiling", [])]
-        if top:
-            ax.plot(*zip(*top, strict=True), "k:", label=CEILING_LABEL)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("concurrent sequences / sessions")
-        ax.set_ylabel("steps/s")
-        ax.set_title(API_TITLES[api])
-        ax.grid(True, which="both", alpha=0.3)
+    fig, axes = plt.subplots(len(PANELS), len(apis), figsize=(6.2 * len(apis), 8.4), squeeze=False)
+    for row, (key, label) in enumerate(PANELS):
+        for ax, api in zip(axes[row], apis, strict=True):
+            draw_panel(ax, results, api, key)
+            ax.set_ylabel(label)
+            ax.set_title(f"{API_TITLES[api]}: {label}")
     fig.legend(*legend_entries(results), fontsize=8, loc="lower center", ncol=4)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend under the panels
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend under the panels
     return fig
+
+
+def draw_panel(ax, results: dict[str, Any], api: str, key: str) -> None:
+    for path in paths_of(results, api):
+        cells = [find(results, api, path, n) for n in concurrencies(results, api, path)]
+        for server, style in SERVER_STYLES.items():
+            points = [(c["concurrency"], metric(c, server, key)) for c in cells if c]
+            points = [(x, y) for x, y in points if y]
+            if points:
+                ax.plot(*zip(*points, strict=True), color=COLORS[path],
+                        label=f"{server}, {path}", **style)  # fmt: skip
+    top = [(r["batch"], r["steps_per_s"]) for r in results.get("ceiling", [])]
+    if top and key == "steps_per_s":
+        ax.plot(*zip(*top, strict=True), "k:", label=CEILING_LABEL)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent sequences / sessions")
+    ax.grid(True, which="both", alpha=0.3)
 
 
 def legend_entries(results: dict[str, Any]) -> tuple[list, list[str]]:

@@ -323,9 +323,13 @@ def test_the_plot_has_a_panel_per_api_and_a_line_per_server_and_path(tmp_path: P
     fig = report.steps_figure(full_results())
     titles = [ax.get_title() for ax in fig.axes]
     v1_lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
+    cpu_lines = {line.get_label(): line for line in fig.axes[2].get_lines()}
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     plt.close(fig)
-    assert titles == [report.API_TITLES["oip"], report.API_TITLES["v1"]]
+    assert titles == [f"{report.API_TITLES[api]}: {label}" for label in ("steps/s",
+                      "server CPU µs per step") for api in ("oip", "v1")]  # fmt: skip
+    assert list(cpu_lines["python, stream"].get_ydata()) == [300.0, 300.0, 300.0]
+    assert report.CEILING_LABEL not in cpu_lines
     servers, paths = ("native", "python", "echo"), ("unary", "stream", "packed")
     assert set(v1_lines) == {f"{s}, {p}" for s in servers for p in paths} | {report.CEILING_LABEL}
     assert list(v1_lines["native, unary"].get_xdata()) == [1, 64, 1000]
