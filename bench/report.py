@@ -252,6 +252,21 @@ def error_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def note_lines(results: dict[str, Any]) -> list[str]:
+    """One line per server and cell whose measurements carry a note (perf_analyzer hanging at
+    its end after a complete report)."""
+    lines = []
+    for c in results["cells"]:
+        for s in SERVERS:
+            notes = c.get(s, {}).get("notes")
+            if notes:
+                lines.append(
+                    f"- {SERVER_TITLES[s]}, {c['api']} {c['path']} c={c['concurrency']}: "
+                    f"{notes[0]} ({len(notes)} of {len(c[s]['reps'])} runs)"
+                )
+    return lines
+
+
 def ceiling_table(results: dict[str, Any]) -> str:
     rows = [
         [r["model"], f"{r['batch']:,}", f"{r['us_per_call']:,.0f}", f"{r['steps_per_s']:,.0f}"]
@@ -307,6 +322,9 @@ def generated_section(results: dict[str, Any]) -> str:
     failures = error_lines(results)
     if failures:
         parts += ["### Failed measurements", "", *failures, ""]
+    notes = note_lines(results)
+    if notes:
+        parts += ["### Notes on measurements", "", *notes, ""]
     parts += ["### ORT ceiling (in-process, 1 intra-op thread)", "", ceiling_table(results), ""]
     parts.append(END)
     return "\n".join(parts)

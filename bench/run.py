@@ -238,12 +238,11 @@ def oip_measurement(server: Server, path: str, n: int, args, binary: Path) -> di
     timeout = 60 + 10 * args.window_ms / 1000
     with CpuSampler(server) as sampler:
         started = time.monotonic()
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
-            result = perf_analyzer.parse(done.returncode, done.stdout + done.stderr)
-        except subprocess.TimeoutExpired:
-            return {"error": f"perf_analyzer did not finish within {timeout:.0f} s"}
-        ended = time.monotonic()
+        tool = run_until_reported(command, env, timeout)
+        ended = tool.reported_at or time.monotonic()
+    if tool.timed_out:
+        return {"error": f"perf_analyzer did not report within {timeout:.0f} s"}
+    result = perf_analyzer.parse(tool.returncode, tool.output)
     if not result.ok:
         return {"error": first_error(result), "steps_per_s": result.throughput}
     measured = result.request_count / result.throughput if result.throughput else 0.0
@@ -256,7 +255,57 @@ def oip_measurement(server: Server, path: str, n: int, args, binary: Path) -> di
         "p99_us": result.p99_us,
         "server_cores": cores,
         "server_us_per_step": per_step_us(cores, result.throughput),
+        **({"note": "perf_analyzer hung after its report; killed"} if tool.hung else {}),
     }
+
+
+REPORT_END = "Inferences/Second vs. Client"  # perf_analyzer's last lines follow this one
+AFTER_REPORT_S = 10.0  # then it only drains and exits; longer is a hang at its end
+
+
+@dataclass
+class ToolRun:
+    returncode: int
+    output: str
+    reported_at: float | None  # monotonic time its report was complete
+    hung: bool = False  # reported, then did not exit: killed (the report still counts)
+    timed_out: bool = False  # never reported: killed
+
+
+def run_until_reported(command: list[str], env: dict[str, str], timeout: float) -> ToolRun:
+    """Runs perf_analyzer, and kills it when it has not reported within ``timeout`` or has not
+    exited ``AFTER_REPORT_S`` after reporting (it can wait at its end for sequences a server never
+    finishes answering; the report is complete by then)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)  # fmt: skip
+    lines: list[str] = []
+    reported = threading.Event()
+    stamp: list[float] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if REPORT_END in line and not reported.is_set():
+                stamp.append(time.monotonic())
+                reported.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    while not reported.is_set() and proc.poll() is None and time.monotonic() < deadline:
+        reported.wait(0.1)
+    timed_out = not reported.is_set() and proc.poll() is None
+    hung = False
+    try:
+        proc.wait(0 if timed_out else AFTER_REPORT_S)
+    except subprocess.TimeoutExpired:
+        hung = not timed_out
+        proc.kill()
+        proc.wait()
+    reader.join(5)
+    returncode = 0 if hung else proc.returncode
+    return ToolRun(returncode, "".join(lines), stamp[0] if stamp else None, hung, timed_out)
 
 
 def first_error(result: perf_analyzer.PerfResult) -> str:
@@ -347,6 +396,7 @@ def summarize(reps: list[dict[str, Any]]) -> dict[str, Any]:
         side[key] = statistics.median(values) if values else None
     errors = [r["error"] for r in reps if "error" in r]
     side["errors"] = errors or None
+    side["notes"] = [r["note"] for r in reps if "note" in r] or None
     side["reps"] = reps
     return side
 

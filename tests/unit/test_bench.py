@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +110,23 @@ def test_summarize_takes_medians_of_the_measurements_that_worked() -> None:
     assert side["server_us_per_step"] == 20.0  # the window without a reading is left out
     assert side["errors"] == ["perf_analyzer exited 99"] and side["reps"] == reps
     assert run.summarize([{"error": "x"}])["steps_per_s"] is None
+
+
+def test_a_tool_that_hangs_after_its_report_is_killed_and_its_report_kept(monkeypatch) -> None:
+    monkeypatch.setattr(run, "AFTER_REPORT_S", 0.3)
+    script = f"print('Throughput: 5 infer/sec'); print({run.REPORT_END!r}, flush=True); "
+    hangs = run.run_until_reported([sys.executable, "-c", script + "import time; time.sleep(30)"],
+                                   dict(os.environ), timeout=20)  # fmt: skip
+    assert hangs.hung and not hangs.timed_out and hangs.returncode == 0
+    assert "Throughput: 5 infer/sec" in hangs.output and hangs.reported_at is not None
+    silent = run.run_until_reported([sys.executable, "-c", "import time; time.sleep(30)"],
+                                    dict(os.environ), timeout=0.3)  # fmt: skip
+    assert silent.timed_out and silent.reported_at is None
+    started = time.monotonic()
+    fails = run.run_until_reported([sys.executable, "-c", "print('error: no'); exit(3)"],
+                                   dict(os.environ), timeout=20)  # fmt: skip
+    assert (fails.returncode, fails.hung, fails.timed_out) == (3, False, False)
+    assert time.monotonic() - started < 10  # an early exit is not waited out
 
 
 # ---- the tools' reports -----------------------------------------------------------------------
