@@ -26,6 +26,7 @@ CoreConfig config_of(const py::dict& d) {
   c.queue_delay_s = get<double>(d, "queue_delay_s", c.queue_delay_s);
   c.session_ttl_s = get<double>(d, "session_ttl_s", c.session_ttl_s);
   c.max_sessions = get<size_t>(d, "max_sessions", c.max_sessions);
+  c.session_store = get<std::string>(d, "session_store", c.session_store);
   c.max_message_bytes = get<int>(d, "max_message_bytes", c.max_message_bytes);
   c.bridge_threads = get<int>(d, "bridge_threads", c.bridge_threads);
   c.tls_cert = get<std::string>(d, "tls_cert", "");

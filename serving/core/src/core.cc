@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "memory_store.h"
+#include "redis_store.h"
 #include "oip_service.h"
 #include "rnnserve_service.h"
 #include "text.h"
@@ -32,12 +33,22 @@ std::shared_ptr<grpc::ServerCredentials> credentials(const CoreConfig& c) {
 }  // namespace
 
 Core::Core(CoreConfig config) : config_(std::move(config)) {
-  store_ = std::make_unique<MemoryStore>(
-      config_.session_ttl_s, config_.max_sessions, [this](const std::string& model, const char* why) {
-        auto& m = metrics_.model(model);
-        (std::string(why) == "closed" ? m.closed : m.evicted).fetch_add(1, std::memory_order_relaxed);
-      });
-  stepper_ = std::make_unique<Stepper>([this](const ModelSpec& m) { return schedulers_.at(&m).get(); });
+  store_ = make_store();
+  stepper_ = std::make_unique<Stepper>([this](const ModelSpec& m) { return schedulers_.at(&m).get(); },
+                                       store_.get());
+}
+
+std::unique_ptr<SessionStore> Core::make_store() {
+  auto on_evict = [this](const std::string& model, const char* why) {
+    auto& m = metrics_.model(model);
+    (std::string(why) == "closed" ? m.closed : m.evicted).fetch_add(1, std::memory_order_relaxed);
+  };
+  if (config_.session_store == "memory") {
+    return std::make_unique<MemoryStore>(config_.session_ttl_s, config_.max_sessions, on_evict);
+  }
+  return std::make_unique<RedisStore>(
+      config_.session_store, config_.session_ttl_s, config_.max_sessions,
+      [this](const std::string& name, uint32_t version) { return model(name, version); }, on_evict);
 }
 
 Core::~Core() {
@@ -176,6 +187,7 @@ Result<SessionView> Core::reset_session(const std::string& id) {
     s.next_index = 0;
     s.last.reset();
   }
+  if (auto err = store_->save(s)) return *err;
   return view(s);
 }
 

@@ -28,6 +28,7 @@ struct CoreConfig {
   int max_message_bytes = 4 * 1024 * 1024;
   int bridge_threads = 4;
   std::string tls_cert, tls_key, tls_client_ca;  // PEM text; empty cert = plaintext
+  std::string session_store = "memory";  // or redis://HOST:PORT[/DB] (shared by replicas)
 };
 
 struct SessionView {  // what OpenSession/ResetSession/GetSession answer
@@ -70,6 +71,7 @@ class Core {
 
  private:
   void sweep_forever();
+  std::unique_ptr<SessionStore> make_store();  // throws when a shared store cannot be reached
   void set_health(bool serving);
 
   const CoreConfig config_;

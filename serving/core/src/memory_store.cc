@@ -126,8 +126,9 @@ void MemoryStore::remove(const SessionPtr& s) {
   s->closed = true;  // a step in flight still commits into it; nobody finds it again
 }
 
-std::vector<std::optional<Error>> MemoryStore::commit(const std::vector<Commit>& commits) {
-  return std::vector<std::optional<Error>>(commits.size());  // the sessions are the record
+std::vector<std::optional<Error>> MemoryStore::commit(std::vector<Commit>& commits) {
+  for (auto& c : commits) c.session->state.swap(c.state);  // the sessions are the record
+  return std::vector<std::optional<Error>>(commits.size());
 }
 
 size_t MemoryStore::sweep() {

@@ -4,7 +4,13 @@
 #include <cstring>
 #include <exception>
 
+#include "text.h"
+
 namespace rnnserve {
+
+namespace {
+constexpr int kMaxReruns = 3;  // a session stepped on two replicas at once gives up after these
+}
 
 Scheduler::Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMetrics* metrics,
                      int max_batch, double queue_delay_s)
@@ -103,7 +109,6 @@ void Scheduler::run(std::vector<Job>& jobs) {
   }
   metrics_->batches.fetch_add(1, std::memory_order_relaxed);
   metrics_->batch_size.observe(static_cast<double>(jobs.size()));
-  scatter(jobs, batch);
   answer(jobs, batch);
 }
 
@@ -144,15 +149,16 @@ void Scheduler::gather(const std::vector<Job>& jobs, Batch& batch) const {
   }
 }
 
-void Scheduler::scatter(std::vector<Job>& jobs, const Batch& batch) const {
-  const size_t rows = jobs.size();
+void Scheduler::scatter(std::vector<Commit>& commits, const Batch& batch) const {
+  const size_t rows = commits.size();
+  for (auto& c : commits) c.state.resize(model_->state_floats);
   size_t at = 0;
   for (size_t k = 0; k < model_->states.size(); ++k) {
     const auto& spec = model_->states[k];
     const size_t h = static_cast<size_t>(spec.size);
     for (size_t l = 0; l < static_cast<size_t>(spec.layers); ++l) {
       for (size_t b = 0; b < rows; ++b) {
-        std::memcpy(&jobs[b].session->state[at + l * h], &batch.states[k][(l * rows + b) * h], h * sizeof(float));
+        std::memcpy(&commits[b].state[at + l * h], &batch.states[k][(l * rows + b) * h], h * sizeof(float));
       }
     }
     at += spec.floats();
@@ -171,19 +177,45 @@ void Scheduler::answer(std::vector<Job>& jobs, const Batch& batch) {
     reply->batch_ns = batch.finished_ns - batch.started_ns;
     reply->y.assign(batch.y.begin() + static_cast<std::ptrdiff_t>(b * per_row),
                     batch.y.begin() + static_cast<std::ptrdiff_t>((b + 1) * per_row));
-    commits.push_back(Commit{jobs[b].session.get(), jobs[b].index, std::move(reply)});
+    commits.push_back(Commit{jobs[b].session.get(), jobs[b].index, std::move(reply), {}, jobs[b].explicit_index});
   }
+  scatter(commits, batch);
   const auto stored = store_->commit(commits);
   const int64_t now = now_ns();
+  std::vector<Job> again;
   for (size_t b = 0; b < jobs.size(); ++b) {
+    if (commits[b].stale && jobs[b].reruns < kMaxReruns) {
+      jobs[b].reruns += 1;
+      {
+        std::lock_guard<std::mutex> lock(jobs[b].session->mu);
+        jobs[b].index = jobs[b].session->next_index;
+      }
+      again.push_back(std::move(jobs[b]));
+      continue;
+    }
     metrics_->step_latency.observe(static_cast<double>(now - jobs[b].queued_ns) / 1e9);
-    if (stored[b]) {
+    if (commits[b].stale) {
+      jobs[b].done(Error::of(ErrorKind::kUnavailable, "session " + py_repr(jobs[b].session->id) +
+                                                          " is being stepped on another replica at the same time; retry"));
+    } else if (stored[b]) {
       jobs[b].done(*stored[b]);
     } else {
       jobs[b].done(ReplyPtr(commits[b].reply));
+      metrics_->steps_ok.fetch_add(1, std::memory_order_relaxed);
     }
   }
-  metrics_->steps_ok.fetch_add(jobs.size(), std::memory_order_relaxed);
+  if (!again.empty()) run_again(std::move(again));
+}
+
+void Scheduler::run_again(std::vector<Job> jobs) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!stopping_) {
+      for (auto it = jobs.rbegin(); it != jobs.rend(); ++it) queue_.push_front(std::move(*it));
+      return;
+    }
+  }
+  fail(jobs, Error::of(ErrorKind::kUnavailable, "server is shutting down; retry on another instance"));
 }
 
 void Scheduler::fail(std::vector<Job>& jobs, const Error& err) {

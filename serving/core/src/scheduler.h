@@ -7,11 +7,13 @@
 //   exact); other lengths wait for the next turn, in arrival order;
 // * at most max_batch rows; at most one step per session (the session gate guarantees it);
 // * states are gathered from the sessions into (L, B, H) arrays before the call and scattered
-//   back after it; the model call holds no lock of the core;
-// * the store records the batch's new states and replies (one commit per batch) before any reply
-//   is answered;
+//   into the batch's commits after it; the model call holds no lock of the core;
+// * the store records the batch's new states and replies (one commit per batch) and moves the
+//   states into the sessions before any reply is answered; a failed commit changes no session;
 // * a failed call (the runner raised, or answered other shapes) fails every step of the batch
-//   and stores no state.
+//   and stores no state;
+// * a step the store finds ran on a stale copy of its session (another replica moved it on) runs
+//   again, first in line, on the copy the store re-read.
 #pragma once
 
 #include <condition_variable>
@@ -45,6 +47,8 @@ using Runner = std::function<void(const ModelSpec&, Batch&)>;
 struct Job {
   SessionPtr session;
   uint64_t index = 0;  // the step index this step runs as
+  bool explicit_index = false;  // the client named the index (so a step stored under it is a retry)
+  int reruns = 0;  // times a shared store found it ran on a stale copy of its session
   StepInput input;
   int64_t queued_ns = 0;
   std::function<void(Result<ReplyPtr>)> done;  // on the scheduler thread
@@ -67,9 +71,10 @@ class Scheduler {
   void run(std::vector<Job>& jobs);
   bool call_model(std::vector<Job>& jobs, Batch& batch);
   void gather(const std::vector<Job>& jobs, Batch& batch) const;
-  void scatter(std::vector<Job>& jobs, const Batch& batch) const;
+  void scatter(std::vector<Commit>& commits, const Batch& batch) const;  // new states, not yet the sessions'
   void answer(std::vector<Job>& jobs, const Batch& batch);
   static void fail(std::vector<Job>& jobs, const Error& err);
+  void run_again(std::vector<Job> jobs);
 
   const ModelPtr model_;
   const Runner runner_;

@@ -32,8 +32,9 @@ std::optional<Job> Stepper::claimed(const SessionPtr& s, PendingStep pending) {
   std::optional<Error> error;
   ReplyPtr cached;
   uint64_t index = 0;
-  {
-    std::lock_guard<std::mutex> lock(s->mu);
+  for (bool reloaded = false;; reloaded = true) {
+    error.reset();
+    std::unique_lock<std::mutex> lock(s->mu);
     const uint64_t expected = s->next_index;
     if (s->closed) {
       error = Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s->id) + " was closed while this call waited");
@@ -47,6 +48,9 @@ std::optional<Job> Stepper::claimed(const SessionPtr& s, PendingStep pending) {
       if (expected) msg += " (or " + std::to_string(expected - 1) + " to retry the last step)";
       error = Error::out_of_order(std::move(msg), expected);
     }
+    if (!error || error->kind != ErrorKind::kStepOutOfOrder || reloaded) break;
+    lock.unlock();  // the gate is held: nobody else touches the session while it is re-read
+    if (!store_->reload(*s)) break;
   }
   if (!error && !cached) return job(s, index, std::move(pending));
   release(s);
@@ -58,6 +62,7 @@ Job Stepper::job(const SessionPtr& s, uint64_t index, PendingStep pending) {
   Job j;
   j.session = s;
   j.index = index;
+  j.explicit_index = pending.want.has_value();
   j.input = std::move(pending.input);
   j.done = [this, s, done = std::move(pending.done)](Result<ReplyPtr> result) {
     commit(s, std::move(result), done);

@@ -3,7 +3,8 @@
 //
 // Claim takes the session's gate (or queues the call behind the step holding it) and checks
 // step_index: the next index runs; a retry of the last answered index gets its cached reply; any
-// other index fails with the index that was expected. Commit records the reply for retries and
+// other index fails with the index that was expected (after one re-read from a shared store, whose
+// copy another replica may have advanced). Commit records the reply for retries and
 // advances the index; release hands the gate to the next queued call. A client that goes away
 // mid-step changes nothing: the step still commits, and its retry gets the reply.
 #pragma once
@@ -13,13 +14,15 @@
 
 #include "scheduler.h"
 #include "session.h"
+#include "store.h"
 
 namespace rnnserve {
 
 class Stepper {
  public:
   using SchedulerOf = std::function<Scheduler*(const ModelSpec&)>;
-  explicit Stepper(SchedulerOf scheduler_of) : scheduler_of_(std::move(scheduler_of)) {}
+  Stepper(SchedulerOf scheduler_of, SessionStore* store)
+      : scheduler_of_(std::move(scheduler_of)), store_(store) {}
 
   struct Call {
     SessionPtr session;
@@ -40,6 +43,7 @@ class Stepper {
   void submit(std::vector<Job> jobs);
 
   SchedulerOf scheduler_of_;
+  SessionStore* const store_;
 };
 
 }  // namespace rnnserve

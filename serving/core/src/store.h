@@ -15,10 +15,15 @@
 namespace rnnserve {
 
 // One answered step as a store records it: the session's new state and index and its reply.
+// The session itself is untouched until the store accepts the commit, so a step whose commit
+// fails leaves the session exactly as it was.
 struct Commit {
   Session* session;
   uint64_t index;  // the index the step ran as (the session's next index becomes index + 1)
   ReplyPtr reply;
+  std::vector<float> state;  // the session's new state, laid out as Session::state
+  bool explicit_index = false;  // the client named the index: a step stored under it is a retry
+  bool stale = false;  // set by the store: it ran on an outdated copy, now re-read; run it again
 };
 
 class SessionStore {
@@ -31,9 +36,17 @@ class SessionStore {
   // The live session, its idle deadline pushed back; SessionNotFound / SessionExpired.
   virtual Result<SessionPtr> get(const std::string& id) = 0;
   virtual std::optional<Error> close(const std::string& id) = 0;
-  // Called once per answered batch, before any reply leaves: a durable store writes the new
-  // states and replies here (one round trip). An error fails that step's reply.
-  virtual std::vector<std::optional<Error>> commit(const std::vector<Commit>& commits) = 0;
+  // Called once per answered batch, before any reply leaves, with the gates of its sessions held:
+  // the store records each new state and reply (a shared store in one round trip) and only then
+  // moves the state into the session. An error fails that step's reply. A shared store may
+  // replace a commit's reply with the one already stored for that index (another replica ran the
+  // same step first: the loser answers as a retry would), or mark it stale.
+  virtual std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) = 0;
+  // Re-reads a session another replica may have advanced (its gate is held); false when this
+  // store is the only copy, so there is nothing newer to read.
+  virtual bool reload(Session&) { return false; }
+  // Records a session changed outside a step (a reset; its gate is free and its mutex is not held).
+  virtual std::optional<Error> save(Session&) { return std::nullopt; }
   virtual size_t sweep() = 0;  // expire idle sessions; returns how many
   virtual size_t count(const std::string& model_name) const = 0;
   virtual size_t size() const = 0;

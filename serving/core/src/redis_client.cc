@@ -1,0 +1,121 @@
+#include "redis_client.h"
+
+#include <stdexcept>
+
+namespace rnnserve {
+
+namespace {
+
+timeval as_timeval(double seconds) {
+  timeval tv;
+  tv.tv_sec = static_cast<time_t>(seconds);
+  tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
+  return tv;
+}
+
+int parse_int(const std::string& text, const std::string& url, const char* what) {
+  size_t used = 0;
+  int value = -1;
+  try {
+    value = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (text.empty() || used != text.size() || value < 0) {
+    throw std::invalid_argument("session store " + url + ": " + what + " must be a number, got '" + text + "'");
+  }
+  return value;
+}
+
+}  // namespace
+
+RedisAddress parse_redis_url(const std::string& url) {
+  const std::string scheme = "redis://";
+  if (url.rfind(scheme, 0) != 0) {
+    throw std::invalid_argument("session store must be 'memory' or redis://HOST:PORT[/DB], got '" + url + "'");
+  }
+  RedisAddress a;
+  a.url = url;
+  std::string rest = url.substr(scheme.size());
+  const size_t slash = rest.find('/');
+  if (slash != std::string::npos) {
+    a.db = parse_int(rest.substr(slash + 1), url, "the database");
+    rest = rest.substr(0, slash);
+  }
+  const size_t colon = rest.rfind(':');
+  a.host = rest.substr(0, colon);
+  if (colon != std::string::npos) a.port = parse_int(rest.substr(colon + 1), url, "the port");
+  if (a.host.empty()) throw std::invalid_argument("session store " + url + ": no host");
+  return a;
+}
+
+RedisPool::RedisPool(RedisAddress address, double timeout_s, size_t max_idle)
+    : address_(std::move(address)), timeout_s_(timeout_s), max_idle_(max_idle) {}
+
+RedisContextPtr RedisPool::connect() const {
+  RedisContextPtr c(redisConnectWithTimeout(address_.host.c_str(), address_.port, as_timeval(timeout_s_)));
+  if (!c) throw RedisDown("cannot allocate a Redis connection");
+  if (c->err) throw RedisDown(std::string(c->errstr));
+  redisSetTimeout(c.get(), as_timeval(timeout_s_));
+  if (address_.db != 0) {
+    const std::string db = std::to_string(address_.db);
+    const char* argv[] = {"SELECT", db.c_str()};
+    const size_t len[] = {6, db.size()};
+    RedisReplyPtr r(static_cast<redisReply*>(redisCommandArgv(c.get(), 2, argv, len)));
+    if (!r) throw RedisDown(std::string(c->errstr));
+    if (r->type == REDIS_REPLY_ERROR) throw RedisDown("SELECT " + db + ": " + std::string(r->str, r->len));
+  }
+  return c;
+}
+
+RedisContextPtr RedisPool::acquire(bool* pooled) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    *pooled = !idle_.empty();
+    if (*pooled) {
+      RedisContextPtr c = std::move(idle_.back());
+      idle_.pop_back();
+      return c;
+    }
+  }
+  return connect();
+}
+
+void RedisPool::give_back(RedisContextPtr c) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (idle_.size() < max_idle_) idle_.push_back(std::move(c));
+}
+
+RedisReplyPtr RedisPool::command(const std::vector<std::string_view>& args) {
+  std::vector<const char*> argv;
+  std::vector<size_t> len;
+  argv.reserve(args.size());
+  len.reserve(args.size());
+  for (const auto& a : args) {
+    argv.push_back(a.data());
+    len.push_back(a.size());
+  }
+  // A pooled connection may have died with a Redis restart; then the pool is stale as a whole and
+  // the command goes once more over a fresh connection (the store's writes are compare-and-set,
+  // so a write that did land the first time is recognised, not applied twice).
+  for (int attempt = 0;; ++attempt) {
+    bool pooled = false;
+    RedisContextPtr c = acquire(&pooled);
+    RedisReplyPtr r(static_cast<redisReply*>(
+        redisCommandArgv(c.get(), static_cast<int>(argv.size()), argv.data(), len.data())));
+    if (r) {
+      give_back(std::move(c));
+      return r;
+    }
+    const std::string why = c->errstr[0] ? std::string(c->errstr) : std::string("connection lost");
+    drop_idle();
+    if (!pooled || attempt > 0) throw RedisDown(why);
+  }
+}
+
+void RedisPool::drop_idle() {
+  std::lock_guard<std::mutex> lock(mu_);
+  idle_.clear();
+}
+
+}  // namespace rnnserve

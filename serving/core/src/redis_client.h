@@ -1,0 +1,65 @@
+// A small pool of blocking hiredis connections to one Redis, owned through RAII handles.
+//
+// A connection that saw an I/O error is dropped rather than returned, so the next command
+// reconnects: when Redis comes back, the store recovers without a restart. Every command has a
+// timeout, so a Redis that stops answering fails calls within it instead of hanging them.
+#pragma once
+
+#include <hiredis/hiredis.h>
+
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace rnnserve {
+
+struct RedisAddress {
+  std::string host;
+  int port = 6379;
+  int db = 0;
+  std::string url;  // as given, for messages
+};
+// "redis://HOST:PORT[/DB]"; throws std::invalid_argument naming what is wrong.
+RedisAddress parse_redis_url(const std::string& url);
+
+struct RedisReplyFree {
+  void operator()(redisReply* r) const { freeReplyObject(r); }
+};
+using RedisReplyPtr = std::unique_ptr<redisReply, RedisReplyFree>;
+
+struct RedisContextFree {
+  void operator()(redisContext* c) const { redisFree(c); }
+};
+using RedisContextPtr = std::unique_ptr<redisContext, RedisContextFree>;
+
+// Thrown when Redis cannot be reached or a command's reply cannot be read (the connection is
+// then dropped). A reply of type error is not thrown: the caller reads it.
+struct RedisDown : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class RedisPool {
+ public:
+  RedisPool(RedisAddress address, double timeout_s, size_t max_idle = 16);
+
+  // One command, its arguments as binary-safe strings.
+  RedisReplyPtr command(const std::vector<std::string_view>& args);
+  const RedisAddress& address() const { return address_; }
+
+ private:
+  RedisContextPtr connect() const;
+  RedisContextPtr acquire(bool* pooled);
+  void drop_idle();
+  void give_back(RedisContextPtr c);
+
+  const RedisAddress address_;
+  const double timeout_s_;
+  const size_t max_idle_;
+  std::mutex mu_;
+  std::vector<RedisContextPtr> idle_;
+};
+
+}  // namespace rnnserve

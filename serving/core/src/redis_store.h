@@ -1,0 +1,65 @@
+// The shared, durable session store: every session's state, step index and last reply live in
+// Redis, so any replica serves any session and a session outlives the process that opened it.
+//
+// What it guarantees:
+// * a batch's new states and replies are written in one round trip (one script call) before any
+//   of its replies leaves; a failed write changes no session and answers UNAVAILABLE;
+// * the write is a compare-and-set on the step index, so two replicas never both advance one
+//   session: the loser answers with the reply already stored for that index (as a retry would)
+//   or with the index the session is now at;
+// * sessions this replica served stay cached here; the compare-and-set keeps a stale cache from
+//   ever being written back, and a step_index the cache does not expect re-reads the record;
+// * idle expiry is Redis's own key expiry, and capacity is counted over all replicas in one
+//   sorted set (id → idle deadline), so both hold across replicas.
+#pragma once
+
+#include <functional>
+#include <mutex>
+#include <unordered_map>
+
+#include "redis_client.h"
+#include "session_record.h"
+#include "store.h"
+
+namespace rnnserve {
+
+class RedisStore final : public SessionStore {
+ public:
+  using ModelOf = std::function<Result<ModelPtr>(const std::string& name, uint32_t version)>;
+  // Throws std::runtime_error naming the address when Redis cannot be reached.
+  RedisStore(const std::string& url, double ttl_s, size_t max_sessions, ModelOf model_of, EvictHook on_evict);
+
+  Result<SessionPtr> open(ModelPtr model, const std::string& id) override;
+  Result<SessionPtr> get(const std::string& id) override;
+  std::optional<Error> close(const std::string& id) override;
+  std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
+  bool reload(Session& s) override;
+  std::optional<Error> save(Session& s) override;
+  size_t sweep() override;
+  size_t count(const std::string& model_name) const override;
+  size_t size() const override;
+  double ttl_s() const override { return ttl_s_; }
+  void close_all() override;
+
+ private:
+  Result<SessionPtr> read_through(const std::string& id);
+  Error missing(const std::string& id);
+  Error unavailable(const std::string& what, const std::exception& e) const;
+  std::optional<Error> settle(Commit& c, const redisReply& outcome);
+  void adopt(Session& s, SessionRecord record);  // the gate is held
+  void cache(const SessionPtr& s);
+  void forget(const std::string& id);
+  std::string record_of(const Session& s) const;  // s.mu held
+
+  RedisPool redis_;
+  const double ttl_s_;
+  const int64_t ttl_ns_;
+  const std::string ttl_ms_;
+  const size_t max_sessions_;
+  ModelOf model_of_;
+  EvictHook on_evict_;
+  mutable std::mutex mu_;
+  std::unordered_map<std::string, SessionPtr> cached_;
+};
+
+}  // namespace rnnserve

@@ -1,0 +1,131 @@
+#include "session_record.h"
+
+#include <zlib.h>
+
+#include <cstring>
+
+#include "text.h"
+
+namespace rnnserve {
+
+namespace {
+
+constexpr size_t kMagicLength = sizeof(kRecordMagic) - 1;
+
+template <class T>
+void put(std::string& out, T value) {
+  out.append(reinterpret_cast<const char*>(&value), sizeof value);
+}
+
+void put_floats(std::string& out, const std::vector<float>& values) {
+  put<uint32_t>(out, static_cast<uint32_t>(values.size()));
+  out.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
+}
+
+uint32_t crc_of(const char* data, size_t n) {
+  return static_cast<uint32_t>(crc32(0L, reinterpret_cast<const Bytef*>(data), static_cast<uInt>(n)));
+}
+
+// Reads fields front to back; any read past the end marks the record as cut.
+class Reader {
+ public:
+  Reader(const std::string& bytes, size_t at, size_t end) : bytes_(bytes), at_(at), end_(end) {}
+  template <class T>
+  T get() {
+    T value{};
+    if (take(sizeof value)) std::memcpy(&value, bytes_.data() + at_ - sizeof value, sizeof value);
+    return value;
+  }
+  std::string text(size_t n) { return take(n) ? bytes_.substr(at_ - n, n) : std::string(); }
+  std::vector<float> floats() {
+    const uint32_t n = get<uint32_t>();
+    std::vector<float> values;
+    if (!take(static_cast<size_t>(n) * sizeof(float))) return values;
+    values.resize(n);
+    std::memcpy(values.data(), bytes_.data() + at_ - values.size() * sizeof(float), values.size() * sizeof(float));
+    return values;
+  }
+  bool ok() const { return ok_ && at_ == end_; }
+
+ private:
+  bool take(size_t n) {
+    if (!ok_ || end_ - at_ < n) return ok_ = false;
+    at_ += n;
+    return true;
+  }
+  const std::string& bytes_;
+  size_t at_, end_;
+  bool ok_ = true;
+};
+
+Error bad_record(const std::string& id, const std::string& why) {
+  return Error::of(ErrorKind::kInternal, "session " + py_repr(id) + ": its record in the session store " + why +
+                                             "; close it and open a new one");
+}
+
+}  // namespace
+
+std::string index_text(uint64_t index) {
+  static const char kHex[] = "0123456789abcdef";
+  std::string text(kRecordIndexLength, '0');
+  for (size_t i = 0; i < kRecordIndexLength; ++i) text[kRecordIndexLength - 1 - i] = kHex[(index >> (4 * i)) & 0xF];
+  return text;
+}
+
+std::string encode_record(const std::string& model, uint32_t version, uint64_t next_index, const Reply* last,
+                          const std::vector<float>& state) {
+  std::string out;
+  out.reserve(64 + model.size() + (state.size() + (last ? last->y.size() : 0)) * sizeof(float));
+  out.append(kRecordMagic, kMagicLength);
+  out.append(kRecordIndexAt - kMagicLength, '\0');
+  out += index_text(next_index);
+  put<uint32_t>(out, static_cast<uint32_t>(model.size()));
+  out += model;
+  put<uint32_t>(out, version);
+  put<uint8_t>(out, last ? 1 : 0);
+  if (last) {
+    put<uint64_t>(out, last->step_index);
+    put<uint32_t>(out, last->steps);
+    put_floats(out, last->y);
+  }
+  put_floats(out, state);
+  put<uint32_t>(out, crc_of(out.data(), out.size()));
+  return out;
+}
+
+Result<SessionRecord> decode_record(const std::string& bytes, const std::string& id) {
+  const size_t header = kRecordIndexAt + kRecordIndexLength;
+  if (bytes.size() < header + sizeof(uint32_t) || bytes.compare(0, 4, kRecordMagic, 4) != 0) {
+    return bad_record(id, "is not an rnnserve session record");
+  }
+  if (bytes.compare(0, kMagicLength, kRecordMagic, kMagicLength) != 0) {
+    return bad_record(id, "has format version " + std::to_string(static_cast<unsigned char>(bytes[4])) +
+                              ", this server reads version 1");
+  }
+  const size_t body = bytes.size() - sizeof(uint32_t);
+  uint32_t stored_crc = 0;
+  std::memcpy(&stored_crc, bytes.data() + body, sizeof stored_crc);
+  if (stored_crc != crc_of(bytes.data(), body)) return bad_record(id, "fails its checksum (corrupt)");
+  SessionRecord r;
+  for (size_t i = kRecordIndexAt; i < header; ++i) {
+    const char c = bytes[i];
+    const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+    if (digit < 0) return bad_record(id, "is malformed (its step index is not hexadecimal)");
+    r.next_index = (r.next_index << 4) | static_cast<uint64_t>(digit);
+  }
+  Reader in(bytes, header, body);
+  r.model = in.text(in.get<uint32_t>());
+  r.version = in.get<uint32_t>();
+  if (in.get<uint8_t>()) {
+    auto last = std::make_shared<Reply>();
+    last->step_index = in.get<uint64_t>();
+    last->steps = in.get<uint32_t>();
+    last->y = in.floats();
+    r.last = std::move(last);
+  }
+  r.state = in.floats();
+  if (!in.ok()) return bad_record(id, "is malformed (its fields do not add up)");
+  return r;
+}
+
+}  // namespace rnnserve

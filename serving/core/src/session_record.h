@@ -1,0 +1,36 @@
+// A session as the shared store keeps it: one self-describing byte string per session.
+//
+// Layout (little-endian): "RNSS", format version (1 byte), 3 zero bytes, the next step index as
+// 16 lowercase hex digits (fixed place, so the store's compare-and-set script compares it
+// without decoding), the model name and version, the last reply (kept for an idempotent retry),
+// the state floats, then a CRC-32 of everything before it. A record that is cut, altered or
+// written by something else fails to decode with an error that says which, never a crash.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "result.h"
+#include "session.h"
+
+namespace rnnserve {
+
+constexpr char kRecordMagic[] = "RNSS\x01";  // magic + format version, as the script checks it
+constexpr size_t kRecordIndexAt = 8, kRecordIndexLength = 16;
+
+struct SessionRecord {
+  std::string model;
+  uint32_t version = 0;
+  uint64_t next_index = 0;
+  ReplyPtr last;  // null before the first step
+  std::vector<float> state;
+};
+
+std::string index_text(uint64_t index);  // the 16 hex digits the record carries
+std::string encode_record(const std::string& model, uint32_t version, uint64_t next_index, const Reply* last,
+                          const std::vector<float>& state);
+// Error (INTERNAL, naming the session and what is wrong) for a corrupt or foreign record.
+Result<SessionRecord> decode_record(const std::string& bytes, const std::string& session_id);
+
+}  // namespace rnnserve

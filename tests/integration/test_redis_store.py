@@ -1,0 +1,242 @@
+"""The shared session store on a real redis-server (native data plane), black-box over gRPC.
+
+Every server here is a real native core; several of them share one Redis on a free loopback port,
+as replicas behind a load balancer would. Outputs are held to the eager PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from eager import TOL, Reference
+from grpc_support import manifest, random_chunk, raw, server_config, to_input
+from ports import free_ports
+from redis_support import RedisProcess
+
+from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
+from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from serving.server import ServerConfig, ServerThread
+
+MODEL = "seq_lstm"
+
+
+def native_config(store: Path, url: str, **engine: object) -> ServerConfig:
+    return replace(
+        server_config(store, **engine), data_plane="native", session_store=url, metrics_port=None
+    )
+
+
+class Replica:
+    """A native server on the shared store, with a stub of our API."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.thread = ServerThread(config)
+
+    def __enter__(self) -> Replica:
+        self.thread.__enter__()
+        self.channel = grpc.insecure_channel(self.thread.address)
+        self.api = pb_grpc.RnnServeStub(self.channel)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.channel.close()
+        self.thread.__exit__(*exc)
+
+    def open(self) -> str:
+        return self.api.OpenSession(pb.OpenSessionRequest(model=MODEL)).session_id
+
+    def step(self, sid: str, index: int, chunk: np.ndarray) -> np.ndarray:
+        request = pb.StepRequest(session_id=sid, step_index=index, input=to_input(chunk))
+        return raw(self.api.Step(request, timeout=10))
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    server = RedisProcess(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def chunks(quick_store: Path) -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    m = manifest(quick_store, MODEL)
+    return [random_chunk(m, rng, int(t)) for t in rng.integers(1, 5, size=8)]
+
+
+def expect_error(call, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()
+
+
+def test_a_session_opened_on_one_replica_continues_on_another(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        sid = a.open()
+        ys = [a.step(sid, i, chunks[i]) for i in range(3)]
+        ys += [b.step(sid, i, chunks[i]) for i in range(3, 6)]  # b reads it through
+        # a still holds the session as of index 3: the retry of b's last step gets b's reply,
+        # and the next index runs on the state b left
+        assert np.array_equal(a.step(sid, 5, chunks[5]), ys[5])
+        ys += [a.step(sid, i, chunks[i]) for i in range(6, 8)]
+    want = Reference(quick_store).run(MODEL, chunks)
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+def test_two_replicas_never_both_advance_a_session(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        sid = a.open()
+        b.step(sid, 0, chunks[0])  # both replicas now hold it
+        ys = [a.step(sid, 0, chunks[0])]
+        for i in range(1, len(chunks)):  # the same step sent to both at once, as a racing retry
+            answers: list[np.ndarray] = []
+            threads = [
+                threading.Thread(
+                    target=lambda r=r, i=i, out=answers: out.append(r.step(sid, i, chunks[i]))
+                )
+                for r in (a, b)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(answers) == 2 and np.array_equal(answers[0], answers[1])
+            ys.append(answers[0])
+        details = expect_error(
+            lambda: b.step(sid, 99, chunks[0]), grpc.StatusCode.FAILED_PRECONDITION
+        )
+        assert f"expected {len(chunks)} " in details  # each index applied once
+    want = Reference(quick_store).run(MODEL, chunks)
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+def test_sessions_survive_a_restart_of_every_replica(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a:
+        sid = a.open()
+        ys = [a.step(sid, i, chunks[i]) for i in range(4)]
+    with Replica(config) as again:
+        assert np.array_equal(again.step(sid, 3, chunks[3]), ys[3])  # the retry is answered too
+        ys += [again.step(sid, i, chunks[i]) for i in range(4, 8)]
+    want = Reference(quick_store).run(MODEL, chunks)
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+def test_oip_sequences_continue_on_another_replica(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        ys = []
+        for i, chunk in enumerate(chunks):
+            replica = a if i % 2 == 0 else b
+            client = triton.InferenceServerClient(replica.thread.address)
+            tensor = triton.InferInput("x", [1, *chunk.shape], "FP32")
+            tensor.set_data_from_numpy(chunk[None])
+            result = client.infer(
+                MODEL, [tensor], sequence_id=77, sequence_start=i == 0,
+                sequence_end=i == len(chunks) - 1,
+            )  # fmt: skip
+            ys.append(result.as_numpy("y")[0])
+            client.close()
+    want = Reference(quick_store).run(MODEL, chunks)
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+def test_idle_expiry_and_capacity_hold_across_replicas(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url, session_ttl_s=1.0, max_sessions=3)
+    with Replica(config) as a, Replica(config) as b:
+        idle = a.open()
+        a.step(idle, 0, chunks[0])
+        b.open()
+        a.open()
+        details = expect_error(b.open, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "session capacity full (3 open sessions)" in details
+        time.sleep(1.3)
+        details = expect_error(lambda: b.step(idle, 1, chunks[1]), grpc.StatusCode.NOT_FOUND)
+        assert details == f"session '{idle}' expired after 1 s idle; open a new one"
+        b.open()  # the expired ones no longer count
+
+
+def test_a_corrupt_or_foreign_record_is_a_clear_error_and_the_server_stays_up(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        sid, neighbour = a.open(), a.open()
+        a.step(sid, 0, chunks[0])
+        redis.raw(b"SETRANGE", f"rnnserve:s:{sid}".encode(), b"60", b"\x7f\x7f")
+        details = expect_error(lambda: b.step(sid, 1, chunks[1]), grpc.StatusCode.INTERNAL)
+        assert "fails its checksum (corrupt)" in details and sid in details
+        redis.raw(b"SET", b"rnnserve:s:foreign", b"{'not': 'ours'}")
+        details = expect_error(lambda: b.step("foreign", 0, chunks[0]), grpc.StatusCode.INTERNAL)
+        assert "is not an rnnserve session record" in details
+        y = b.step(neighbour, 0, chunks[0])
+    np.testing.assert_allclose(y, Reference(quick_store).run(MODEL, chunks[:1]), atol=TOL, rtol=0)
+
+
+def serve(store: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    port = free_ports(1)[0]
+    args = [sys.executable, "-m", "serving.cli", "serve", "--store", str(store),
+            "--address", f"127.0.0.1:{port}", "--metrics-port", "-1", *flags]  # fmt: skip
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_redis_down_at_start_is_a_clear_error(quick_store: Path) -> None:
+    nobody = free_ports(1)[0]
+    run = serve(
+        quick_store, "--data-plane", "native", "--session-store", f"redis://127.0.0.1:{nobody}"
+    )
+    assert run.returncode == 4, run.stderr
+    assert f"the session store redis://127.0.0.1:{nobody} cannot be reached" in run.stderr
+    run = serve(
+        quick_store, "--data-plane", "python", "--session-store", f"redis://127.0.0.1:{nobody}"
+    )
+    assert run.returncode == 2
+    assert "needs the native data plane: serve with --data-plane native" in run.stderr
+
+
+def test_redis_lost_mid_load_fails_steps_unavailable_and_recovers(
+    quick_store: Path, tmp_path: Path, chunks: list[np.ndarray]
+) -> None:
+    durable = RedisProcess(tmp_path, appendonly=True)
+    durable.start()
+    try:
+        with Replica(native_config(quick_store, durable.url)) as a:
+            sid = a.open()
+            ys = [a.step(sid, i, chunks[i]) for i in range(3)]
+            durable.stop()
+            details = expect_error(lambda: a.step(sid, 3, chunks[3]), grpc.StatusCode.UNAVAILABLE)
+            assert details.startswith(f"session store unavailable ({durable.url}: ")
+            assert details.endswith("could not record this step; no state was changed, retry")
+            expect_error(a.open, grpc.StatusCode.UNAVAILABLE)
+            durable.start()
+            ys += [a.step(sid, i, chunks[i]) for i in range(3, 8)]  # the same index, once
+    finally:
+        durable.stop()
+    want = Reference(quick_store).run(MODEL, chunks)
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
