@@ -7,7 +7,10 @@
 
 A ``Session`` numbers its steps itself and retries a step whose reply was lost (UNAVAILABLE or
 DEADLINE_EXCEEDED) with the same ``step_index``: the server answers a retry of the last step from
-its cache without advancing the state, so a retry never double-steps.
+its cache without advancing the state, so a retry never double-steps. Given several addresses
+(replicas sharing a Redis session store, or load balancers), a retry goes to the next one. Every
+step carries its session id as ``x-session-id`` metadata, which a load balancer may hash on to keep
+a session on one replica (a cache optimisation; any replica can serve it).
 
 Gateways stepping many sessions of one model use the packed form of StepMany (NumPy in and out):
 
@@ -118,7 +121,7 @@ class Client:
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         timeout: float = 30.0,
         retries: int = 3,
         *,
@@ -128,11 +131,27 @@ class Client:
         tls_server_name: str | None = None,
         token: str | None = None,
     ) -> None:
-        self.address = address
+        self.addresses = [address] if isinstance(address, str) else list(address)
+        if not self.addresses:
+            raise ValueError("Client needs at least one address")
+        self.address = self.addresses[0]
         self.timeout = timeout
         self.retries = retries
-        self.channel = open_channel(address, tls_ca, tls_cert, tls_key, tls_server_name, token)
+        self._channel_args = (tls_ca, tls_cert, tls_key, tls_server_name, token)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._use(self.address)
+
+    def _use(self, address: str) -> None:
+        if address not in self._channels:  # kept open: other threads may still be calling on it
+            self._channels[address] = open_channel(address, *self._channel_args)
+        self.address = address
+        self.channel = self._channels[address]
         self.stub = pb_grpc.RnnServeStub(self.channel)
+
+    def fail_over(self) -> None:
+        """Move to the next address (after a call failed UNAVAILABLE); a no-op with one address."""
+        at = (self.addresses.index(self.address) + 1) % len(self.addresses)
+        self._use(self.addresses[at])
 
     def __enter__(self) -> Client:
         return self
@@ -141,7 +160,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self._channels.values():
+            channel.close()
 
     # models
     def models(self) -> list[pb.ModelInfo]:
@@ -238,21 +258,24 @@ class Session:
 
     def step(self, values: Any = None, *, text=None, tokens=None, top_k=0) -> pb.StepResponse:
         req = self.request(values, text=text, tokens=tokens, top_k=top_k)
+        affinity = (("x-session-id", self.id),)
         for attempt in range(self.client.retries + 1):
             try:
-                return self.client.stub.Step(req, timeout=self.client.timeout)
+                return self.client.stub.Step(req, timeout=self.client.timeout, metadata=affinity)
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE:
                     self.next_index -= 1  # refused: the server did not advance either
                     raise
                 if attempt == self.client.retries:
                     raise  # unknown whether it ran; the next step's error names the index
-                time.sleep(0.05 * 2**attempt)
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.client.fail_over()
+                time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
 
     def stream(self, requests: Iterable[pb.StepRequest]) -> Iterator[pb.StepResponse]:
         """The bidi ``Session`` stream; build requests with ``request()``. Replies come in order."""
-        return self.client.stub.Session(iter(requests))
+        return self.client.stub.Session(iter(requests), metadata=(("x-session-id", self.id),))
 
     def generate(
         self,
