@@ -5,8 +5,8 @@
         s.step(text="hel")               # char models
         for g in s.generate(max_tokens=20, temperature=0.8, seed=1): ...
 
-A ``Session`` numbers its steps itself and retries a step whose reply was lost (UNAVAILABLE or
-DEADLINE_EXCEEDED) with the same ``step_index``: the server answers a retry of the last step from
+A ``Session`` numbers its steps itself and retries a step whose reply was lost (``retryable``)
+with the same ``step_index``: the server answers a retry of the last step from
 its cache without advancing the state, so a retry never double-steps. Given several addresses
 (replicas sharing a Redis session store, or load balancers), a retry goes to the next one. Every
 step carries its session id as ``x-session-id`` metadata, which a load balancer may hash on to keep
@@ -36,7 +36,24 @@ import numpy as np
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# A step is retried on these with the same step_index (the server answers a repeat once). CANCELLED
+# is among them because gRPC 1.51's server cancels a call that arrives while it shuts down (a
+# replica draining on SIGTERM), before anything ran.
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+)
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    """Whether a step that failed so may be sent again with the same step_index: its reply was
+    lost on the way (or it never ran). A proxy (nginx) reports a stream its upstream replica cut
+    while shutting down as INTERNAL 'Stream removed'."""
+    code = error.code()
+    return code in RETRYABLE or (
+        code == grpc.StatusCode.INTERNAL and "Stream removed" in (error.details() or "")
+    )
 
 
 def make_input(
@@ -263,12 +280,12 @@ class Session:
             try:
                 return self.client.stub.Step(req, timeout=self.client.timeout, metadata=affinity)
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE:
+                if not retryable(e):
                     self.next_index -= 1  # refused: the server did not advance either
                     raise
                 if attempt == self.client.retries:
                     raise  # unknown whether it ran; the next step's error names the index
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     self.client.fail_over()
                 time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")

@@ -57,7 +57,8 @@ class Replica:
         while not serving(self.address):
             assert self.process is not None
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"replica {self.address} did not start: {self.log.read_text()}")
+                log = self.log.read_text()[-600:]
+                raise RuntimeError(f"replica {self.address} did not start: {log}")
             time.sleep(0.1)
 
     def signal(self, sig: int) -> None:
