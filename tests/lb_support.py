@@ -75,6 +75,22 @@ class Replica:
             self.process.wait(10)
 
 
+def render(listen: str, upstreams: str, run_dir: Path, error_log: Path | str) -> str:
+    """The template with its placeholders filled (nginx's own $variables left alone), as the nginx
+    image's envsubst step fills it in compose."""
+    return string.Template(TEMPLATE.read_text()).safe_substitute(
+        RNNSERVE_LISTEN=listen,
+        RNNSERVE_UPSTREAMS=upstreams,
+        RNNSERVE_RUN_DIR=str(run_dir),
+        RNNSERVE_ERROR_LOG=str(error_log),
+    )
+
+
+def nginx_command(nginx: str, config: Path | str) -> list[str]:
+    """How nginx is started, here and in compose's lb service."""
+    return [nginx, "-c", str(config)]
+
+
 class Nginx:
     """nginx from the distribution, its config rendered from deploy/nginx/grpc.conf.template."""
 
@@ -84,15 +100,12 @@ class Nginx:
         self.folder = folder
         self.config = folder / "nginx.conf"
         servers = "\n        ".join(f"server {a} max_fails=1 fail_timeout=2s;" for a in upstreams)
-        text = string.Template(TEMPLATE.read_text()).safe_substitute(
-            RNNSERVE_LISTEN=self.address, RNNSERVE_UPSTREAMS=servers, RNNSERVE_RUN_DIR=str(folder)
-        )
-        self.config.write_text(text)
+        self.config.write_text(render(self.address, servers, folder, folder / "error.log"))
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [NGINX, "-c", str(self.config), "-e", str(self.folder / "error.log")],
+            nginx_command(NGINX, self.config),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -375,9 +375,14 @@ def parse_serve_with_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str,
     return parse_with_our_cli(["rnnserve", "serve"])
 
 
+# What compose sets on purpose where the CLI's default differs: sessions in the shared Redis.
+SHARED_SESSIONS = {"RNNSERVE_DATA_PLANE": "native", "RNNSERVE_SESSION_STORE": "redis://redis:6379"}
+
+
 def test_grpc_environment_defaults_are_the_cli_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    environment = services()["grpc"]["environment"]
+    environment = dict(services()["grpc"]["environment"])
     assert all(name.startswith("RNNSERVE_") for name in environment)
+    assert {name: environment.pop(name) for name in SHARED_SESSIONS} == SHARED_SESSIONS
     defaults = parse_serve_with_environment(monkeypatch, {})
     assert parse_serve_with_environment(monkeypatch, environment) == defaults
 
@@ -396,6 +401,70 @@ def test_torchserve_command_reads_the_mounted_config() -> None:
     config_target = option_value(services()["torchserve"]["command"], "--config")
     mount = volume_mounts("torchserve")[config_target]
     assert mount["type"] == "bind" and mount["read_only"]
+
+
+# ---- shared sessions: Redis and the load balancer ------------------------------------------------
+
+
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx" / "grpc.conf.template"
+
+
+def test_redis_keeps_sessions_on_a_volume_with_appendonly() -> None:
+    redis = services()["redis"]
+    command = redis["command"]
+    assert command[0] == "redis-server" and option_value(command, "--appendonly") == "yes"
+    assert option_value(command, "--appendfsync") in {"always", "everysec"}
+    assert volume_mounts("redis")["/data"]["type"] == "volume"
+    assert "ports" not in redis, "the session store is reached inside the compose network only"
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+", redis["image"])
+    assert services()["grpc"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert healthcheck_command("redis") == ["redis-cli", "ping"]
+
+
+def test_grpc_replicas_use_the_redis_service_as_their_session_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    args = parse_serve_with_environment(monkeypatch, services()["grpc"]["environment"])
+    assert args.data_plane == "native"
+    assert args.session_store == "redis://redis:6379"  # the service name, Redis's own port
+
+
+def test_load_balancer_runs_the_template_the_failover_tests_run() -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from lb_support import nginx_command
+
+    lb = services()["lb"]
+    mount = volume_mounts("lb")["/etc/nginx/templates/nginx.conf.template"]
+    assert (ROOT / mount["source"]).resolve() == NGINX_TEMPLATE and mount["read_only"]
+    assert lb["command"] == nginx_command("nginx", "/etc/nginx/nginx.conf")
+    assert lb["environment"]["NGINX_ENVSUBST_OUTPUT_DIR"] == "/etc/nginx"
+    placeholders = set(re.findall(r"\$\{(RNNSERVE_[A-Z_]+)\}", NGINX_TEMPLATE.read_text()))
+    assert placeholders == {n for n in lb["environment"] if n.startswith("RNNSERVE_")}
+    grpc_port = served_address("grpc").rsplit(":", 1)[1]
+    assert f"server grpc:{grpc_port} " in lb["environment"]["RNNSERVE_UPSTREAMS"]
+    listen_port = lb["environment"]["RNNSERVE_LISTEN"].rsplit(":", 1)[1]
+    assert {p.container_port for p in published_ports("lb")} == {int(listen_port)}
+    assert re.fullmatch(r"nginx:\d+\.\d+\.\d+", lb["image"])
+    assert services()["lb"]["depends_on"]["grpc"] == {"condition": "service_healthy"}
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+def test_rendered_load_balancer_config_passes_nginx_t(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from lb_support import render
+
+    env = services()["lb"]["environment"]
+    # the real nginx checks the config; "grpc" resolves only inside compose, so a loopback
+    # address stands in for it
+    upstreams = env["RNNSERVE_UPSTREAMS"].replace("grpc:", "127.0.0.1:")
+    config = tmp_path / "nginx.conf"
+    listen = env["RNNSERVE_LISTEN"]  # nginx -t checks it without binding
+    config.write_text(render(listen, upstreams, tmp_path, tmp_path / "error.log"))
+    check = subprocess.run(
+        [shutil.which("nginx") or "nginx", "-t", "-q", "-c", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
 
 
 # ---- files the deployment refers to -------------------------------------------------------------
