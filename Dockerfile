@@ -13,6 +13,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 
+# The native core (serving/core) compiles against Debian's gRPC C++ and protobuf, as `make setup`
+# installs them; only this stage has compilers.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+       g++ cmake pkg-config libssl-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev \
+       protobuf-compiler libhiredis-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # The same two steps as `make setup`: torch first by its exact pin, then the project itself.
 # Here pip must take the CPU wheel explicitly (the default index would pull a CUDA build); the
 # extra index applies to this one command only. Its own layer, so source edits don't refetch torch.
@@ -21,13 +30,15 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY protos ./protos
 COPY training ./training
 COPY serving ./serving
-# Not editable and without the dev extras: the runtime image needs neither.
+# Not editable and without the dev extras: the runtime image needs neither. The package's own
+# build (scikit-build-core + CMake) compiles the native core into serving/core/_native.
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install .
 
-# ---- runtime stage: the venv, a Java 17 runtime for TorchServe, no compilers ----------------------
+# ---- runtime stage: the venv, the core's shared libraries, Java 17 for TorchServe, no compilers ---
 FROM ${PYTHON_IMAGE} AS runtime
 
 # TorchServe's frontend is Java; the headless JRE is all it needs. Not pinned to a Debian revision
@@ -37,7 +48,7 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN mkdir -p /usr/share/man/man1 \
     && apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-       openjdk-17-jre-headless \
+       openjdk-17-jre-headless libgrpc++1.51 libprotobuf32 libhiredis0.14 \
     && rm -rf /var/lib/apt/lists/*
 
 # A fixed, unprivileged UID so volume ownership is predictable across rebuilds.

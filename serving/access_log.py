@@ -72,6 +72,11 @@ class AccessLog(grpc.aio.ServerInterceptor):
     def bind(self, engine: Any) -> None:
         self._engine = engine
 
+    @property
+    def write(self) -> Callable[[str], None]:
+        """Where the lines go (the native data plane writes its lines there too)."""
+        return self._write
+
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
         method = details.method

@@ -48,6 +48,12 @@ def current_identity() -> str | None:
     return _identity.get()
 
 
+def act_as(identity: str | None) -> None:
+    """For the current task: the caller a transport that authenticates by itself (the native
+    core, which hands bridged calls over with their identity) has established."""
+    _identity.set(identity)
+
+
 # ---- TLS --------------------------------------------------------------------------------------
 
 
@@ -113,6 +119,10 @@ class TokenTable:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the token file {path}: {e}") from e
         return cls(_parse_tokens(text, path))
+
+    def digests(self) -> list[tuple[bytes, str]]:
+        """(SHA-256 of a token, its identity) for every entry: what the native core matches."""
+        return list(self._entries)
 
     @property
     def identities(self) -> set[str]:

@@ -44,6 +44,7 @@ ServicerHook = Callable[[grpc.aio.Server, Engine], object]  # may return service
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9090
 OIP_MODULE = "serving.oip_api"
+DATA_PLANES = ("python", "native")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,30 @@ class ServerConfig:
     interceptors: Sequence[Any] = field(default_factory=tuple)
     tls: TlsConfig | None = None  # TLS on the gRPC port and the metrics endpoint
     auth_tokens: TokenTable | None = None  # bearer tokens every RPC but health must carry
+    # which implementation serves the step path; $RNNSERVE_DATA_PLANE picks it for a whole run
+    data_plane: str = field(default_factory=lambda: os.environ.get("RNNSERVE_DATA_PLANE", "python"))
+    # where sessions live: "memory" (this process) or "redis://HOST:PORT[/DB]" (shared by replicas)
+    session_store: str = field(
+        default_factory=lambda: os.environ.get("RNNSERVE_SESSION_STORE", "memory")
+    )
+
+    def __post_init__(self) -> None:
+        if self.data_plane not in DATA_PLANES:
+            raise ValueError(
+                f"data plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
+        check_session_store(self.session_store, self.data_plane)
+
+
+def check_session_store(store: str, data_plane: str) -> None:
+    """ValueError naming the fix when the store is unknown or the data plane cannot use it."""
+    if store != "memory" and not store.startswith("redis://"):
+        raise ValueError(f"session store must be 'memory' or redis://HOST:PORT[/DB], got {store!r}")
+    if store != "memory" and data_plane != "native":
+        raise ValueError(
+            f"session store {store} needs the native data plane: serve with --data-plane native"
+            " (the Python data plane keeps sessions in memory only)"
+        )
 
 
 class RnnServer:
@@ -149,6 +174,10 @@ async def create_server(
     Must be awaited inside the event loop that will run the server. Raises ArtifactError on a
     corrupt store and RuntimeError when the address cannot be bound.
     """
+    if config.data_plane == "native":
+        from serving.core.server import create_native_server  # loads the C++ core
+
+        return await create_native_server(config)  # type: ignore[return-value]
     metrics = Metrics()
     engine = Engine(config.engine, observer=metrics)
     metrics.bind(engine)
@@ -269,6 +298,10 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--threads", "RNNSERVE_THREADS", int, 1, "intra-op threads per backend call"),
     ("--session-ttl", "RNNSERVE_SESSION_TTL", float, 600.0, "idle seconds before expiry"),
     ("--max-sessions", "RNNSERVE_MAX_SESSIONS", int, 100_000, "open sessions over all models"),
+    ("--data-plane", "RNNSERVE_DATA_PLANE", str, "python",
+     f"which implementation serves the step path: {' or '.join(DATA_PLANES)}"),
+    ("--session-store", "RNNSERVE_SESSION_STORE", str, "memory",
+     "where sessions live: memory, or redis://HOST:PORT[/DB] shared by replicas (native plane)"),
     ("--max-batch", "RNNSERVE_MAX_BATCH", int, 256, "sessions per backend call"),
     ("--max-queue-delay-ms", "RNNSERVE_MAX_QUEUE_DELAY_MS", float, 0.0,
      "wait up to this long for a fuller batch (0 = never wait)"),
@@ -343,6 +376,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auth_tokens=TokenTable.from_file(Path(args.auth_token_file))
         if args.auth_token_file
         else None,
+        data_plane=args.data_plane,
+        session_store=args.session_store,
     )
 
 

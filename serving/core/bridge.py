@@ -23,10 +23,12 @@ from google.protobuf.message import DecodeError
 from serving import errors, grpc_api, oip_api
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving.engine import Engine, StepResult, check_generate, rollout
+from serving.security import act_as
 
 log = logging.getLogger(__name__)
 
-Reply = tuple[int, str, bytes, list[bytes]]  # code, message, google.rpc.Status bytes, replies
+# code, message, google.rpc.Status bytes, replies, the model the call was about (access log)
+Reply = tuple[int, str, bytes, list[bytes], str]
 OK = grpc.StatusCode.OK.value[0]
 _LOG_EVERY_S = 10.0  # malformed requests are logged at most this often (with a count)
 
@@ -103,7 +105,7 @@ class Bridge:
     def __call__(self, method: str, request: bytes, identity: str) -> Reply:
         route = self.routes.get(method)
         if route is None:
-            return grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!", b"", []
+            return grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!", b"", [], ""
         cls, handler, streaming = route
         try:
             message = cls.FromString(request)
@@ -114,18 +116,32 @@ class Bridge:
             if streaming
             else self._unary(handler, message, identity)
         )
-        return asyncio.run_coroutine_threadsafe(work, self.loop).result()
+        code, text, details, replies = asyncio.run_coroutine_threadsafe(work, self.loop).result()
+        return code, text, details, replies, self._model_of(message)
+
+    def _model_of(self, message: Any) -> str:
+        """The model a request names, or its session's: the access log's ``model=``."""
+        for name in ("model", "name", "model_name"):
+            value = getattr(message, name, None)
+            if isinstance(value, str) and value:
+                return value
+        session_id = getattr(message, "session_id", "")
+        found = self.core.session(session_id) if session_id and ":" not in session_id else None
+        return found[1] if found and found[0] == "ok" else ""
 
     def _malformed_request(self, method: str, e: Exception) -> Reply:
+        """INVALID_ARGUMENT as the Python plane answers it, logged at most every few seconds."""
         self._malformed += 1
         now = time.monotonic()
         if now - self._malformed_logged > _LOG_EVERY_S:
             log.warning("%d malformed request(s), the last to %s: %s", self._malformed, method, e)
             self._malformed, self._malformed_logged = 0, now
         code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-        return code, f"malformed request: the bytes do not parse as {method}'s message", b"", []
+        name = self.routes[method][0].DESCRIPTOR.full_name
+        return code, f"malformed request: the bytes are not a valid {name} message", b"", [], ""
 
-    async def _unary(self, handler: Callable[..., Any], message: Any, identity: str) -> Reply:
+    async def _unary(self, handler: Callable[..., Any], message: Any, identity: str) -> tuple:
+        act_as(identity or None)  # this call's own task
         try:
             reply = await handler(message, BridgeContext(identity))
         except _Aborted as a:
@@ -135,7 +151,8 @@ class Bridge:
             return grpc.StatusCode.INTERNAL.value[0], f"internal error: {e!r}", b"", []
         return OK, "", b"", [reply.SerializeToString()]
 
-    async def _stream(self, handler: Callable[..., Any], message: Any, identity: str) -> Reply:
+    async def _stream(self, handler: Callable[..., Any], message: Any, identity: str) -> tuple:
+        act_as(identity or None)
         replies: list[bytes] = []
         try:
             async for reply in handler(message, BridgeContext(identity)):

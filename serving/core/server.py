@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from serving.core import _native
+from serving import access_log
+from serving.core import load_native
 from serving.core.bridge import Bridge
 from serving.engine import Engine
 from serving.manifest import Manifest
@@ -49,6 +50,16 @@ def _pem(path: Path | str | None) -> str:
     return Path(path).read_text() if path else ""
 
 
+def _access_log(config: ServerConfig) -> dict[str, Any]:
+    """The Python plane's access log is an interceptor; here the core writes the same line, to
+    the interceptor's writer when it has one of its own (stderr otherwise)."""
+    for interceptor in config.interceptors:
+        if isinstance(interceptor, access_log.AccessLog):
+            custom = interceptor.write is not access_log._stderr
+            return {"access_log": True, "access_sink": interceptor.write if custom else None}
+    return {"access_log": False}
+
+
 class NativeMetrics(Metrics):
     """The core's counters under the Python data plane's metric names, read at scrape time."""
 
@@ -75,8 +86,16 @@ class _CoreCollector:
             requests.add_metric([method, code], n)
             if code != "OK":
                 failed.add_metric([method, code], n)
+        refused = CounterMetricFamily(
+            "rnnserve_refused_rpcs",
+            "RPCs refused before their handler ran (malformed bytes, overload)",
+            labels=["method", "reason"],
+        )
+        for method, reason, n in snap["refused"]:
+            refused.add_metric([method, reason], n)
         yield requests
         yield failed
+        yield refused
         yield from self._per_model(snap["models"])
 
     def _per_model(self, models: dict[str, Any]):
@@ -117,7 +136,7 @@ class NativeServer:
     def __init__(self, config: ServerConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
-        self.core = _native.Core(self._core_config(config))
+        self.core = load_native().Core(self._core_config(config))
         for lm in engine.models():
             m = lm.manifest
             self.core.add_model(model_spec(m, engine.input_limit(m)), lm.backend.step)
@@ -136,10 +155,14 @@ class NativeServer:
             "queue_delay_s": e.max_queue_delay_ms / 1000.0,
             "session_ttl_s": e.session_ttl_s,
             "max_sessions": e.max_sessions,
+            "session_store": config.session_store,
             "max_message_bytes": config.max_message_bytes,
-            "tls_cert": _pem(getattr(config, "tls_cert", None)),
-            "tls_key": _pem(getattr(config, "tls_key", None)),
-            "tls_client_ca": _pem(getattr(config, "tls_client_ca", None)),
+            "tls_cert": _pem(config.tls.cert if config.tls else None),
+            "tls_key": _pem(config.tls.key if config.tls else None),
+            "tls_client_ca": _pem(config.tls.client_ca if config.tls else None),
+            "tokens": config.auth_tokens.digests() if config.auth_tokens else None,
+            "max_concurrent_rpcs": config.max_concurrent_rpcs,
+            **_access_log(config),
         }
 
     def bind(self) -> int:
@@ -153,7 +176,7 @@ class NativeServer:
         await self.engine.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
-                self.config.metrics_port, self.config.metrics_address
+                self.config.metrics_port, self.config.metrics_address, self.config.tls
             )
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -106,7 +106,7 @@ def test_serve_subprocess_health_client_and_sigterm(quick_store, tmp_path):
         stepped = cli("client", "--address", address, "step", "--model", "sum_sign_lstm",
                       "--values", "[[0.9], [0.8]]")  # fmt: skip
         assert stepped.returncode == 0, stepped.stderr
-        assert '"label"' in stepped.stdout and '"step_index": "1"' in stepped.stdout
+        assert '"label"' in stepped.stdout and '"step_index": 1' in stepped.stdout
         png = tmp_path / "forecast.png"
         history = ["--values", "0,0.3,0.56,0.78", "--steps", "10", "--plot", str(png)]
         forecast = cli("client", "--address", address, "forecast", "--model", "sine", *history)
@@ -149,7 +149,7 @@ def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(tmp_path):
     assert "$RNNSERVE_MAX_BATCH" in bad.stderr or "$RNNSERVE_INLINE_BUDGET_US" in bad.stderr
     flag = cli("serve", "--store", str(tmp_path), "--inline-budget-us", "-1",
                "--max-batch", "8", env={**env, "RNNSERVE_INLINE_BUDGET_US": "0"})  # fmt: skip
-    assert flag.returncode == 2 and "inline_budget_us must be >= 0" in flag.stderr, flag.stderr
+    assert flag.returncode == 2 and "--inline-budget-us must be >= 0" in flag.stderr, flag.stderr
 
 
 @pytest.mark.parametrize(

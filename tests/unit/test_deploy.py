@@ -581,7 +581,8 @@ def pip_installs(shell_lines: list[str]) -> list[list[str]]:
             for i, word in enumerate(words[:-1]):
                 if Path(word).name == "pip" and words[i + 1] == "install":
                     arguments = words[i + 2 :]
-                    installs.append([w for w in arguments if w not in {"--quiet", "-q", "-e"}])
+                    quiet = {"--quiet", "-q", "-e", "--no-build-isolation", "--no-deps"}
+                    installs.append([w for w in arguments if w not in quiet])
     return installs
 
 
@@ -626,7 +627,9 @@ def test_final_stage_has_java_17_and_no_build_tools_or_pip_builds() -> None:
         for word in shlex.split(line.partition("apt-get install")[2].partition("&&")[0])
         if not word.startswith("-")
     }
-    assert apt_packages == {"openjdk-17-jre-headless"}
+    # Java for TorchServe; the native core's shared libraries (its build stage has the -dev ones)
+    runtime_libraries = {"libgrpc++1.51", "libprotobuf32", "libhiredis0.14"}
+    assert apt_packages == {"openjdk-17-jre-headless", *runtime_libraries}
     assert not apt_packages & BUILD_TOOLS
     assert pip_installs(runs) == [], "the final stage copies the venv, it builds nothing"
     copies = [(c.flags, c.value) for c in final_stage().all("COPY")]

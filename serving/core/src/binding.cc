@@ -32,6 +32,25 @@ CoreConfig config_of(const py::dict& d) {
   c.tls_cert = get<std::string>(d, "tls_cert", "");
   c.tls_key = get<std::string>(d, "tls_key", "");
   c.tls_client_ca = get<std::string>(d, "tls_client_ca", "");
+  c.max_concurrent_rpcs = get<size_t>(d, "max_concurrent_rpcs", c.max_concurrent_rpcs);
+  c.access_log = get<bool>(d, "access_log", false);
+  if (d.contains("access_sink") && !d["access_sink"].is_none()) {
+    auto sink = std::make_shared<py::object>(d["access_sink"]);
+    c.access_sink = [sink](const std::string& line) {
+      py::gil_scoped_acquire gil;
+      try {
+        (*sink)(line);
+      } catch (py::error_already_set& e) {
+        std::fprintf(stderr, "access log sink failed: %s\n", e.what());
+      }
+    };
+  }
+  if (d.contains("tokens") && !d["tokens"].is_none()) {
+    for (const auto& entry : d["tokens"].cast<py::list>()) {
+      auto pair = entry.cast<py::tuple>();
+      c.token_digests.emplace_back(pair[0].cast<std::string>(), pair[1].cast<std::string>());
+    }
+  }
   return c;
 }
 
@@ -126,8 +145,9 @@ Bridge bridge_of(py::object handler) {
       reply.message = r[1].cast<std::string>();
       reply.details = r[2].cast<std::string>();
       for (const auto& m : r[3].cast<py::list>()) reply.messages.push_back(m.cast<std::string>());
+      reply.model = r[4].cast<std::string>();
     } catch (py::error_already_set& e) {
-      reply = BridgeReply{static_cast<int>(grpc::StatusCode::INTERNAL), std::string("internal error: ") + e.what(), "", {}};
+      reply = BridgeReply{static_cast<int>(grpc::StatusCode::INTERNAL), std::string("internal error: ") + e.what(), "", {}, ""};
     }
     return reply;
   };
@@ -195,6 +215,9 @@ py::dict metrics(Core& core) {
     models[py::str(name)] = d;
   }
   out["requests"] = requests;
+  py::list refused;
+  for (const auto& [key, n] : core.metrics().refusals()) refused.append(py::make_tuple(key.first, key.second, n));
+  out["refused"] = refused;
   out["models"] = models;
   return out;
 }

@@ -1,5 +1,6 @@
 #include "bridge.h"
 
+#include "call.h"
 #include "core.h"
 #include "errors.h"
 
@@ -45,13 +46,22 @@ namespace {
 // one at a time, finish. gRPC owns the reactor's life: it is deleted in OnDone.
 class BridgeCall final : public grpc::ServerGenericBidiReactor {
  public:
-  BridgeCall(Core* core, grpc::GenericCallbackServerContext* ctx) : core_(core), method_(ctx->method()) {
+  BridgeCall(Core* core, grpc::GenericCallbackServerContext* ctx)
+      : core_(core), method_(ctx->method()), scope_(core, ctx, ctx->method(), /*admit_now=*/false) {
+    if (scope_.refused()) {
+      const grpc::Status status = scope_.refused()->kind == ErrorKind::kUnauthenticated
+                                      ? plain_status(*scope_.refused())
+                                      : rich_status(*scope_.refused());
+      scope_.finish(status.error_code());
+      Finish(status);
+      return;
+    }
     StartRead(&request_);
   }
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request message"));
+      Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request message"));
       return;
     }
     std::vector<grpc::Slice> slices;
@@ -60,15 +70,16 @@ class BridgeCall final : public grpc::ServerGenericBidiReactor {
       for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
     }
     core_->bridge_pool().post([this, bytes = std::move(bytes)] {
-      reply_ = core_->bridge()(method_, bytes, "");
-      core_->metrics().request(method_, code_name(static_cast<grpc::StatusCode>(reply_.code)));
+      if (auto refused = scope_.admit()) return Done(rich_status(*refused));
+      reply_ = core_->bridge()(method_, bytes, scope_.identity());
+      if (!reply_.model.empty()) scope_.set_model(reply_.model);
       WriteNext();
     });
   }
 
   void OnWriteDone(bool ok) override {
     if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+      Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
       return;
     }
     WriteNext();
@@ -85,11 +96,17 @@ class BridgeCall final : public grpc::ServerGenericBidiReactor {
       StartWrite(&out_);
       return;
     }
-    Finish(grpc::Status(static_cast<grpc::StatusCode>(reply_.code), reply_.message, reply_.details));
+    Done(grpc::Status(static_cast<grpc::StatusCode>(reply_.code), reply_.message, reply_.details));
+  }
+
+  void Done(const grpc::Status& status) {
+    scope_.finish(status.error_code());
+    Finish(status);
   }
 
   Core* core_;
   const std::string method_;
+  CallScope scope_;
   grpc::ByteBuffer request_, out_;
   BridgeReply reply_;
   size_t next_ = 0;

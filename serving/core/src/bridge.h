@@ -21,6 +21,7 @@ struct BridgeReply {
   std::string message;
   std::string details;                // serialized google.rpc.Status, or empty
   std::vector<std::string> messages;  // serialized replies, in order (one for unary)
+  std::string model;                  // the model the call was about, for the access log ("" = none)
 };
 
 // (full method name "/pkg.Service/Method", serialized request, peer identity) → reply

@@ -32,7 +32,7 @@ std::shared_ptr<grpc::ServerCredentials> credentials(const CoreConfig& c) {
 
 }  // namespace
 
-Core::Core(CoreConfig config) : config_(std::move(config)) {
+Core::Core(CoreConfig config) : config_(std::move(config)), tokens_(config_.token_digests) {
   store_ = make_store();
   stepper_ = std::make_unique<Stepper>([this](const ModelSpec& m) { return schedulers_.at(&m).get(); },
                                        store_.get());
@@ -154,6 +154,14 @@ std::vector<ModelPtr> Core::models() const {
   for (const auto& [key, m] : models_) out.push_back(m);
   return out;
 }
+
+bool Core::admit() {
+  if (active_calls_.fetch_add(1, std::memory_order_relaxed) < config_.max_concurrent_rpcs) return true;
+  active_calls_.fetch_sub(1, std::memory_order_relaxed);
+  return false;
+}
+
+void Core::release() { active_calls_.fetch_sub(1, std::memory_order_relaxed); }
 
 Error Core::shutting_down() const {
   return Error::of(ErrorKind::kUnavailable, "server is shutting down; retry on another instance");

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "bridge.h"
+#include "call.h"
 #include "metrics.h"
 #include "model.h"
 #include "scheduler.h"
@@ -29,6 +30,10 @@ struct CoreConfig {
   int bridge_threads = 4;
   std::string tls_cert, tls_key, tls_client_ca;  // PEM text; empty cert = plaintext
   std::string session_store = "memory";  // or redis://HOST:PORT[/DB] (shared by replicas)
+  size_t max_concurrent_rpcs = 10000;  // past it: RESOURCE_EXHAUSTED (health checks exempt)
+  bool access_log = false;             // one line per call, to access_sink (stderr without one)
+  std::function<void(const std::string&)> access_sink;
+  std::vector<std::pair<std::string, std::string>> token_digests;  // (SHA-256, identity); empty = no auth
 };
 
 struct SessionView {  // what OpenSession/ResetSession/GetSession answer
@@ -66,6 +71,10 @@ class Core {
   const Bridge& bridge() const { return bridge_; }
   const CoreConfig& config() const { return config_; }
   bool stopping() const { return stopping_.load(); }
+  const TokenTable& tokens() const { return tokens_; }
+  RateLimitedLog& refusals() { return refusals_; }
+  bool admit();    // a call may start (false: over max_concurrent_rpcs)
+  void release();  // an admitted call ended
   std::vector<ModelPtr> models() const;
   Error shutting_down() const;
 
@@ -87,6 +96,9 @@ class Core {
   std::unique_ptr<grpc::CallbackGenericService> generic_;
   std::unique_ptr<grpc::Server> server_;
   std::atomic<bool> stopping_{false};
+  TokenTable tokens_;
+  RateLimitedLog refusals_;
+  std::atomic<size_t> active_calls_{0};
   std::mutex sweep_mu_;
   std::condition_variable sweep_wake_;
   std::thread sweeper_;

@@ -48,6 +48,16 @@ std::map<std::pair<std::string, std::string>, uint64_t> Metrics::requests() cons
   return requests_;
 }
 
+void Metrics::refused(const std::string& method, const char* reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  refused_[{method, reason}] += 1;
+}
+
+std::map<std::pair<std::string, std::string>, uint64_t> Metrics::refusals() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return refused_;
+}
+
 std::map<std::string, ModelMetrics*> Metrics::models() {
   std::lock_guard<std::mutex> lock(mu_);
   std::map<std::string, ModelMetrics*> out;

@@ -42,12 +42,15 @@ class Metrics {
   ModelMetrics& model(const std::string& name);  // created on first use; stable address
   void request(const std::string& method, const char* code);
   std::map<std::pair<std::string, std::string>, uint64_t> requests() const;
+  void refused(const std::string& method, const char* reason);  // refused before its handler ran
+  std::map<std::pair<std::string, std::string>, uint64_t> refusals() const;
   std::map<std::string, ModelMetrics*> models();
 
  private:
   mutable std::mutex mu_;
   std::map<std::string, std::unique_ptr<ModelMetrics>> models_;
   std::map<std::pair<std::string, std::string>, uint64_t> requests_;
+  std::map<std::pair<std::string, std::string>, uint64_t> refused_;
 };
 
 }  // namespace rnnserve

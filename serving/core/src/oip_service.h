@@ -3,7 +3,8 @@
 // and Triton's ModelStatistics of the requests served here. The other methods of
 // inference.GRPCInferenceService (health, metadata, Triton's configuration and repository index)
 // go through the bridge to Python, and so does a stateless request of a model that reads whole
-// sequences (bidirectional): Python runs its sequence graph.
+// sequences (bidirectional): Python runs its sequence graph. oip_codec.h decodes and encodes the
+// messages; oip_stats.h keeps the statistics.
 #pragma once
 
 #include <grpcpp/grpcpp.h>

@@ -48,20 +48,22 @@ return 0
 const std::string kCommit = kLuaNow + R"(
 local ttl = tonumber(ARGV[1])
 local n = #KEYS - 1
-local out = {}
+local out, live = {}, {}
 for i = 1, n do
   local a = 2 + (i - 1) * 3
-  local cur = redis.call('GET', KEYS[i])
-  if not cur then
+  local head = redis.call('GETRANGE', KEYS[i], 0, 23)  -- magic, version and index only
+  if head == '' then
     out[i] = 0
-  elseif string.sub(cur, 1, 5) ~= 'RNSS\1' or string.sub(cur, 9, 24) ~= ARGV[a + 1] then
-    out[i] = cur
+  elseif string.sub(head, 1, 5) ~= 'RNSS\1' or string.sub(head, 9, 24) ~= ARGV[a + 1] then
+    out[i] = redis.call('GET', KEYS[i])
   else
     redis.call('SET', KEYS[i], ARGV[a + 2], 'PX', ttl)
-    redis.call('ZADD', KEYS[n + 1], now + ttl, ARGV[a])
+    live[#live + 1] = now + ttl
+    live[#live + 1] = ARGV[a]
     out[i] = 1
   end
 end
+if #live > 0 then redis.call('ZADD', KEYS[n + 1], unpack(live)) end
 return out
 )";
 

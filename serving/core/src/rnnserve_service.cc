@@ -2,12 +2,15 @@
 
 #include <google/protobuf/descriptor.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
 #include <set>
 
+#include "call.h"
 #include "core.h"
+#include "raw.h"
 #include "replies.h"
 #include "rnnserve/v1/rnnserve.grpc.pb.h"
 #include "text.h"
@@ -34,6 +37,31 @@ Result<SessionPtr> own_session(Core* core, const std::string& id) {
   return core->session(id);
 }
 
+constexpr size_t kEntryErrorBytes = 256;  // a StepMany entry's error, as a reply's size bound counts it
+
+// Upper bound of one time step's Output (and its share of the reply's text) in a reply, framing
+// included (grpc_api.output_bytes_per_step).
+size_t output_bytes_per_step(const ModelSpec& m, uint32_t top_k) {
+  const size_t floats = 4 * static_cast<size_t>(m.output_size) + 6;
+  if (m.output_kind == OutputKind::kRegression) return 6 + 2 * floats;
+  size_t longest = 0;
+  for (const auto& label : m.labels) longest = std::max(longest, label.size());
+  const size_t named = longest + 3 + 6;
+  if (m.output_kind == OutputKind::kClassification) return 6 + floats + named + 4 * m.labels.size() + 6;
+  const size_t candidates = std::min<size_t>(top_k ? top_k : kDefaultTopK, m.labels.size());
+  return 6 + floats + named + candidates * (longest + 3 + 6 + 5 + 3) + longest;
+}
+
+// gRPC checks a reply's size only once it is built, when the sessions have moved on: refuse a
+// message whose reply could exceed it before any step runs.
+std::optional<Error> reply_too_large(size_t estimate, size_t limit) {
+  if (estimate <= limit) return std::nullopt;
+  return Error::too_large("the reply to this StepMany message would take up to " + std::to_string(estimate) +
+                              " bytes; the limit is " + std::to_string(limit) +
+                              " bytes: send fewer sessions or time steps per message",
+                          "steps");
+}
+
 std::optional<uint64_t> wanted(const pb::StepRequest& r) {
   return r.has_step_index() ? std::optional<uint64_t>(r.step_index()) : std::nullopt;
 }
@@ -49,18 +77,21 @@ void fill_step(Core* core, const Session& s, const std::string& id, const Reply&
 }
 
 // A Step or Session request checked up to the point where it can queue.
-Result<Stepper::Call> prepare(Core* core, const std::string& id, const pb::StepRequest& req) {
+Result<Stepper::Call> prepare(Core* core, const std::string& id, const pb::StepRequest& req,
+                              CallScope* scope = nullptr) {
   if (core->stopping()) return core->shutting_down();
   auto found = own_session(core, id);
   if (!found.ok()) return found.error();
+  if (scope) scope->set_model(found.value()->model->name);
   auto input = decode_input(*found.value()->model, req.input());
   if (!input.ok()) return input.error();
   return Stepper::Call{found.value(), PendingStep{std::move(input.value()), wanted(req), nullptr}};
 }
 
-grpc::ServerUnaryReactor* finish(Core* core, grpc::CallbackServerContext* ctx, const char* method,
-                                 const grpc::Status& status) {
-  core->metrics().request(method, code_name(status.error_code()));
+constexpr char kService[] = "/rnnserve.v1.RnnServe/";
+
+grpc::ServerUnaryReactor* finish(grpc::CallbackServerContext* ctx, CallScope& scope, const grpc::Status& status) {
+  scope.finish(status.error_code());
   auto* reactor = ctx->DefaultReactor();
   reactor->Finish(status);
   return reactor;
@@ -76,33 +107,45 @@ void fill_session(const SessionView& v, pb::SessionInfo* out) {
 
 // ---- Session: one session per stream, one reply per request, in order ---------------------------
 
-class SessionStream final : public grpc::ServerBidiReactor<pb::StepRequest, pb::StepResponse> {
+using RawStream = grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>;
+
+class SessionStream final : public RawStream {
  public:
-  explicit SessionStream(Core* core) : core_(core) { StartRead(&request_); }
+  SessionStream(Core* core, grpc::CallbackServerContext* ctx)
+      : core_(core), scope_(core, ctx, std::string(kService) + "Session") {
+    if (scope_.refused()) {
+      Fail(*scope_.refused());
+      return;
+    }
+    StartRead(&in_);
+  }
 
   void OnReadDone(bool ok) override {
     if (!ok) return Done(grpc::Status::OK);  // the client half-closed; every request was answered
+    if (!parse(in_, &request_)) return Fail(malformed(request_));
     if (session_id_.empty()) {
       session_id_ = request_.session_id();
       if (session_id_.empty()) return Fail(Error::invalid("the first message must name the session", "session_id"));
     } else if (!request_.session_id().empty() && request_.session_id() != session_id_) {
       return Fail(Error::invalid("one session per stream: this stream is " + py_repr(session_id_), "session_id"));
     }
-    auto call = prepare(core_, session_id_, request_);
+    auto call = prepare(core_, session_id_, request_, &scope_);
     if (!call.ok()) return Fail(call.error());
     SessionPtr session = call.value().session;
+    scope_.set_model(session->model->name);
     call.value().step.done = [this, session](StepOutcome o) {
       if (!o.ok()) return Fail(o.error);
       reply_.Clear();
       fill_step(core_, *session, session_id_, *o.reply, top_k(request_), &reply_);
-      StartWrite(&reply_);
+      out_ = serialize(reply_);
+      StartWrite(&out_);
     };
     core_->stepper().step(std::move(call.value().session), std::move(call.value().step));
   }
 
   void OnWriteDone(bool ok) override {
     if (!ok) return Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-    StartRead(&request_);
+    StartRead(&in_);
   }
 
   void OnDone() override { delete this; }
@@ -110,24 +153,34 @@ class SessionStream final : public grpc::ServerBidiReactor<pb::StepRequest, pb::
  private:
   void Fail(const Error& err) { Done(rich_status(err)); }
   void Done(const grpc::Status& status) {
-    core_->metrics().request("Session", code_name(status.error_code()));
+    scope_.finish(status.error_code());
     Finish(status);
   }
 
   Core* core_;
+  CallScope scope_;
   std::string session_id_;
+  grpc::ByteBuffer in_, out_;
   pb::StepRequest request_;
   pb::StepResponse reply_;
 };
 
 // ---- StepMany: many sessions per message; a result or an error per entry ------------------------
 
-class StepManyStream final : public grpc::ServerBidiReactor<pb::StepManyRequest, pb::StepManyResponse> {
+class StepManyStream final : public RawStream {
  public:
-  explicit StepManyStream(Core* core) : core_(core) { StartRead(&request_); }
+  StepManyStream(Core* core, grpc::CallbackServerContext* ctx)
+      : core_(core), scope_(core, ctx, std::string(kService) + "StepMany") {
+    if (scope_.refused()) {
+      Fail(*scope_.refused());
+      return;
+    }
+    StartRead(&in_);
+  }
 
   void OnReadDone(bool ok) override {
     if (!ok) return Done(grpc::Status::OK);
+    if (!parse(in_, &request_)) return Fail(malformed(request_));
     reply_.Clear();
     if (request_.has_packed()) return StepPacked();
     StepEntries();
@@ -135,12 +188,17 @@ class StepManyStream final : public grpc::ServerBidiReactor<pb::StepManyRequest,
 
   void OnWriteDone(bool ok) override {
     if (!ok) return Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-    StartRead(&request_);
+    StartRead(&in_);
   }
 
   void OnDone() override { delete this; }
 
  private:
+  void Write() {
+    out_ = serialize(reply_);
+    StartWrite(&out_);
+  }
+
   // -- the `steps` form --
   void StepEntries() {
     const int n = request_.steps_size();
@@ -154,15 +212,27 @@ class StepManyStream final : public grpc::ServerBidiReactor<pb::StepManyRequest,
     expires_at_ = unix_now() + core_->store().ttl_s();
     remaining_.store(n + 1);  // +1: this loop's own hold, so no answer completes the message early
     std::vector<Stepper::Call> calls;
+    std::vector<std::optional<Error>> early(static_cast<size_t>(n));
+    size_t estimate = 0;
     for (int i = 0; i < n; ++i) {
-      auto call = prepare(core_, request_.steps(i).session_id(), request_.steps(i));
+      const auto& req = request_.steps(i);
+      estimate += 2 * req.session_id().size() + 32;
+      auto call = prepare(core_, req.session_id(), req);
       if (!call.ok()) {
-        Record(static_cast<size_t>(i), StepOutcome{nullptr, call.error()});
+        early[static_cast<size_t>(i)] = call.error();
+        estimate += kEntryErrorBytes;
         continue;
       }
+      estimate += call.value().step.input.steps * output_bytes_per_step(*call.value().session->model, req.top_k());
       entry_models_[static_cast<size_t>(i)] = call.value().session->model;
       call.value().step.done = [this, i](StepOutcome o) { Record(static_cast<size_t>(i), std::move(o)); };
       calls.push_back(std::move(call.value()));
+    }
+    if (auto err = reply_too_large(estimate, static_cast<size_t>(core_->config().max_message_bytes))) {
+      return Fail(*err);
+    }
+    for (int i = 0; i < n; ++i) {
+      if (early[static_cast<size_t>(i)]) Record(static_cast<size_t>(i), StepOutcome{nullptr, *early[static_cast<size_t>(i)]});
     }
     core_->stepper().step(std::move(calls));
     Arrive();
@@ -194,7 +264,7 @@ class StepManyStream final : public grpc::ServerBidiReactor<pb::StepManyRequest,
       step->set_expires_at(expires_at_);
       fill_reply(*entry_models_[static_cast<size_t>(i)], *o.reply, top_k(req), step);
     }
-    StartWrite(&reply_);
+    Write();
   }
 
   // -- the packed form --
@@ -205,11 +275,13 @@ class StepManyStream final : public grpc::ServerBidiReactor<pb::StepManyRequest,
 
   void Fail(const Error& err) { Done(rich_status(err)); }
   void Done(const grpc::Status& status) {
-    core_->metrics().request("StepMany", code_name(status.error_code()));
+    scope_.finish(status.error_code());
     Finish(status);
   }
 
   Core* core_;
+  CallScope scope_;
+  grpc::ByteBuffer in_, out_;
   pb::StepManyRequest request_;
   pb::StepManyResponse reply_;
   std::vector<StepOutcome> outcomes_;
@@ -303,13 +375,21 @@ void StepManyStream::StepPacked() {
   auto m = core_->model(p.model(), 0);
   if (!m.ok()) return Fail(m.error());
   block_model_ = m.value();
+  scope_.set_model(block_model_->name);
   block_steps_ = p.steps() ? p.steps() : 1;
   if (auto err = CheckBlock(p, *block_model_, block_steps_)) return Fail(*err);
+  const ModelSpec& bm = *block_model_;
+  const size_t per_step = 4 * static_cast<size_t>(bm.output_size) +
+                          (bm.output_kind == OutputKind::kRegression ? 0 : 4 * bm.labels.size() + 5);
+  const size_t estimate = static_cast<size_t>(n) * block_steps_ * per_step + static_cast<size_t>(n) * 10 + 64;
+  if (auto err = reply_too_large(estimate, static_cast<size_t>(core_->config().max_message_bytes))) {
+    return Fail(*err);
+  }
   if (block_model_->tokens) {
     block_ids_ = std::make_shared<const std::vector<int64_t>>(p.tokens().begin(), p.tokens().end());
   } else {
     std::vector<float> values(p.features().size() / sizeof(float));
-    std::memcpy(values.data(), p.features().data(), p.features().size());  // little-endian hosts
+    if (!values.empty()) std::memcpy(values.data(), p.features().data(), p.features().size());  // little-endian hosts
     block_features_ = std::make_shared<const std::vector<float>>(std::move(values));
   }
   outcomes_.assign(static_cast<size_t>(n), StepOutcome{});
@@ -380,12 +460,27 @@ void StepManyStream::AnswerPacked() {
     }
   }
   out->set_expires_at(any_found_ ? unix_now() + core_->store().ttl_s() : 0.0);
-  StartWrite(&reply_);
+  Write();
 }
 
 // ---- the service --------------------------------------------------------------------------------
 
-class RnnServeService final : public pb::RnnServe::CallbackService {
+using RawBase = pb::RnnServe::WithRawCallbackMethod_OpenSession<
+    pb::RnnServe::WithRawCallbackMethod_CloseSession<pb::RnnServe::WithRawCallbackMethod_ResetSession<
+        pb::RnnServe::WithRawCallbackMethod_Step<pb::RnnServe::WithRawCallbackMethod_Session<
+            pb::RnnServe::WithRawCallbackMethod_StepMany<pb::RnnServe::Service>>>>>>;
+
+// A unary call's messages, alive until its answer is written (the step may answer later, on the
+// scheduler's thread).
+template <class Req, class Rep>
+struct Unary {
+  Unary(Core* core, grpc::CallbackServerContext* ctx, std::string method) : scope(core, ctx, std::move(method)) {}
+  CallScope scope;
+  Req request;
+  Rep reply;
+};
+
+class RnnServeService final : public RawBase {
  public:
   explicit RnnServeService(Core* core) : core_(core) {
     const auto* service = pb::RnnServe::service_full_name();
@@ -396,59 +491,79 @@ class RnnServeService final : public pb::RnnServe::CallbackService {
     }
   }
 
-  grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* ctx, const pb::OpenSessionRequest* req,
-                                        pb::SessionInfo* reply) override {
-    auto v = core_->open_session(req->model(), req->version(), "");
-    if (!v.ok()) return finish(core_, ctx, "OpenSession", rich_status(v.error()));
-    fill_session(v.value(), reply);
-    return finish(core_, ctx, "OpenSession", grpc::Status::OK);
+  grpc::ServerUnaryReactor* OpenSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                        grpc::ByteBuffer* out) override {
+    CallScope scope(core_, ctx, std::string(kService) + "OpenSession");
+    if (scope.refused()) return finish(ctx, scope, rich_status(*scope.refused()));
+    pb::OpenSessionRequest req;
+    if (!parse(*in, &req)) return finish(ctx, scope, rich_status(malformed(req)));
+    scope.set_model(req.model());
+    auto v = core_->open_session(req.model(), req.version(), "");
+    if (!v.ok()) return finish(ctx, scope, rich_status(v.error()));
+    pb::SessionInfo reply;
+    fill_session(v.value(), &reply);
+    *out = serialize(reply);
+    return finish(ctx, scope, grpc::Status::OK);
   }
 
-  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx, const pb::CloseSessionRequest* req,
-                                         pb::CloseSessionResponse*) override {
-    auto found = own_session(core_, req->session_id());
-    std::optional<Error> err = found.ok() ? core_->close_session(req->session_id()) : found.error();
-    return finish(core_, ctx, "CloseSession", err ? rich_status(*err) : grpc::Status::OK);
+  grpc::ServerUnaryReactor* CloseSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                         grpc::ByteBuffer* out) override {
+    CallScope scope(core_, ctx, std::string(kService) + "CloseSession");
+    if (scope.refused()) return finish(ctx, scope, rich_status(*scope.refused()));
+    pb::CloseSessionRequest req;
+    if (!parse(*in, &req)) return finish(ctx, scope, rich_status(malformed(req)));
+    auto found = own_session(core_, req.session_id());
+    if (found.ok()) scope.set_model(found.value()->model->name);
+    std::optional<Error> err = found.ok() ? core_->close_session(req.session_id()) : found.error();
+    if (!err) *out = serialize(pb::CloseSessionResponse());
+    return finish(ctx, scope, err ? rich_status(*err) : grpc::Status::OK);
   }
 
-  grpc::ServerUnaryReactor* ResetSession(grpc::CallbackServerContext* ctx, const pb::ResetSessionRequest* req,
-                                         pb::SessionInfo* reply) override {
-    auto found = own_session(core_, req->session_id());
-    if (!found.ok()) return finish(core_, ctx, "ResetSession", rich_status(found.error()));
-    auto v = core_->reset_session(req->session_id());
-    if (!v.ok()) return finish(core_, ctx, "ResetSession", rich_status(v.error()));
-    fill_session(v.value(), reply);
-    return finish(core_, ctx, "ResetSession", grpc::Status::OK);
+  grpc::ServerUnaryReactor* ResetSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                         grpc::ByteBuffer* out) override {
+    CallScope scope(core_, ctx, std::string(kService) + "ResetSession");
+    if (scope.refused()) return finish(ctx, scope, rich_status(*scope.refused()));
+    pb::ResetSessionRequest req;
+    if (!parse(*in, &req)) return finish(ctx, scope, rich_status(malformed(req)));
+    auto found = own_session(core_, req.session_id());
+    if (!found.ok()) return finish(ctx, scope, rich_status(found.error()));
+    scope.set_model(found.value()->model->name);
+    auto v = core_->reset_session(req.session_id());
+    if (!v.ok()) return finish(ctx, scope, rich_status(v.error()));
+    pb::SessionInfo reply;
+    fill_session(v.value(), &reply);
+    *out = serialize(reply);
+    return finish(ctx, scope, grpc::Status::OK);
   }
 
-  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const pb::StepRequest* req,
-                                 pb::StepResponse* reply) override {
-    auto call = prepare(core_, req->session_id(), *req);
-    if (!call.ok()) return finish(core_, ctx, "Step", rich_status(call.error()));
+  grpc::ServerUnaryReactor* Step(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                 grpc::ByteBuffer* out) override {
+    auto call = std::make_shared<Unary<pb::StepRequest, pb::StepResponse>>(core_, ctx, std::string(kService) + "Step");
+    if (call->scope.refused()) return finish(ctx, call->scope, rich_status(*call->scope.refused()));
+    if (!parse(*in, &call->request)) return finish(ctx, call->scope, rich_status(malformed(call->request)));
+    auto prepared = prepare(core_, call->request.session_id(), call->request, &call->scope);
+    if (!prepared.ok()) return finish(ctx, call->scope, rich_status(prepared.error()));
     auto* reactor = ctx->DefaultReactor();
-    SessionPtr session = call.value().session;
+    SessionPtr session = prepared.value().session;
+    call->scope.set_model(session->model->name);
     Core* core = core_;
-    call.value().step.done = [core, reactor, session, req, reply](StepOutcome o) {
+    prepared.value().step.done = [core, reactor, session, call, out](StepOutcome o) {
       grpc::Status status = grpc::Status::OK;
       if (o.ok()) {
-        fill_step(core, *session, req->session_id(), *o.reply, top_k(*req), reply);
+        fill_step(core, *session, call->request.session_id(), *o.reply, top_k(call->request), &call->reply);
+        *out = serialize(call->reply);
       } else {
         status = rich_status(o.error);
       }
-      core->metrics().request("Step", code_name(status.error_code()));
+      call->scope.finish(status.error_code());
       reactor->Finish(status);
     };
-    core_->stepper().step(std::move(call.value().session), std::move(call.value().step));
+    core_->stepper().step(std::move(prepared.value().session), std::move(prepared.value().step));
     return reactor;
   }
 
-  grpc::ServerBidiReactor<pb::StepRequest, pb::StepResponse>* Session(grpc::CallbackServerContext*) override {
-    return new SessionStream(core_);
-  }
-
-  grpc::ServerBidiReactor<pb::StepManyRequest, pb::StepManyResponse>* StepMany(grpc::CallbackServerContext*) override {
-    return new StepManyStream(core_);
-  }
+  RawStream* Session(grpc::CallbackServerContext* ctx) override { return new SessionStream(core_, ctx); }
+  RawStream* StepMany(grpc::CallbackServerContext* ctx) override { return new StepManyStream(core_, ctx); }
 
  private:
   Core* core_;
