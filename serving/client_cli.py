@@ -346,7 +346,7 @@ def client_command(args: argparse.Namespace) -> int:
         except (ValueError, UsageError) as e:  # --values that do not parse, a missing flag
             print(f"rnnserve client: {e}", file=sys.stderr)
             return 2
-        except OSError as e:  # a --plot path that cannot be written: the user's argument is at fault
+        except OSError as e:  # an unwritable --plot path: the user's argument is at fault
             print(f"rnnserve client: {e}", file=sys.stderr)
             return 2
     return 0
