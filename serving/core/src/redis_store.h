@@ -35,6 +35,7 @@ class RedisStore final : public SessionStore {
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   bool reload(Session& s) override;
   std::optional<Error> save(Session& s) override;
+  bool remote() const override { return true; }
   size_t sweep() override;
   size_t count(const std::string& model_name) const override;
   size_t size() const override;

@@ -20,6 +20,7 @@ Scheduler::Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMe
       metrics_(metrics),
       max_batch_(static_cast<size_t>(max_batch)),
       queue_delay_ns_(static_cast<int64_t>(queue_delay_s * 1e9)),
+      committer_(store->remote() ? std::make_unique<Committer>() : nullptr),
       worker_([this] { loop(); }) {}
 
 Scheduler::~Scheduler() { stop(); }
@@ -52,6 +53,7 @@ void Scheduler::stop() {
   }
   wake_.notify_all();
   if (worker_.joinable()) worker_.join();
+  committer_.reset();  // answers the batches it holds
   {
     std::lock_guard<std::mutex> lock(mu_);
     left.swap(queue_);
@@ -180,6 +182,12 @@ void Scheduler::answer(std::vector<Job>& jobs, const Batch& batch) {
     commits.push_back(Commit{jobs[b].session.get(), jobs[b].index, std::move(reply), {}, jobs[b].explicit_index});
   }
   scatter(commits, batch);
+  if (!committer_) return settle(jobs, commits);
+  auto held = std::make_shared<std::pair<std::vector<Job>, std::vector<Commit>>>(std::move(jobs), std::move(commits));
+  committer_->post([this, held] { settle(held->first, held->second); });
+}
+
+void Scheduler::settle(std::vector<Job>& jobs, std::vector<Commit>& commits) {
   const auto stored = store_->commit(commits);
   const int64_t now = now_ns();
   std::vector<Job> again;
@@ -212,8 +220,12 @@ void Scheduler::run_again(std::vector<Job> jobs) {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
       for (auto it = jobs.rbegin(); it != jobs.rend(); ++it) queue_.push_front(std::move(*it));
-      return;
+      jobs.clear();
     }
+  }
+  if (jobs.empty()) {
+    wake_.notify_one();
+    return;
   }
   fail(jobs, Error::of(ErrorKind::kUnavailable, "server is shutting down; retry on another instance"));
 }

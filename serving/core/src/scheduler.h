@@ -10,6 +10,7 @@
 //   into the batch's commits after it; the model call holds no lock of the core;
 // * the store records the batch's new states and replies (one commit per batch) and moves the
 //   states into the sessions before any reply is answered; a failed commit changes no session;
+//   with a remote store that happens on a thread of its own while the next batch runs;
 // * a failed call (the runner raised, or answered other shapes) fails every step of the batch
 //   and stores no state;
 // * a step the store finds ran on a stale copy of its session (another replica moved it on) runs
@@ -23,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "committer.h"
 #include "metrics.h"
 #include "model.h"
 #include "session.h"
@@ -73,6 +75,7 @@ class Scheduler {
   void gather(const std::vector<Job>& jobs, Batch& batch) const;
   void scatter(std::vector<Commit>& commits, const Batch& batch) const;  // new states, not yet the sessions'
   void answer(std::vector<Job>& jobs, const Batch& batch);
+  void settle(std::vector<Job>& jobs, std::vector<Commit>& commits);  // store, then reply
   static void fail(std::vector<Job>& jobs, const Error& err);
   void run_again(std::vector<Job> jobs);
 
@@ -86,6 +89,7 @@ class Scheduler {
   std::condition_variable wake_;
   std::deque<Job> queue_;
   bool stopping_ = false;
+  std::unique_ptr<Committer> committer_;  // a remote store only: commits overlap the next batch
   std::thread worker_;  // last: it starts once the members above exist
 };
 

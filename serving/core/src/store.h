@@ -47,6 +47,8 @@ class SessionStore {
   virtual bool reload(Session&) { return false; }
   // Records a session changed outside a step (a reset; its gate is free and its mutex is not held).
   virtual std::optional<Error> save(Session&) { return std::nullopt; }
+  // True when a commit is a network round trip (worth overlapping with the next batch).
+  virtual bool remote() const { return false; }
   virtual size_t sweep() = 0;  // expire idle sessions; returns how many
   virtual size_t count(const std::string& model_name) const = 0;
   virtual size_t size() const = 0;
