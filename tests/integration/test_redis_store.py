@@ -100,6 +100,22 @@ def test_a_session_opened_on_one_replica_continues_on_another(
     np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
 
 
+def test_a_reset_or_close_on_one_replica_holds_on_every_other(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        sid = a.open()
+        for i in range(3):
+            a.step(sid, i, chunks[i])
+        assert b.api.ResetSession(pb.ResetSessionRequest(session_id=sid)).next_step_index == 0
+        y = a.step(sid, 0, chunks[0])  # a still holds index 3: it re-reads the reset session
+        b.api.CloseSession(pb.CloseSessionRequest(session_id=sid))
+        details = expect_error(lambda: a.step(sid, 1, chunks[1]), grpc.StatusCode.NOT_FOUND)
+        assert details == f"unknown session '{sid}' (never opened or closed)"
+    np.testing.assert_allclose(y, Reference(quick_store).run(MODEL, chunks[:1]), atol=TOL, rtol=0)
+
+
 def test_two_replicas_never_both_advance_a_session(
     quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
 ) -> None:
