@@ -25,12 +25,7 @@ COMPLETE = ".complete"  # written last: a store without it is an interrupted run
 
 # What the native data plane does not do yet, by test, with why. Under RNNSERVE_DATA_PLANE=native
 # these run and must fail (strict xfail): a gap that closes fails the run until it leaves this list.
-NATIVE_GAPS = {
-    "tests/integration/test_serve_cli.py::test_the_access_log_writes_one_line_per_call": (
-        "health checks are answered by gRPC C++'s built-in health service, which the core's "
-        "access log does not see"
-    ),
-}
+NATIVE_GAPS: dict[str, str] = {}  # none known today
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -100,6 +100,19 @@ void RateLimitedLog::warn(const std::string& key, const std::string& message) {
   log_line("WARNING", message + " (" + std::to_string(count) + " of these since the last report)");
 }
 
+void access_log_line(const Core& core, const std::string& method, const std::string& model, grpc::StatusCode code,
+                     int64_t started_ns) {
+  if (!core.config().access_log) return;
+  const auto us = (now_ns() - started_ns) / 1000;
+  const std::string line = iso_now() + " grpc " + method + " model=" + model + " status=" + code_name(code) +
+                           " us=" + std::to_string(us);
+  if (core.config().access_sink) {
+    core.config().access_sink(line);
+  } else {
+    std::fprintf(stderr, "%s\n", line.c_str());
+  }
+}
+
 CallScope::CallScope(Core* core, grpc::CallbackServerContext* ctx, std::string method, bool admit_now)
     : core_(core), method_(std::move(method)), model_("-"), started_ns_(now_ns()) {
   if (core_->tokens().enabled()) {
@@ -136,16 +149,7 @@ void CallScope::finish(grpc::StatusCode code) {
   finished_ = true;
   if (admitted_) core_->release();
   core_->metrics().request(short_name(method_), code_name(code));
-  if (core_->config().access_log) {
-    const auto us = (now_ns() - started_ns_) / 1000;
-    const std::string line = iso_now() + " grpc " + method_ + " model=" + model_ + " status=" + code_name(code) +
-                             " us=" + std::to_string(us);
-    if (core_->config().access_sink) {
-      core_->config().access_sink(line);
-    } else {
-      std::fprintf(stderr, "%s\n", line.c_str());
-    }
-  }
+  access_log_line(*core_, method_, model_, code, started_ns_);
 }
 
 }  // namespace rnnserve

@@ -44,6 +44,9 @@ class RateLimitedLog {
 };
 
 void log_line(const char* level, const std::string& message);  // Python logging's format
+// One access-log line (serving/access_log.py's format), when the access log is on.
+void access_log_line(const Core& core, const std::string& method, const std::string& model, grpc::StatusCode code,
+                     int64_t started_ns);
 
 class CallScope {
  public:

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <stdexcept>
 
+#include "health_log.h"
 #include "memory_store.h"
 #include "redis_store.h"
 #include "oip_service.h"
@@ -83,6 +84,7 @@ int Core::start() {
   builder.SetMaxReceiveMessageSize(config_.max_message_bytes);
   builder.SetMaxSendMessageSize(config_.max_message_bytes);
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);  // a taken port must fail, not share
+  if (config_.access_log) builder.experimental().SetInterceptorCreators(health_log_interceptors(this));
   services_.push_back(make_rnnserve_service(this));
   services_.push_back(make_oip_service(this));
   for (auto& s : services_) builder.RegisterService(s.get());
