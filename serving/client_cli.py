@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
@@ -236,7 +237,9 @@ def _forecast(c: Client, args: argparse.Namespace) -> None:
         forecast = [list(g.value) for g in s.generate(history, max_tokens=args.steps)]
     print(json.dumps({"history": history, "forecast": forecast}))
     if args.plot:
-        plot_forecast(history, forecast, args.plot, args.model)
+        dt, _ = _sampling(json.loads(manifest_json) if manifest_json else {})
+        truth = known_continuation([h[0] for h in history], dt, len(forecast)) if dt else None
+        plot_forecast(history, forecast, args.plot, args.model, truth)
         print(f"wrote {args.plot}", file=sys.stderr)
 
 
@@ -293,19 +296,50 @@ def _sine_frequency(values: list[float], dt: float) -> float | None:
     return math.acos(cos_w_dt) / dt
 
 
-def plot_forecast(history: list[list[float]], forecast: list[list[float]], path: str, title: str):
+def known_continuation(values: list[float], dt: float, steps: int) -> list[float] | None:
+    """When ``values`` are samples of a sine every ``dt`` (a sin(w t) + b cos(w t), fitted to
+    within 1e-3), its next ``steps`` values: the truth a forecast can be drawn against. None for
+    anything else."""
+    w = _sine_frequency(values, dt) if len(values) >= 3 else None
+    if w is None:
+        return None
+    t = np.arange(len(values) + steps) * dt
+    basis = np.stack([np.sin(w * t), np.cos(w * t)], axis=1)  # (n + steps, 2)
+    coef, *_ = np.linalg.lstsq(basis[: len(values)], np.asarray(values), rcond=None)
+    if np.abs(basis[: len(values)] @ coef - values).max() > 1e-3:
+        return None
+    return (basis[len(values) :] @ coef).tolist()
+
+
+def plot_forecast(
+    history: list[list[float]],
+    forecast: list[list[float]],
+    path: str,
+    title: str,
+    truth: list[float] | None = None,
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig, ax = plt.subplots(figsize=(9, 3.2))
     n = len(history)
     ax.plot(range(n), [h[0] for h in history], "o-", label="history (sent)")
-    ax.plot(range(n, n + len(forecast)), [f[0] for f in forecast], ".-", label="forecast")
+    ahead = range(n, n + len(forecast))
+    if truth is not None:
+        ax.plot(
+            ahead,
+            truth,
+            "--",
+            color="0.5",
+            label="true continuation\n(the sine the history follows)",
+        )
+    ax.plot(ahead, [f[0] for f in forecast], ".-", label="forecast")
     ax.set_xlabel("step")
+    ax.set_ylabel("value (the model's input feature)")
     ax.set_title(f"{title}: forecast by feeding predictions back")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, off the data
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
