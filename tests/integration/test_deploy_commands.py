@@ -2,7 +2,8 @@
 
 No Docker engine runs here, so each service's exact command line and healthcheck are taken from
 docker-compose.yml and run locally. Only what the container provides is swapped: `/models` becomes a
-model store here, container-wide binds (0.0.0.0) become 127.0.0.1, and fixed ports become free ones.
+model store here, container-wide binds (0.0.0.0) become 127.0.0.1, fixed ports become free ones, and
+the `redis` service becomes a real redis-server on a free loopback port.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from redis_support import RedisProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -100,7 +102,11 @@ def grpc_service(quick_store: Path, grpc_ports: dict[str, int], tmp_path: Path) 
         "9090": str(grpc_ports["metrics"]),
         "0.0.0.0": "127.0.0.1",
     }
-    env = {**os.environ, **{k: str(v) for k, v in spec["environment"].items()}}
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    environment = {k: str(v) for k, v in spec["environment"].items()}
+    environment = {k: v.replace("redis://redis:6379", redis.url) for k, v in environment.items()}
+    env = {**os.environ, **environment}
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
         localised(spec["command"], swaps),
@@ -115,8 +121,10 @@ def grpc_service(quick_store: Path, grpc_ports: dict[str, int], tmp_path: Path) 
     try:
         yield server, healthcheck
     finally:
-        assert end_session(server) == []
+        leftovers = end_session(server)
+        redis.stop()
         log.close()
+        assert leftovers == []
 
 
 def test_grpc_healthcheck_fails_when_nothing_serves(grpc_ports: dict[str, int]) -> None:
