@@ -416,7 +416,7 @@ def test_bad_inputs_are_refused_before_they_reach_a_batch(quick_store):
             sid = e.open_session("sum_sign_lstm").session_id
             cid = e.open_session("char").session_id
             cases = [
-                (sid, np.zeros((2, 3), np.float32), "expects 1 features"),
+                (sid, np.zeros((2, 3), np.float32), "expects 1 feature per step"),
                 (sid, np.array([[np.nan]], np.float32), "NaN or Inf"),
                 (sid, np.zeros((0, 1), np.float32), "empty input"),
                 (sid, np.zeros((9, 1), np.float32), "at most 8"),
