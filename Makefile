@@ -13,7 +13,7 @@ BUILD_REQUIRES := $(shell $(PY) -c 'import tomllib; print(" ".join(tomllib.load(
 NATIVE_SOURCES := $(shell find serving/core/src protos -type f) serving/core/CMakeLists.txt
 NATIVE_STAMP := $(VENV)/.native-built
 
-.PHONY: setup debs native run test test-native test-asan lint format protos train bench clean
+.PHONY: setup debs native run test test-python test-asan lint format protos train bench clean
 
 setup: debs $(STAMP) $(NATIVE_STAMP)
 
@@ -46,14 +46,15 @@ native: $(NATIVE_STAMP)
 run: setup
 	$(BIN)/rnnserve up --store $(STORE)
 
-# The whole suite on the default data plane; the black-box suites (integration, e2e) again on the
-# native core; then the core's sanitizer build under the suites of its hot path.
+# The whole suite on the default data plane (the native core); the black-box suites (integration,
+# e2e) again on the Python data plane while it exists; then the core's sanitizer build under the
+# suites of its hot path.
 test: setup lint
 	$(BIN)/pytest
-	$(MAKE) test-native test-asan
+	$(MAKE) test-python test-asan
 
-test-native: setup
-	RNNSERVE_DATA_PLANE=native $(BIN)/pytest tests/integration tests/e2e
+test-python: setup
+	RNNSERVE_DATA_PLANE=python $(BIN)/pytest tests/integration tests/e2e
 
 # ASan + UBSan build of the core (its own build folder), loaded in place of the release build.
 # Leak detection is off: CPython keeps its own allocations until exit by design.

@@ -61,8 +61,9 @@ class ServerConfig:
     interceptors: Sequence[Any] = field(default_factory=tuple)
     tls: TlsConfig | None = None  # TLS on the gRPC port and the metrics endpoint
     auth_tokens: TokenTable | None = None  # bearer tokens every RPC but health must carry
-    # which implementation serves the step path; $RNNSERVE_DATA_PLANE picks it for a whole run
-    data_plane: str = field(default_factory=lambda: os.environ.get("RNNSERVE_DATA_PLANE", "python"))
+    # which implementation serves the step path (the native core unless $RNNSERVE_DATA_PLANE says
+    # "python", the data plane being retired); the variable picks it for a whole run
+    data_plane: str = field(default_factory=lambda: os.environ.get("RNNSERVE_DATA_PLANE", "native"))
     # where sessions live: "memory" (this process) or "redis://HOST:PORT[/DB]" (shared by replicas)
     session_store: str = field(
         default_factory=lambda: os.environ.get("RNNSERVE_SESSION_STORE", "memory")
@@ -298,7 +299,7 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--threads", "RNNSERVE_THREADS", int, 1, "intra-op threads per backend call"),
     ("--session-ttl", "RNNSERVE_SESSION_TTL", float, 600.0, "idle seconds before expiry"),
     ("--max-sessions", "RNNSERVE_MAX_SESSIONS", int, 100_000, "open sessions over all models"),
-    ("--data-plane", "RNNSERVE_DATA_PLANE", str, "python",
+    ("--data-plane", "RNNSERVE_DATA_PLANE", str, "native",
      f"which implementation serves the step path: {' or '.join(DATA_PLANES)}"),
     ("--session-store", "RNNSERVE_SESSION_STORE", str, "memory",
      "where sessions live: memory, or redis://HOST:PORT[/DB] shared by replicas (native plane)"),
