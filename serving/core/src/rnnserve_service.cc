@@ -105,24 +105,61 @@ void fill_session(const SessionView& v, pb::SessionInfo* out) {
   out->set_next_step_index(v.next_step_index);
 }
 
-// ---- Session: one session per stream, one reply per request, in order ---------------------------
+// ---- the two streams' common life: read, parse, handle, write, read again ----------------------
 
 using RawStream = grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>;
 
-class SessionStream final : public RawStream {
+template <class Request>
+class Stream : public RawStream {
  public:
-  SessionStream(Core* core, grpc::CallbackServerContext* ctx)
-      : core_(core), scope_(core, ctx, std::string(kService) + "Session") {
-    if (scope_.refused()) {
-      Fail(*scope_.refused());
-      return;
-    }
-    StartRead(&in_);
-  }
-
   void OnReadDone(bool ok) override {
     if (!ok) return Done(grpc::Status::OK);  // the client half-closed; every request was answered
     if (!parse(in_, &request_)) return Fail(malformed(request_));
+    Handle();
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) return Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
+    StartRead(&in_);
+  }
+
+  void OnDone() override { delete this; }
+
+ protected:
+  Stream(Core* core, grpc::CallbackServerContext* ctx, const char* method)
+      : core_(core), scope_(core, ctx, std::string(kService) + method) {}
+  // Called last by the derived constructor: a read may complete on another thread at once, and
+  // Handle() must find the whole object built.
+  void Start() {
+    if (scope_.refused()) return Fail(*scope_.refused());
+    StartRead(&in_);
+  }
+  virtual void Handle() = 0;  // request_ holds the next message
+  template <class Reply>
+  void Write(const Reply& reply) {
+    out_ = serialize(reply);
+    StartWrite(&out_);
+  }
+  void Fail(const Error& err) { Done(rich_status(err)); }
+  void Done(const grpc::Status& status) {
+    scope_.finish(status.error_code());
+    Finish(status);
+  }
+
+  Core* core_;
+  CallScope scope_;
+  grpc::ByteBuffer in_, out_;
+  Request request_;
+};
+
+// ---- Session: one session per stream, one reply per request, in order ---------------------------
+
+class SessionStream final : public Stream<pb::StepRequest> {
+ public:
+  SessionStream(Core* core, grpc::CallbackServerContext* ctx) : Stream(core, ctx, "Session") { Start(); }
+
+ private:
+  void Handle() override {
     if (session_id_.empty()) {
       session_id_ = request_.session_id();
       if (session_id_.empty()) return Fail(Error::invalid("the first message must name the session", "session_id"));
@@ -132,71 +169,30 @@ class SessionStream final : public RawStream {
     auto call = prepare(core_, session_id_, request_, &scope_);
     if (!call.ok()) return Fail(call.error());
     SessionPtr session = call.value().session;
-    scope_.set_model(session->model->name);
     call.value().step.done = [this, session](StepOutcome o) {
       if (!o.ok()) return Fail(o.error);
       reply_.Clear();
       fill_step(core_, *session, session_id_, *o.reply, top_k(request_), &reply_);
-      out_ = serialize(reply_);
-      StartWrite(&out_);
+      Write(reply_);
     };
     core_->stepper().step(std::move(call.value().session), std::move(call.value().step));
   }
 
-  void OnWriteDone(bool ok) override {
-    if (!ok) return Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-    StartRead(&in_);
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  void Fail(const Error& err) { Done(rich_status(err)); }
-  void Done(const grpc::Status& status) {
-    scope_.finish(status.error_code());
-    Finish(status);
-  }
-
-  Core* core_;
-  CallScope scope_;
   std::string session_id_;
-  grpc::ByteBuffer in_, out_;
-  pb::StepRequest request_;
   pb::StepResponse reply_;
 };
 
 // ---- StepMany: many sessions per message; a result or an error per entry ------------------------
 
-class StepManyStream final : public RawStream {
+class StepManyStream final : public Stream<pb::StepManyRequest> {
  public:
-  StepManyStream(Core* core, grpc::CallbackServerContext* ctx)
-      : core_(core), scope_(core, ctx, std::string(kService) + "StepMany") {
-    if (scope_.refused()) {
-      Fail(*scope_.refused());
-      return;
-    }
-    StartRead(&in_);
-  }
+  StepManyStream(Core* core, grpc::CallbackServerContext* ctx) : Stream(core, ctx, "StepMany") { Start(); }
 
-  void OnReadDone(bool ok) override {
-    if (!ok) return Done(grpc::Status::OK);
-    if (!parse(in_, &request_)) return Fail(malformed(request_));
+ private:
+  void Handle() override {
     reply_.Clear();
     if (request_.has_packed()) return StepPacked();
     StepEntries();
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) return Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-    StartRead(&in_);
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  void Write() {
-    out_ = serialize(reply_);
-    StartWrite(&out_);
   }
 
   // -- the `steps` form --
@@ -264,7 +260,7 @@ class StepManyStream final : public RawStream {
       step->set_expires_at(expires_at_);
       fill_reply(*entry_models_[static_cast<size_t>(i)], *o.reply, top_k(req), step);
     }
-    Write();
+    Write(reply_);
   }
 
   // -- the packed form --
@@ -273,16 +269,6 @@ class StepManyStream final : public RawStream {
   std::optional<Error> EntryProblem(const ModelSpec& block, const Session& s, size_t pos) const;
   void AnswerPacked();
 
-  void Fail(const Error& err) { Done(rich_status(err)); }
-  void Done(const grpc::Status& status) {
-    scope_.finish(status.error_code());
-    Finish(status);
-  }
-
-  Core* core_;
-  CallScope scope_;
-  grpc::ByteBuffer in_, out_;
-  pb::StepManyRequest request_;
   pb::StepManyResponse reply_;
   std::vector<StepOutcome> outcomes_;
   std::vector<ModelPtr> entry_models_;
@@ -460,7 +446,7 @@ void StepManyStream::AnswerPacked() {
     }
   }
   out->set_expires_at(any_found_ ? unix_now() + core_->store().ttl_s() : 0.0);
-  Write();
+  Write(reply_);
 }
 
 // ---- the service --------------------------------------------------------------------------------
