@@ -60,7 +60,7 @@ test-python: setup
 # Leak detection is off: CPython keeps its own allocations until exit by design.
 ASAN_TESTS := tests/integration/test_grpc_api.py tests/integration/test_grpc_packed.py \
   tests/integration/test_grpc_stepmany.py tests/integration/test_grpc_invariant.py \
-  tests/integration/test_oip.py tests/integration/test_hardening.py
+  tests/integration/test_oip.py tests/integration/test_hardening.py tests/integration/test_core_gate.py
 test-asan: setup
 	cmake -S serving/core -B build/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRNNSERVE_SANITIZE=ON \
 	  -Dpybind11_DIR=$$($(BIN)/python -c 'import pybind11; print(pybind11.get_cmake_dir())') \

@@ -148,6 +148,8 @@ Bridge bridge_of(py::object handler) {
       reply.model = r[4].cast<std::string>();
     } catch (py::error_already_set& e) {
       reply = BridgeReply{static_cast<int>(grpc::StatusCode::INTERNAL), std::string("internal error: ") + e.what(), "", {}, ""};
+    } catch (const std::exception& e) {  // a reply of the wrong shape: never terminate the bridge thread
+      reply = BridgeReply{static_cast<int>(grpc::StatusCode::INTERNAL), std::string("internal error: ") + e.what(), "", {}, ""};
     }
     return reply;
   };
@@ -163,21 +165,22 @@ py::tuple step(Core& core, const std::string& id, py::array x, std::optional<uin
   auto found = core.session(id);
   if (!found.ok()) return error_tuple(found.error());
   const ModelSpec& m = *found.value()->model;
-  StepInput input;
-  if (m.tokens) {
-    auto ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>(x);
-    input.ids = std::make_shared<const std::vector<int64_t>>(ids.data(), ids.data() + ids.size());
-    input.steps = static_cast<uint32_t>(ids.size());
-  } else {
+  // Generate's steps are the model's own outputs fed back, checked like any client's input
+  auto input = [&]() -> Result<StepInput> {
+    if (m.tokens) {
+      auto ids = py::array_t<int64_t, py::array::c_style | py::array::forcecast>(x);
+      return decode_tokens(m, std::vector<int64_t>(ids.data(), ids.data() + ids.size()));
+    }
     auto f = FloatArray(x);
-    input.features = std::make_shared<const std::vector<float>>(f.data(), f.data() + f.size());
-    input.steps = static_cast<uint32_t>(f.size() / std::max(1, m.features));
-  }
+    const auto steps = static_cast<uint32_t>(f.size() / static_cast<size_t>(std::max(1, m.features)));
+    return decode_features(m, std::vector<float>(f.data(), f.data() + f.size()), steps);
+  }();
+  if (!input.ok()) return error_tuple(input.error());
   std::promise<StepOutcome> answered;
   auto outcome = answered.get_future();
   {
     py::gil_scoped_release nogil;
-    core.stepper().step(found.value(), PendingStep{std::move(input), want, [&answered](StepOutcome o) {
+    core.stepper().step(found.value(), PendingStep{std::move(input.value()), want, [&answered](StepOutcome o) {
                           answered.set_value(std::move(o));
                         }});
     outcome.wait();
@@ -222,12 +225,26 @@ py::dict metrics(Core& core) {
   return out;
 }
 
+// Python may drop a Core without stop(): stopping waits for in-flight batches and bridged calls,
+// which need the GIL, so it runs without it; the delete then runs with it, as the runners and the
+// bridge own Python objects.
+struct StopThenDelete {
+  void operator()(Core* core) const {
+    {
+      py::gil_scoped_release nogil;
+      core->stop(0);
+    }
+    std::default_delete<Core>()(core);
+  }
+};
+using CorePtr = std::unique_ptr<Core, StopThenDelete>;
+
 }  // namespace
 
 PYBIND11_MODULE(_native, mod) {
   mod.doc() = "rnnserve's native data plane (see serving/core/__init__.py)";
-  py::class_<Core>(mod, "Core")
-      .def(py::init([](const py::dict& cfg) { return std::make_unique<Core>(config_of(cfg)); }))
+  py::class_<Core, CorePtr>(mod, "Core")
+      .def(py::init([](const py::dict& cfg) { return CorePtr(std::make_unique<Core>(config_of(cfg)).release()); }))
       .def("add_model", [](Core& c, const py::dict& spec, py::object run) { c.add_model(spec_of(spec), runner_of(std::move(run))); })
       .def("set_bridge", [](Core& c, py::object handler) { c.set_bridge(bridge_of(std::move(handler))); })
       .def("start", &Core::start, py::call_guard<py::gil_scoped_release>())

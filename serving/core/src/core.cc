@@ -35,7 +35,11 @@ std::shared_ptr<grpc::ServerCredentials> credentials(const CoreConfig& c) {
 
 Core::Core(CoreConfig config) : config_(std::move(config)), tokens_(config_.token_digests) {
   store_ = make_store();
-  stepper_ = std::make_unique<Stepper>([this](const ModelSpec& m) { return schedulers_.at(&m).get(); },
+  stepper_ = std::make_unique<Stepper>(
+      [this](const ModelSpec& m) {
+        auto it = schedulers_.find(&m);  // none: a session (read from a shared store) of a model
+        return it == schedulers_.end() ? nullptr : it->second.get();  // this replica cannot step
+      },
                                        store_.get());
 }
 

@@ -159,7 +159,10 @@ size_t MemoryStore::size() const {
 
 void MemoryStore::close_all() {
   std::lock_guard<std::mutex> lock(mu_);
-  while (!live_.empty()) remove(live_.begin()->second);
+  while (!live_.empty()) {
+    const SessionPtr s = live_.begin()->second;  // a copy: remove() erases the map's own
+    remove(s);
+  }
 }
 
 }  // namespace rnnserve

@@ -200,7 +200,7 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
     return Error::of(model.error().kind, "session " + py_repr(id) + " runs on a model this server does not serve: " +
                                              model.error().message);
   }
-  if (record.value().state.size() != model.value()->state_floats) {
+  if (!record_fits(record.value(), *model.value())) {
     return Error::of(ErrorKind::kInternal, "session " + py_repr(id) + ": its record in the session store holds " +
                                                std::to_string(record.value().state.size()) + " state values, " +
                                                model.value()->key() + " has " +
@@ -305,7 +305,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   auto stored = decode_record(reply_text(outcome), s.id);
   if (!stored.ok()) return stored.error();
   SessionRecord& now = stored.value();
-  if (now.model != s.model->name || now.version != s.model->version || now.state.size() != s.state.size()) {
+  if (now.model != s.model->name || now.version != s.model->version || !record_fits(now, *s.model)) {
     forget(s.id);
     return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
                                                   " was reopened on another replica while this step ran; retry");
@@ -334,7 +334,7 @@ bool RedisStore::reload(Session& s) {
   if (r->type != REDIS_REPLY_STRING) return false;
   auto record = decode_record(reply_text(*r), s.id);
   if (!record.ok() || record.value().model != s.model->name || record.value().version != s.model->version ||
-      record.value().state.size() != s.model->state_floats) {
+      !record_fits(record.value(), *s.model)) {
     return false;
   }
   adopt(s, std::move(record.value()));

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "result.h"
+#include "model.h"
 #include "session.h"
 
 namespace rnnserve {
@@ -26,6 +27,13 @@ struct SessionRecord {
   ReplyPtr last;  // null before the first step
   std::vector<float> state;
 };
+
+// The record's state and cached reply have the sizes this model's spec says (a replica serving
+// other artifacts under the same name:version would otherwise read past their ends).
+inline bool record_fits(const SessionRecord& r, const ModelSpec& m) {
+  return r.state.size() == m.state_floats &&
+         (!r.last || r.last->y.size() == size_t{r.last->steps} * static_cast<size_t>(m.output_size));
+}
 
 std::string index_text(uint64_t index);  // the 16 hex digits the record carries
 std::string encode_record(const std::string& model, uint32_t version, uint64_t next_index, const Reply* last,

@@ -23,12 +23,18 @@ void Stepper::step(std::vector<Call> calls) {
       }
       call.session->busy = true;
     }
-    if (auto claimed_job = claimed(call.session, std::move(call.step))) jobs.push_back(std::move(*claimed_job));
+    StepOutcome answer;
+    if (auto claimed_job = check(call.session, call.step, &answer)) {
+      jobs.push_back(std::move(*claimed_job));
+      continue;
+    }
+    release(call.session);
+    call.step.done(std::move(answer));
   }
   submit(std::move(jobs));
 }
 
-std::optional<Job> Stepper::claimed(const SessionPtr& s, PendingStep pending) {
+std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, StepOutcome* answer) {
   std::optional<Error> error;
   ReplyPtr cached;
   uint64_t index = 0;
@@ -53,8 +59,7 @@ std::optional<Job> Stepper::claimed(const SessionPtr& s, PendingStep pending) {
     if (!store_->reload(*s)) break;
   }
   if (!error && !cached) return job(s, index, std::move(pending));
-  release(s);
-  pending.done(cached ? StepOutcome{cached, {}} : StepOutcome{nullptr, *error});
+  *answer = cached ? StepOutcome{cached, {}} : StepOutcome{nullptr, *error};
   return std::nullopt;
 }
 
@@ -81,27 +86,45 @@ void Stepper::commit(const SessionPtr& s, Result<ReplyPtr> result, const StepDon
 }
 
 void Stepper::release(const SessionPtr& s) {
-  PendingStep next;
-  {
-    std::lock_guard<std::mutex> lock(s->mu);
-    if (s->waiting.empty()) {
-      s->busy = false;
-      return;
+  // A loop, not recursion: every waiting call answered without running (a retry's cached reply,
+  // an error) hands the gate on, and a client can queue thousands of those on one session.
+  // They are answered in arrival order once the gate has moved on.
+  std::vector<std::pair<StepDone, StepOutcome>> answered;
+  for (;;) {
+    PendingStep next;
+    {
+      std::lock_guard<std::mutex> lock(s->mu);
+      if (s->waiting.empty()) {
+        s->busy = false;
+        break;
+      }
+      next = std::move(s->waiting.front());  // the gate passes straight to the next call in line
+      s->waiting.pop_front();
     }
-    next = std::move(s->waiting.front());  // the gate passes straight to the next call in line
-    s->waiting.pop_front();
+    StepOutcome answer;
+    if (auto claimed_job = check(s, next, &answer)) {
+      std::vector<Job> jobs;
+      jobs.push_back(std::move(*claimed_job));
+      submit(std::move(jobs));
+      break;
+    }
+    answered.emplace_back(std::move(next.done), std::move(answer));
   }
-  if (auto claimed_job = claimed(s, std::move(next))) {
-    std::vector<Job> jobs;
-    jobs.push_back(std::move(*claimed_job));
-    submit(std::move(jobs));
-  }
+  for (auto& [done, outcome] : answered) done(std::move(outcome));
 }
 
 void Stepper::submit(std::vector<Job> jobs) {
   std::map<Scheduler*, std::vector<Job>> by_model;
   for (auto& j : jobs) by_model[scheduler_of_(*j.session->model)].push_back(std::move(j));
-  for (auto& [scheduler, model_jobs] : by_model) scheduler->submit(std::move(model_jobs));
+  for (auto& [scheduler, model_jobs] : by_model) {
+    if (scheduler != nullptr) {
+      scheduler->submit(std::move(model_jobs));
+      continue;
+    }
+    for (auto& j : model_jobs) {
+      j.done(Error::of(ErrorKind::kNotStreamable, j.session->model->name + " has no step graph on this server"));
+    }
+  }
 }
 
 }  // namespace rnnserve

@@ -35,8 +35,9 @@ class Stepper {
   void step(SessionPtr session, PendingStep step);
 
  private:
-  // The gate is held: answer from the cache, fail, or turn the call into a job.
-  std::optional<Job> claimed(const SessionPtr& session, PendingStep step);
+  // The gate is held: the call's job, or (no job) *answer holds its cached reply or its error;
+  // answers nobody itself.
+  std::optional<Job> check(const SessionPtr& session, PendingStep& step, StepOutcome* answer);
   Job job(const SessionPtr& session, uint64_t index, PendingStep step);
   void commit(const SessionPtr& session, Result<ReplyPtr> result, const StepDone& done);
   void release(const SessionPtr& session);
