@@ -13,7 +13,7 @@ BUILD_REQUIRES := $(shell $(PY) -c 'import tomllib; print(" ".join(tomllib.load(
 NATIVE_SOURCES := $(shell find serving/core/src protos -type f) serving/core/CMakeLists.txt
 NATIVE_STAMP := $(VENV)/.native-built
 
-.PHONY: setup debs native run test test-python test-asan lint format protos train bench clean
+.PHONY: setup debs native run test test-python test-asan lint format protos train bench bench-crash clean
 
 setup: debs $(STAMP) $(NATIVE_STAMP)
 
@@ -89,6 +89,11 @@ train: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# 20 perf_analyzer stream runs each at 64, 256 and 1,000 sequences against the native core;
+# counts server exits, hangs and errors into docs/benchmarks.md
+bench-crash: setup
+	$(BIN)/python -m bench.crash --runs 20
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache
