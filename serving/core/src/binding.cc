@@ -161,8 +161,14 @@ py::tuple error_tuple(const Error& e) {
 }
 
 // One step of a session from Python (Generate): blocks without the GIL until it is answered.
+// The session's lookup without the GIL: with a shared store it may be a network round trip.
+Result<SessionPtr> lookup(Core& core, const std::string& id) {
+  py::gil_scoped_release nogil;
+  return core.session(id);
+}
+
 py::tuple step(Core& core, const std::string& id, py::array x, std::optional<uint64_t> want) {
-  auto found = core.session(id);
+  auto found = lookup(core, id);
   if (!found.ok()) return error_tuple(found.error());
   const ModelSpec& m = *found.value()->model;
   // Generate's steps are the model's own outputs fed back, checked like any client's input
@@ -252,7 +258,7 @@ PYBIND11_MODULE(_native, mod) {
       .def("wait", &Core::wait, py::call_guard<py::gil_scoped_release>())
       .def("step", &step, py::arg("session_id"), py::arg("x"), py::arg("step_index") = py::none())
       .def("session", [](Core& c, const std::string& id) -> py::tuple {
-        auto s = c.session(id);
+        auto s = lookup(c, id);
         if (!s.ok()) return error_tuple(s.error());
         auto v = c.view(*s.value());
         ReplyPtr last;

@@ -197,11 +197,14 @@ Result<SessionView> Core::reset_session(const std::string& id) {
       return Error::out_of_order("session " + py_repr(id) + " has a step in flight; reset after it answers",
                                  s.next_index);
     }
+    s.busy = true;  // the gate, held until the reset is stored: no step may commit in between
     s.reset_state();
     s.next_index = 0;
     s.last.reset();
   }
-  if (auto err = store_->save(s)) return *err;
+  auto err = store_->save(s);
+  stepper_->release(found.value());  // steps that arrived meanwhile run now, in order
+  if (err) return *err;
   return view(s);
 }
 

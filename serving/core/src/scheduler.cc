@@ -83,17 +83,20 @@ void Scheduler::loop() {
 std::vector<Job> Scheduler::take(std::unique_lock<std::mutex>&) {
   std::vector<Job> jobs;
   const uint32_t steps = queue_.front().input.steps;
-  std::deque<Job> rest;
-  while (!queue_.empty()) {
-    Job& job = queue_.front();
-    if (jobs.size() < max_batch_ && job.input.steps == steps) {
+  std::deque<Job> rest;  // other lengths, in arrival order, ahead of what is left unscanned
+  while (!queue_.empty() && jobs.size() < max_batch_) {  // a full batch ends the scan: a deep
+    Job& job = queue_.front();                            // queue is not walked every turn
+    if (job.input.steps == steps) {
       jobs.push_back(std::move(job));
     } else {
       rest.push_back(std::move(job));
     }
     queue_.pop_front();
   }
-  queue_.swap(rest);
+  while (!rest.empty()) {
+    queue_.push_front(std::move(rest.back()));
+    rest.pop_back();
+  }
   return jobs;
 }
 
@@ -231,6 +234,7 @@ void Scheduler::run_again(std::vector<Job> jobs) {
 }
 
 void Scheduler::fail(std::vector<Job>& jobs, const Error& err) {
+  metrics_->steps_failed.fetch_add(jobs.size(), std::memory_order_relaxed);
   for (auto& job : jobs) job.done(err);
 }
 

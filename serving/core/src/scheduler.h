@@ -76,7 +76,7 @@ class Scheduler {
   void scatter(std::vector<Commit>& commits, const Batch& batch) const;  // new states, not yet the sessions'
   void answer(std::vector<Job>& jobs, const Batch& batch);
   void settle(std::vector<Job>& jobs, std::vector<Commit>& commits);  // store, then reply
-  static void fail(std::vector<Job>& jobs, const Error& err);
+  void fail(std::vector<Job>& jobs, const Error& err);
   void run_again(std::vector<Job> jobs);
 
   const ModelPtr model_;

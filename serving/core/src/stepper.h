@@ -33,6 +33,9 @@ class Stepper {
   // answers it.
   void step(std::vector<Call> calls);
   void step(SessionPtr session, PendingStep step);
+  // Hand the session's gate to the next call in line (or free it). Also for a holder outside the
+  // protocol: a reset holds the gate while it stores the fresh state.
+  void release(const SessionPtr& session);
 
  private:
   // The gate is held: the call's job, or (no job) *answer holds its cached reply or its error;
@@ -40,7 +43,6 @@ class Stepper {
   std::optional<Job> check(const SessionPtr& session, PendingStep& step, StepOutcome* answer);
   Job job(const SessionPtr& session, uint64_t index, PendingStep step);
   void commit(const SessionPtr& session, Result<ReplyPtr> result, const StepDone& done);
-  void release(const SessionPtr& session);
   void submit(std::vector<Job> jobs);
 
   SchedulerOf scheduler_of_;
