@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 STORE ?= model_store
 # Debian packages: gRPC C++ and protobuf for the native core, Java for TorchServe's frontend,
-# redis-server and nginx for the scale-out tests, libb64 for Triton's perf_analyzer.
+# redis-server and nginx for the scale-out tests, libb64 for Triton's perf_analyzer, openssl for the
+# TLS tests' certificates.
 DEBS := g++ cmake pkg-config libssl-dev libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler \
-  libhiredis-dev openjdk-17-jre-headless redis-server nginx-light libb64-0d
+  libhiredis-dev openjdk-17-jre-headless redis-server nginx-light libb64-0d openssl
 # the build backend's own pins, read from pyproject.toml (one place to change them)
 BUILD_REQUIRES := $(shell $(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 NATIVE_SOURCES := $(shell find serving/core/src protos -type f) serving/core/CMakeLists.txt
