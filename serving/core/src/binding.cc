@@ -182,12 +182,13 @@ py::tuple step(Core& core, const std::string& id, py::array x, std::optional<uin
     return decode_features(m, std::vector<float>(f.data(), f.data() + f.size()), steps);
   }();
   if (!input.ok()) return error_tuple(input.error());
-  std::promise<StepOutcome> answered;
-  auto outcome = answered.get_future();
+  // shared: the answering thread may still be inside set_value when this one wakes and returns
+  auto answered = std::make_shared<std::promise<StepOutcome>>();
+  auto outcome = answered->get_future();
   {
     py::gil_scoped_release nogil;
-    core.stepper().step(found.value(), PendingStep{std::move(input.value()), want, [&answered](StepOutcome o) {
-                          answered.set_value(std::move(o));
+    core.stepper().step(found.value(), PendingStep{std::move(input.value()), want, [answered](StepOutcome o) {
+                          answered->set_value(std::move(o));
                         }});
     outcome.wait();
   }
