@@ -14,7 +14,7 @@ BUILD_REQUIRES := $(shell $(PY) -c 'import tomllib; print(" ".join(tomllib.load(
 NATIVE_SOURCES := $(shell find serving/core/src protos -type f) serving/core/CMakeLists.txt
 NATIVE_STAMP := $(VENV)/.native-built
 
-.PHONY: setup debs native run test test-python test-asan lint format protos train bench bench-crash clean
+.PHONY: setup debs native run test test-asan lint format protos train bench bench-crash clean
 
 setup: debs $(STAMP) $(NATIVE_STAMP)
 
@@ -47,15 +47,10 @@ native: $(NATIVE_STAMP)
 run: setup
 	$(BIN)/rnnserve up --store $(STORE)
 
-# The whole suite on the default data plane (the native core); the black-box suites (integration,
-# e2e) again on the Python data plane while it exists; then the core's sanitizer build under the
-# suites of its hot path.
+# The whole suite, then the core's sanitizer build under the suites of its hot path.
 test: setup lint
 	$(BIN)/pytest
-	$(MAKE) test-python test-asan
-
-test-python: setup
-	RNNSERVE_DATA_PLANE=python $(BIN)/pytest tests/integration tests/e2e
+	$(MAKE) test-asan
 
 # ASan + UBSan build of the core (its own build folder), loaded in place of the release build.
 # Leak detection is off: CPython keeps its own allocations until exit by design. The tests that
@@ -68,7 +63,7 @@ test-asan: setup
 	  -Dpybind11_DIR=$$($(BIN)/python -c 'import pybind11; print(pybind11.get_cmake_dir())') \
 	  -DPython_EXECUTABLE=$(CURDIR)/$(BIN)/python
 	cmake --build build/asan -j2
-	RNNSERVE_DATA_PLANE=native RNNSERVE_NATIVE_LIB="$$(ls $(CURDIR)/build/asan/_native*.so)" \
+	RNNSERVE_NATIVE_LIB="$$(ls $(CURDIR)/build/asan/_native*.so)" \
 	  LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0 \
 	  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \

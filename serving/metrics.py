@@ -1,13 +1,13 @@
-"""Prometheus metrics for the gRPC server, on their own registry (several servers per process work).
+"""Prometheus metrics of the server, on their own registry (several servers per process work),
+read from the native core's counters at scrape time.
 
 Names: ``rnnserve_requests_total{method,code}``, ``rnnserve_errors_total{method,code}``,
-``rnnserve_step_latency_seconds{model}`` (engine time per Step, queueing included; a StepMany
-message's steps of one model count as one observation),
+``rnnserve_step_latency_seconds{model}`` (core time of one step, queueing included),
 ``rnnserve_batch_size{model}`` (sessions per backend call), ``rnnserve_live_sessions{model}``,
 ``rnnserve_session_evictions_total{model}`` (expired by the idle TTL),
 ``rnnserve_sessions_closed_total{model}`` and ``rnnserve_refused_rpcs_total{method,reason}`` (RPCs
-turned away before their handler ran: ``malformed`` bytes, or ``overloaded``; see
-serving.rpc_guard). The HTTP endpoint serves ``/metrics`` and nothing else (404).
+turned away before their handler ran: ``malformed`` bytes, or ``overloaded``). The HTTP endpoint
+serves ``/metrics`` and nothing else (404).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
 if TYPE_CHECKING:
@@ -30,93 +31,15 @@ log = logging.getLogger(__name__)
 
 METRICS_PATH = "/metrics"
 
-LATENCY_BUCKETS = (
-    *(b * 1e-4 for b in (1, 2, 5)),
-    *(b * 1e-3 for b in (1, 2, 5, 10, 20, 50, 100, 200, 500)),
-    1.0,
-    2.5,
-)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-
 
 class Metrics:
-    def __init__(self) -> None:
+    """The core's counters under the metric names above, and the HTTP endpoint serving them."""
+
+    def __init__(self, core: Any, engine: Engine) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "rnnserve_requests", "RPCs by method and status code", ["method", "code"], registry=r
-        )
-        self.errors = Counter(
-            "rnnserve_errors", "failed RPCs and StepMany entries", ["method", "code"], registry=r
-        )
-        self.step_latency = Histogram(
-            "rnnserve_step_latency_seconds",
-            "engine time of one step call (queueing + batch)",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "rnnserve_batch_size",
-            "sessions per backend call",
-            ["model"],
-            buckets=BATCH_BUCKETS,
-            registry=r,
-        )
-        self.live_sessions = Gauge("rnnserve_live_sessions", "open sessions", ["model"], registry=r)
-        self.evictions = Counter(
-            "rnnserve_session_evictions", "sessions expired by the idle TTL", ["model"], registry=r
-        )
-        self.closed = Counter(
-            "rnnserve_sessions_closed", "sessions closed by clients", ["model"], registry=r
-        )
-        self.refused = Counter(
-            "rnnserve_refused_rpcs",
-            "RPCs refused before their handler ran (malformed bytes, overload)",
-            ["method", "reason"],
-            registry=r,
-        )
-        self._children: dict[tuple[int, str], Histogram] = {}
-        self._requests: dict[tuple[str, str], Counter] = {}
+        self.registry.register(_CoreCollector(core, engine))
         self._http: ThreadingWSGIServer | None = None
         self._thread: threading.Thread | None = None
-
-    # ---- engine hooks (EngineObserver) -----------------------------------------------------------
-    def on_batch(self, model: str, size: int) -> None:
-        self._child(self.batch_size, model).observe(size)
-
-    def on_step(self, model: str, seconds: float) -> None:
-        self._child(self.step_latency, model).observe(seconds)
-
-    def _child(self, histogram: Histogram, model: str) -> Histogram:
-        """``histogram.labels(model)``, cached: labels() costs as much as observe() per step."""
-        key = (id(histogram), model)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = histogram.labels(model)
-        return child
-
-    def on_eviction(self, model: str, reason: str) -> None:
-        (self.evictions if reason == "expired" else self.closed).labels(model).inc()
-
-    # ---- transport hooks -------------------------------------------------------------------------
-    def on_request(self, method: str, code: str) -> None:
-        counter = self._requests.get((method, code))
-        if counter is None:  # labels() costs more than inc(): one child per (method, code)
-            counter = self._requests[method, code] = self.requests.labels(method, code)
-        counter.inc()
-        if code != "OK":
-            self.errors.labels(method, code).inc()
-
-    def on_refused(self, method: str, reason: str) -> None:
-        self.refused.labels(method, reason).inc()
-
-    def bind(self, engine: Engine) -> None:
-        """Live-session gauges read the engine at scrape time."""
-        for name in {m.manifest.name for m in engine.models()}:
-            self.live_sessions.labels(name).set_function(
-                lambda name=name: engine.live_sessions(name)
-            )
 
     # ---- HTTP endpoint ---------------------------------------------------------------------------
     def serve(self, port: int, address: str = "127.0.0.1", tls: TlsConfig | None = None) -> int:
@@ -146,6 +69,64 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _CoreCollector:
+    def __init__(self, core: Any, engine: Engine) -> None:
+        self.core, self.engine = core, engine
+
+    def collect(self):
+        snap = self.core.metrics()
+        requests = CounterMetricFamily("rnnserve_requests", "RPCs by method and status code",
+                                       labels=["method", "code"])  # fmt: skip
+        failed = CounterMetricFamily("rnnserve_errors", "failed RPCs and StepMany entries",
+                                     labels=["method", "code"])  # fmt: skip
+        for method, code, n in snap["requests"]:
+            requests.add_metric([method, code], n)
+            if code != "OK":
+                failed.add_metric([method, code], n)
+        refused = CounterMetricFamily(
+            "rnnserve_refused_rpcs",
+            "RPCs refused before their handler ran (malformed bytes, overload)",
+            labels=["method", "reason"],
+        )
+        for method, reason, n in snap["refused"]:
+            refused.add_metric([method, reason], n)
+        yield requests
+        yield failed
+        yield refused
+        yield from self._per_model(snap["models"])
+
+    def _per_model(self, models: dict[str, Any]):
+        latency = HistogramMetricFamily(
+            "rnnserve_step_latency_seconds",
+            "core time of one step (queue + batch)",
+            labels=["model"],
+        )
+        batch = HistogramMetricFamily("rnnserve_batch_size", "sessions per backend call",
+                                      labels=["model"])  # fmt: skip
+        live = GaugeMetricFamily("rnnserve_live_sessions", "open sessions", labels=["model"])
+        evicted = CounterMetricFamily(
+            "rnnserve_session_evictions", "sessions expired by the idle TTL", labels=["model"]
+        )
+        closed = CounterMetricFamily("rnnserve_sessions_closed", "sessions closed by clients",
+                                     labels=["model"])  # fmt: skip
+        for name in sorted({m.manifest.name for m in self.engine.models()}):
+            live.add_metric([name], self.core.live_sessions(name))
+        for name, m in models.items():
+            latency.add_metric([name], *_buckets(m["step_latency"]))
+            batch.add_metric([name], *_buckets(m["batch_size"]))
+            evicted.add_metric([name], m["evicted"])
+            closed.add_metric([name], m["closed"])
+        yield from (latency, batch, live, evicted, closed)
+
+
+def _buckets(h: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:
+    cumulative, total = [], 0
+    for bound, count in zip([*h["bounds"], float("inf")], h["counts"], strict=True):
+        total += count
+        cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
+    return cumulative, h["sum"]
 
 
 def only_metrics_path(app: Callable) -> Callable:

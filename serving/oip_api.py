@@ -1,19 +1,10 @@
-"""The Open Inference Protocol (KServe v2 gRPC) over the Engine, with Triton's sequence extension.
+"""The Open Inference Protocol's (KServe v2 gRPC) Python half: the RPCs the native core bridges
+here (server and model health, metadata, Triton's model configuration and repository index).
 
-A thin adapter: it turns ``inference.*`` messages into Engine calls and back, validates inputs
-with ``serving.codec`` and answers errors through ``serving.errors.grpc_status``. docs/oip.md
-describes the wire contract; the short version:
-
-* request parameter ``sequence_id`` (int64, uint64 or string; 0 / "" = none) with
-  ``sequence_start`` / ``sequence_end`` steps an Engine session ``oip:<model>:<sequence_id>``:
-  start opens it with fresh state (restarting it if open), every request runs its time steps,
-  end closes it after a successful step.
-* no ``sequence_id`` = stateless: streamable models run the rows from fresh state through the step
-  graph (outputs per time step, exactly like a one-request sequence); non-streamable
-  (bidirectional) models run the sequence graph via ``Engine.predict``.
-* ``ModelStreamInfer`` answers one reply per request, in request order; a bad request gets a
-  reply with ``error_message`` and the stream goes on. Requests of different sequences run
-  concurrently (so the scheduler batches them); requests of one sequence run in arrival order.
+ModelInfer, ModelStreamInfer (with Triton's sequence extension) and ModelStatistics are served
+by the core itself (``serving/core/src/oip_service.cc``), but for stateless requests to a model
+that reads whole sequences (bidirectional), which it hands to ``ModelInfer`` here, checked the same
+way. docs/oip.md describes the wire contract.
 
 Why a private descriptor pool: ``tritonclient`` registers the same full names
 (``inference.ModelInferRequest``, ...) from its own ``grpc_service.proto`` in protobuf's default
@@ -26,13 +17,10 @@ serialized descriptor in a pool of its own and never imports that module.
 from __future__ import annotations
 
 import ast
-import asyncio
-import contextlib
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -43,21 +31,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from serving import codec
 from serving.backends import LoadedModel, OnnxBackend, TorchScriptBackend
-from serving.engine import MAX_PREDICT_ROWS, StepCounters
-from serving.errors import (
-    InvalidInput,
-    NotStreamable,
-    PayloadTooLarge,
-    RnnServeError,
-    SessionExpired,
-    SessionNotFound,
-    grpc_status,
-)
+from serving.engine import MAX_PREDICT_ROWS
+from serving.errors import InvalidInput, PayloadTooLarge, RnnServeError, grpc_status
 from serving.manifest import Manifest
-from serving.oip_stats import ModelRequestStats, RequestClock, RequestStatistics
-from serving.predict_batcher import MAX_PADDED_STEPS
-from serving.scheduler import step_timing
-from serving.security import current_identity
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +45,10 @@ TEXT_INPUT = "text"  # BYTES, one UTF-8 string: char models only
 OUTPUT_Y = "y"  # FP32 raw head output
 OUTPUT_PROBS = "probabilities"  # FP32, classifiers and char models
 OUTPUT_LABEL = "label"  # BYTES, the most likely label / next character
-MAX_SEQUENCE_ID_LENGTH = 200  # string ids; the session id adds "oip:<model>:"
-MAX_IN_FLIGHT_PER_STREAM = 1024  # unanswered requests one stream may hold before we stop reading
 MAX_ERROR_MESSAGE = 1024  # characters of a status message, as rnnserve.v1 (see _clipped)
 DEFAULT_MAX_REPLY_BYTES = 4 * 1024 * 1024  # gRPC's send limit; the server sets its own
 FLOAT_TEXT_BYTES = 47  # f"{v:f}" of a float32: "-", 39 digits of 3.4e38, ".", 6 decimals
+
 
 _GENERATED_DIR = Path(__file__).parent / "_proto" / "inference"
 _GENERATED = _GENERATED_DIR / "grpc_service_pb2.py"
@@ -110,47 +85,7 @@ def _load_messages() -> tuple[SimpleNamespace, descriptor_pool.DescriptorPool]:
 pb, DESCRIPTOR_POOL = _load_messages()
 
 
-# ---- requests -> arrays --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SequenceControl:
-    """Triton's sequence parameters of one request; ``sequence_id`` None = stateless."""
-
-    sequence_id: int | str | None
-    start: bool
-    end: bool
-
-
-def sequence_control(request: Any) -> SequenceControl:
-    params = request.parameters
-    seq: int | str | None = None
-    if "sequence_id" in params:
-        p = params["sequence_id"]
-        kind = p.WhichOneof("parameter_choice")
-        if kind not in ("int64_param", "uint64_param", "string_param"):
-            raise InvalidInput(
-                f"parameter sequence_id must be an integer or a string, got {kind}",
-                field="sequence_id",
-            )
-        seq = getattr(p, kind) or None  # 0 and "" mean "no sequence", as in Triton
-        if isinstance(seq, str) and len(seq) > MAX_SEQUENCE_ID_LENGTH:
-            raise InvalidInput(
-                f"sequence_id is {len(seq)} characters; at most {MAX_SEQUENCE_ID_LENGTH}",
-                field="sequence_id",
-            )
-    return SequenceControl(
-        seq, _bool_param(params, "sequence_start"), _bool_param(params, "sequence_end")
-    )
-
-
-def _bool_param(params: Any, name: str) -> bool:
-    if name not in params:
-        return False
-    p = params[name]
-    if p.WhichOneof("parameter_choice") != "bool_param":
-        raise InvalidInput(f"parameter {name} must be a bool", field=name)
-    return p.bool_param
+# ---- requests and replies --------------------------------------------------------------
 
 
 def parse_version(text: str) -> int | None:
@@ -474,7 +409,7 @@ def model_metadata(model: LoadedModel, versions: list[int]) -> Any:
     return response
 
 
-# ---- Triton's model configuration, statistics and repository index ---------------------------
+# ---- Triton's model configuration and repository index -----------------------------------
 
 _CONFIG_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
 _TRITON_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "pytorch_libtorch": "pytorch"}
@@ -519,25 +454,6 @@ def _config_tensor(tensor: Any) -> dict[str, Any]:
     }
 
 
-def model_statistics(m: Manifest, requests: ModelRequestStats, steps: StepCounters | None) -> Any:
-    """One model version's ModelStatistics: OIP requests (see ``serving.oip_stats``), and as
-    execution_count the step scheduler's batches over every API's steps of the model (they share
-    its batches; 0 for a model without steps)."""
-    stats = pb.ModelStatistics(
-        name=m.name,
-        version=str(m.version),
-        last_inference=requests.last_inference_ms,
-        inference_count=requests.inference_count,
-    )
-    inference = stats.inference_stats
-    for name in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
-        d = getattr(requests, name)
-        getattr(inference, name).MergeFrom(pb.StatisticDuration(count=d.count, ns=d.ns))
-    if steps is not None:
-        stats.execution_count = steps.batches
-    return stats
-
-
 def repository_index(models: Iterable[LoadedModel]) -> Any:
     """Every loaded model version, READY (the engine loads all of them before serving)."""
     response = pb.RepositoryIndexResponse()
@@ -549,23 +465,11 @@ def repository_index(models: Iterable[LoadedModel]) -> Any:
 # ---- the servicer --------------------------------------------------------------------------
 
 
-def session_id_for(model: str, sequence_id: int | str) -> str:
-    """The engine session of a Triton sequence. Sequence ids are chosen by clients, so with
-    authentication on each identity has its own namespace (``oip:<identity>:<model>:<id>``;
-    identities hold no colon): one caller can neither step nor end another's sequence 7.
-    Without authentication every client shares one namespace, as in Triton."""
-    identity = current_identity()
-    if identity is None:
-        return f"oip:{model}:{sequence_id}"
-    return f"oip:{identity}:{model}:{sequence_id}"
-
-
 class GRPCInferenceService:
-    """``inference.GRPCInferenceService`` over one Engine (see the module docstring)."""
+    """The bridged methods of ``inference.GRPCInferenceService``: ``handler(request, context)``."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
-        self.statistics = RequestStatistics()
         self.max_reply_bytes = DEFAULT_MAX_REPLY_BYTES  # refused before computing beyond it
 
     # -- health and metadata --
@@ -603,7 +507,7 @@ class GRPCInferenceService:
         except Exception as e:
             await _abort(context, e)
 
-    # -- Triton's extensions: configuration, statistics, repository index --
+    # -- Triton's extensions: configuration, repository index --
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         try:
             model = self.engine.model(request.name, parse_version(request.version))
@@ -611,235 +515,23 @@ class GRPCInferenceService:
         except Exception as e:
             await _abort(context, e)
 
-    async def ModelStatistics(self, request: Any, context: Any) -> Any:
-        """Empty name: every model; empty version: every version of the named model(s)."""
-        try:
-            response = pb.ModelStatisticsResponse()
-            for m in self._models_named(request.name, request.version):
-                stats = self.statistics.snapshot(m.name, m.version)
-                steps = self.engine.step_counters(m.name, m.version)
-                response.model_stats.append(model_statistics(m, stats, steps))
-            return response
-        except Exception as e:
-            await _abort(context, e)
-
-    def _models_named(self, name: str, version: str) -> list[Manifest]:
-        if name and version:
-            return [self.engine.model(name, parse_version(version)).manifest]
-        if name:
-            self.engine.model(name)  # NOT_FOUND for an unknown name
-        if version:
-            raise InvalidInput("model statistics of a version need the model's name", "version")
-        manifests = [lm.manifest for lm in self.engine.models()]
-        found = [m for m in manifests if not name or m.name == name]
-        return sorted(found, key=lambda m: (m.name, m.version))
-
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         return repository_index(self.engine.models())
 
-    # -- inference --
+    # -- inference the core hands over --
     async def ModelInfer(self, request: Any, context: Any) -> Any:
+        """Stateless inference on a model that reads whole sequences (bidirectional): the core
+        steps every other request itself and sends only these here, sequence parameters checked."""
         try:
-            return await self.infer(request)
+            model = self.engine.model(request.model_name, parse_version(request.model_version))
+            m = model.manifest
+            wanted = requested_outputs(request, m)
+            rows = decode_rows(m, request, self.engine.input_limit(m))
+            check_reply_size(request, m, rows, wanted, self.max_reply_bytes)
+            y = await self.engine.predict(m.name, m.version, rows)  # (B, O)
+            return infer_response(request, m, y, wanted)
         except Exception as e:
             await _abort(context, e)
-
-    async def ModelStreamInfer(
-        self, requests: AsyncIterator[Any], context: Any
-    ) -> AsyncIterator[Any]:
-        """Replies in request order; a reply's error never ends the stream. A message that does
-        not parse does: the requests before it are answered, then the stream fails with
-        INVALID_ARGUMENT (the bytes after it cannot be read as messages)."""
-        replies: asyncio.Queue[asyncio.Task | InvalidInput | None] = asyncio.Queue(
-            MAX_IN_FLIGHT_PER_STREAM
-        )
-        reader = asyncio.create_task(self._read_stream(requests, replies))
-        try:
-            while (task := await replies.get()) is not None:
-                if isinstance(task, InvalidInput):
-                    await _abort(context, task)
-                yield await task
-        finally:
-            reader.cancel()  # in-flight steps finish on their own: their sessions stay usable
-
-    async def _read_stream(self, requests: AsyncIterator[Any], replies: asyncio.Queue) -> None:
-        """Start one task per request; chain the tasks of one sequence so they keep their order.
-        The ``None`` after the last one tells the writer to finish, a malformed message's error
-        to fail the stream; when the writer is gone (it cancels this reader) nobody waits for
-        it, and a full queue would block it forever."""
-        last_of_sequence: dict[str, asyncio.Task] = {}
-        end: InvalidInput | None = None
-        try:
-            async for request in requests:
-                key = _sequence_key(request)
-                before = last_of_sequence.get(key) if key else None
-                task = asyncio.create_task(self._stream_reply(request, before))
-                if key:
-                    last_of_sequence[key] = task
-                    task.add_done_callback(lambda t, k=key: _forget(last_of_sequence, k, t))
-                await replies.put(task)
-        except InvalidInput as e:  # bytes that do not parse (serving.rpc_guard)
-            end = e
-        except Exception as e:  # the client went away mid-stream; answer what was asked
-            log.debug("ModelStreamInfer: request stream ended: %r", e)
-        await replies.put(end)  # not reached when cancelled
-
-    async def _stream_reply(self, request: Any, before: asyncio.Task | None) -> Any:
-        if before is not None:
-            await asyncio.wait([before])  # the previous step of this sequence comes first
-        try:
-            return pb.ModelStreamInferResponse(infer_response=await self.infer(request))
-        except Exception as e:
-            code, message = _status(e)
-            return pb.ModelStreamInferResponse(
-                error_message=f"[{code.name}] {message}",
-                infer_response=pb.ModelInferResponse(
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                    id=request.id,
-                ),
-            )
-
-    async def infer(self, request: Any) -> Any:
-        """One ModelInferRequest → ModelInferResponse; raises RnnServeError for the client.
-        Counted in the model's statistics, as a success or a failure."""
-        clock = RequestClock()
-        try:
-            response = await self._timed_infer(request, clock)
-        except BaseException:
-            self.statistics.failed(clock)
-            raise
-        self.statistics.succeeded(clock)
-        return response
-
-    async def _timed_infer(self, request: Any, clock: RequestClock) -> Any:
-        control = sequence_control(request)
-        if control.sequence_id is None:
-            model = self.engine.model(request.model_name, parse_version(request.model_version))
-        else:
-            model = self._sequence_model(request, control)
-        m = model.manifest
-        clock.resolved(m.name, m.version)
-        wanted = requested_outputs(request, m)
-        rows = decode_rows(m, request, self.engine.input_limit(m))  # checked once, here
-        check_reply_size(request, m, rows, wanted, self.max_reply_bytes)
-        clock.inputs_decoded(len(rows))
-        timing = step_timing.set(clock)  # the scheduler reports this request's queue and batch
-        try:
-            if control.sequence_id is None:
-                y = await self._stateless(model, rows)
-            else:
-                y = await self._sequence_step(model, control, rows)
-        finally:
-            step_timing.reset(timing)
-        clock.engine_answered()
-        return infer_response(request, m, y, wanted)
-
-    async def _stateless(self, model: LoadedModel, rows: list[np.ndarray]) -> np.ndarray:
-        m = model.manifest
-        if not m.streamable:
-            return await self.engine.predict(m.name, m.version, rows)  # (B, O)
-        # in waves of at most MAX_PADDED_STEPS rows × steps: the rows run as one step batch,
-        # whose memory grows with rows × T (as a Predict call's, see serving.predict_batcher)
-        wave = max(1, MAX_PADDED_STEPS // len(rows[0]))
-        ys = []
-        for start in range(0, len(rows), wave):
-            chunk = rows[start : start + wave]
-            ys += await asyncio.gather(*(self._fresh_steps(m, row) for row in chunk))
-        return np.stack(ys)  # (B, T, O)
-
-    async def _fresh_steps(self, m: Manifest, row: np.ndarray) -> np.ndarray:
-        """One row from the initial state, through a throwaway session (batched like any step)."""
-        info = self.engine.open_session(m.name, m.version)
-        try:
-            sess, rt = self.engine.lookup(info.session_id)
-            return (await self.engine.step_checked(sess, rt, row)).y  # (T, O)
-        finally:
-            self.engine.close_session(info.session_id)
-
-    def _sequence_model(self, request: Any, control: SequenceControl) -> LoadedModel:
-        """The model a sequence step runs on: the request's, or the open sequence's version."""
-        version = parse_version(request.model_version)
-        model = self.engine.model(request.model_name, version)
-        if not model.manifest.streamable:
-            raise NotStreamable(
-                f"{model.manifest.name} reads whole sequences (bidirectional), so it has no "
-                "stateful sequences: send the request without sequence_id for a stateless "
-                "inference of the whole sequence"
-            )
-        if control.start:
-            return model
-        info = self._open_sequence(request.model_name, control.sequence_id)
-        if version is not None and version != info.version:
-            raise InvalidInput(
-                f"sequence {control.sequence_id!r} runs on {info.model} version {info.version}, "
-                f"not {version}",
-                field="version",
-            )
-        return self.engine.model(info.model, info.version)
-
-    def _open_sequence(self, model: str, sequence_id: int | str) -> Any:
-        """The session of an open sequence, with OIP words for 'never started' and 'expired'."""
-        try:
-            return self.engine.session(session_id_for(model, sequence_id))
-        except SessionExpired as e:
-            raise SessionExpired(
-                f"sequence {sequence_id!r} of model {model!r} idled past the session TTL and "
-                "expired; start it again with sequence_start=true"
-            ) from e
-        except SessionNotFound as e:
-            raise SessionNotFound(
-                f"sequence {sequence_id!r} of model {model!r} is not open (never started, or "
-                "already ended): its first request must carry sequence_start=true"
-            ) from e
-
-    async def _sequence_step(
-        self, model: LoadedModel, control: SequenceControl, rows: list[np.ndarray]
-    ) -> np.ndarray:
-        m = model.manifest
-        if len(rows) != 1:
-            raise InvalidInput(
-                f"a sequence request carries one row (batch 1), got {len(rows)}: send "
-                f"{expected_inputs(m)}",
-                field="inputs",
-            )
-        sid = session_id_for(m.name, control.sequence_id)
-        if control.start:
-            self._start(m, sid)
-        try:
-            sess, rt = self.engine.lookup(sid)  # rows were decoded against rt.manifest
-            result = await self.engine.step_checked(sess, rt, rows[0])
-        except BaseException:
-            if control.start:  # all or nothing: a failed first step leaves no sequence behind
-                _close_quietly(self.engine, sid)
-            raise
-        if control.end:  # ends exactly this sequence, after its last step
-            _close_quietly(self.engine, sid)
-        return result.y[None]  # (1, T, O)
-
-    def _start(self, m: Manifest, sid: str) -> None:
-        """Open with fresh state; a start on an open sequence restarts it (as Triton does)."""
-        _close_quietly(self.engine, sid)
-        self.engine.open_session(m.name, m.version, session_id=sid)
-
-
-def _sequence_key(request: Any) -> str | None:
-    """The session id: 7 and "7" name one sequence, so they must share one chain too."""
-    try:
-        seq = sequence_control(request).sequence_id
-    except InvalidInput:
-        return None  # answered with an error by infer(); needs no ordering
-    return session_id_for(request.model_name, seq) if seq is not None else None
-
-
-def _forget(chains: dict, key: Any, task: asyncio.Task) -> None:
-    if chains.get(key) is task:
-        del chains[key]
-
-
-def _close_quietly(engine: Any, session_id: str) -> None:
-    with contextlib.suppress(SessionNotFound, SessionExpired):
-        engine.close_session(session_id)
 
 
 def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -869,9 +561,9 @@ def _server_version() -> str:
         return "0.0.0"
 
 
-# ---- registration --------------------------------------------------------------------------
+# ---- the bridge's routes ------------------------------------------------------------------
 
-_UNARY = {
+BRIDGED = {  # method → (request, reply) message names
     "ServerLive": ("ServerLiveRequest", "ServerLiveResponse"),
     "ServerReady": ("ServerReadyRequest", "ServerReadyResponse"),
     "ModelReady": ("ModelReadyRequest", "ModelReadyResponse"),
@@ -879,26 +571,5 @@ _UNARY = {
     "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse"),
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
     "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse"),
-    "ModelStatistics": ("ModelStatisticsRequest", "ModelStatisticsResponse"),
     "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse"),
 }
-
-
-def add_to_server(server: grpc.aio.Server, engine: Any) -> GRPCInferenceService:
-    """Serve ``inference.GRPCInferenceService`` for ``engine`` on a grpc.aio server."""
-    servicer = GRPCInferenceService(engine)
-    handlers = {
-        name: grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, name),
-            request_deserializer=getattr(pb, req).FromString,
-            response_serializer=getattr(pb, resp).SerializeToString,
-        )
-        for name, (req, resp) in _UNARY.items()
-    }
-    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
-        servicer.ModelStreamInfer,
-        request_deserializer=pb.ModelInferRequest.FromString,
-        response_serializer=pb.ModelStreamInferResponse.SerializeToString,
-    )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    return servicer

@@ -1,50 +1,38 @@
-"""The gRPC server: our API and OIP over one Engine, with health, reflection and metrics.
+"""The gRPC server's configuration, its life cycle for embedding and tests, and ``rnnserve serve``.
 
 ``await create_server(config)`` → ``(server, port)``: the seam tests and ``rnnserve serve`` use. It
-loads every model (refusing corrupt artifacts), binds the port (``127.0.0.1:0`` = any free port) and
-registers the servicers; ``await server.start()`` starts serving, ``await server.stop(grace)`` stops
-gracefully (health → NOT_SERVING, no new RPCs, in-flight steps finish, then the engine stops).
-
-Other transports plug in as hooks ``add_to_server(grpc_server, engine) -> service names | None``;
-``serving.oip_api.add_to_server`` is registered by default when that module exists. ``ServerThread``
-runs a server on its own event loop in a background thread, for synchronous callers and tests.
+loads every model (refusing corrupt artifacts), hands them to the native core, which binds the
+port (``127.0.0.1:0`` = any free port) and serves our API, the OIP, health and reflection on it;
+``await server.start()`` starts serving, ``await server.stop(grace)`` stops gracefully (health →
+NOT_SERVING, no new RPCs, in-flight ones answered, then the models stop). ``ServerThread`` runs a
+server on its own event loop in a background thread, for synchronous callers and tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import importlib.util
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from serving import access_log, grpc_api, ports
+from serving import access_log, ports
 from serving.backends import BACKENDS
+from serving.core.server import NativeServer, create_native_server
 from serving.engine import Engine, EngineConfig
 from serving.errors import ArtifactError
-from serving.metrics import Metrics
-from serving.rpc_guard import RpcGuard, pending_request_options
-from serving.security import BearerAuthInterceptor, TlsConfig, TokenTable
+from serving.security import TlsConfig, TokenTable
 
 log = logging.getLogger(__name__)
 
-ServicerHook = Callable[[grpc.aio.Server, Engine], object]  # may return service name(s)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_METRICS_PORT = 9090
-OIP_MODULE = "serving.oip_api"
-DATA_PLANES = ("python", "native")
 
 
 @dataclass(frozen=True)
@@ -54,185 +42,46 @@ class ServerConfig:
     metrics_port: int | None = DEFAULT_METRICS_PORT  # None: no metrics endpoint; 0: any free port
     metrics_address: str = "127.0.0.1"
     max_message_bytes: int = 4 * 1024 * 1024  # larger messages fail with RESOURCE_EXHAUSTED
-    max_concurrent_rpcs: int = 10_000  # RPCs in flight; past it RESOURCE_EXHAUSTED (rpc_guard)
+    max_concurrent_rpcs: int = 10_000  # RPCs in flight; past it RESOURCE_EXHAUSTED
     grace_s: float = 10.0  # how long stop() lets in-flight RPCs finish
-    extra_options: Sequence[tuple[str, Any]] = field(default_factory=tuple)
-    # grpc.aio.ServerInterceptor objects, outermost first; one with ``bind(engine)`` gets the engine
-    interceptors: Sequence[Any] = field(default_factory=tuple)
     tls: TlsConfig | None = None  # TLS on the gRPC port and the metrics endpoint
     auth_tokens: TokenTable | None = None  # bearer tokens every RPC but health must carry
-    # which implementation serves the step path (the native core unless $RNNSERVE_DATA_PLANE says
-    # "python", the data plane being retired); the variable picks it for a whole run
-    data_plane: str = field(default_factory=lambda: os.environ.get("RNNSERVE_DATA_PLANE", "native"))
+    access_log: bool = False  # one line per call (serving.access_log)
+    access_log_sink: Callable[[str], None] | None = None  # where the lines go; None: stderr
     # where sessions live: "memory" (this process) or "redis://HOST:PORT[/DB]" (shared by replicas)
     session_store: str = field(
         default_factory=lambda: os.environ.get("RNNSERVE_SESSION_STORE", "memory")
     )
 
     def __post_init__(self) -> None:
-        if self.data_plane not in DATA_PLANES:
-            raise ValueError(
-                f"data plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
-            )
-        check_session_store(self.session_store, self.data_plane)
+        check_session_store(self.session_store)
 
 
-def check_session_store(store: str, data_plane: str) -> None:
-    """ValueError naming the fix when the store is unknown or the data plane cannot use it."""
+def check_session_store(store: str) -> None:
+    """ValueError naming the accepted forms when the store is neither."""
     if store != "memory" and not store.startswith("redis://"):
         raise ValueError(f"session store must be 'memory' or redis://HOST:PORT[/DB], got {store!r}")
-    if store != "memory" and data_plane != "native":
-        raise ValueError(
-            f"session store {store} needs the native data plane: serve with --data-plane native"
-            " (the Python data plane keeps sessions in memory only)"
-        )
 
 
-class RnnServer:
-    """The running parts; create with ``create_server``."""
+async def create_server(config: ServerConfig) -> tuple[NativeServer, int]:
+    """Load models and bind; returns the server (not started) and its bound port.
 
-    def __init__(self, config: ServerConfig, engine: Engine, metrics: Metrics) -> None:
-        self.config = config
-        self.engine = engine
-        self.metrics = metrics
-        self.guard = RpcGuard(config.max_concurrent_rpcs, on_refused=metrics.on_refused)
-        self.grpc = grpc.aio.server(
-            interceptors=[*self._authentication(), *config.interceptors, self.guard],
-            options=[
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-                *pending_request_options(config.max_concurrent_rpcs),
-                *config.extra_options,
-            ],
-        )
-        self.health = health.aio.HealthServicer()
-        self.service_names: list[str] = []
-        self.port = 0
-        self.metrics_port: int | None = None
-        self._stopped = asyncio.Event()
-
-    async def start(self) -> None:
-        await self.engine.start()
-        await self.grpc.start()
-        if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(
-                self.config.metrics_port,
-                self.config.metrics_address,
-                self.config.tls,
-            )
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-
-    def _authentication(self) -> list[BearerAuthInterceptor]:
-        """Outermost: an unauthenticated RPC is refused before anything else looks at it."""
-        tokens = self.config.auth_tokens
-        if tokens is None:
-            return []
-        return [
-            BearerAuthInterceptor(tokens, lambda m: self.metrics.on_request(m, "UNAUTHENTICATED"))
-        ]
-
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Graceful: NOT_SERVING, refuse new RPCs, let in-flight ones finish, stop the engine."""
-        if self._stopped.is_set():
-            return
-        grace = self.config.grace_s if grace_s is None else grace_s
-        await self.health.enter_graceful_shutdown()
-        await self.grpc.stop(grace)
-        await self.engine.stop(grace)
-        self.metrics.close()
-        self._stopped.set()
-
-    async def wait_for_termination(self) -> None:
-        await self._stopped.wait()
-
-    async def _set_health(self, status: Any) -> None:
-        await self.health.set("", status)
-        for name in [*self.service_names, *sorted({m.manifest.name for m in self.engine.models()})]:
-            await self.health.set(name, status)
-
-
-def default_hooks(max_message_bytes: int = 4 * 1024 * 1024) -> list[ServicerHook]:
-    """The OIP servicer, when its module is there (it is developed alongside this one);
-    it refuses requests whose reply would exceed ``max_message_bytes`` before computing them."""
-    if importlib.util.find_spec(OIP_MODULE) is None:
-        return []
-    oip = importlib.import_module(OIP_MODULE)
-
-    def add_oip(server: grpc.aio.Server, engine: Engine) -> list[str]:
-        oip.add_to_server(server, engine).max_reply_bytes = max_message_bytes
-        return [oip.SERVICE_NAME]
-
-    return [add_oip]
-
-
-async def create_server(
-    config: ServerConfig, extra_servicers: Sequence[ServicerHook] | None = None
-) -> tuple[RnnServer, int]:
-    """Load models and wire every servicer; returns the server (not started) and its bound port.
-
-    ``extra_servicers`` replaces ``default_hooks()`` (the OIP servicer); ``[]`` = our API only.
     Must be awaited inside the event loop that will run the server. Raises ArtifactError on a
-    corrupt store and RuntimeError when the address cannot be bound.
+    corrupt store and RuntimeError when the address cannot be bound or the session store cannot
+    be reached.
     """
-    if config.data_plane == "native":
-        from serving.core.server import create_native_server  # loads the C++ core
-
-        return await create_native_server(config)  # type: ignore[return-value]
-    metrics = Metrics()
-    engine = Engine(config.engine, observer=metrics)
-    metrics.bind(engine)
-    server = RnnServer(config, engine, metrics)
-    for interceptor in config.interceptors:
-        getattr(interceptor, "bind", lambda _engine: None)(engine)
-    hooks = (
-        default_hooks(config.max_message_bytes)
-        if extra_servicers is None
-        else list(extra_servicers)
-    )
-    names = [grpc_api.add_to_server(server.grpc, engine, metrics, config.max_message_bytes)]
-    for hook in hooks:
-        names.extend(_as_names(hook(server.grpc, engine)))
-    server.service_names = names
-    health_pb2_grpc.add_HealthServicer_to_server(server.health, server.grpc)
-    reflection.enable_server_reflection(
-        [
-            *names,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ],
-        server.grpc,
-    )
-    if config.tls is None:
-        server.port = server.grpc.add_insecure_port(config.address)
-    else:
-        server.port = server.grpc.add_secure_port(config.address, config.tls.server_credentials())
-    if not server.port:
-        raise RuntimeError(f"cannot bind {config.address}")
-    return server, server.port
-
-
-def _as_names(returned: object) -> list[str]:
-    """A hook may return a service name, several, or anything else (ignored)."""
-    if isinstance(returned, str):
-        return [returned]
-    if isinstance(returned, list | tuple) and all(isinstance(n, str) for n in returned):
-        return list(returned)
-    return []
+    return await create_native_server(config)
 
 
 class ServerThread:
     """A server on its own loop in a daemon thread: ``with ServerThread(cfg) as s: s.address``."""
 
-    def __init__(
-        self, config: ServerConfig, extra_servicers: Sequence[ServicerHook] | None = None
-    ) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._extra = extra_servicers
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self.server: RnnServer | None = None
+        self.server: NativeServer | None = None
         self.port = 0
         self._thread = threading.Thread(target=self._run, name="rnnserve-server", daemon=True)
 
@@ -274,7 +123,7 @@ class ServerThread:
 
     async def _serve(self) -> None:
         try:
-            self.server, self.port = await create_server(self.config, self._extra)
+            self.server, self.port = await create_server(self.config)
             await self.server.start()
         except BaseException as e:
             self._error = e
@@ -299,15 +148,11 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--threads", "RNNSERVE_THREADS", int, 1, "intra-op threads per backend call"),
     ("--session-ttl", "RNNSERVE_SESSION_TTL", float, 600.0, "idle seconds before expiry"),
     ("--max-sessions", "RNNSERVE_MAX_SESSIONS", int, 100_000, "open sessions over all models"),
-    ("--data-plane", "RNNSERVE_DATA_PLANE", str, "native",
-     f"which implementation serves the step path: {' or '.join(DATA_PLANES)}"),
     ("--session-store", "RNNSERVE_SESSION_STORE", str, "memory",
-     "where sessions live: memory, or redis://HOST:PORT[/DB] shared by replicas (native plane)"),
+     "where sessions live: memory, or redis://HOST:PORT[/DB] shared by replicas"),
     ("--max-batch", "RNNSERVE_MAX_BATCH", int, 256, "sessions per backend call"),
     ("--max-queue-delay-ms", "RNNSERVE_MAX_QUEUE_DELAY_MS", float, 0.0,
      "wait up to this long for a fuller batch (0 = never wait)"),
-    ("--inline-budget-us", "RNNSERVE_INLINE_BUDGET_US", float, 500.0,
-     "step batches predicted to compute within this run on the event loop (0 = never)"),
     ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
     ("--max-concurrent-rpcs", "RNNSERVE_MAX_CONCURRENT_RPCS", int, 10_000,
      "RPCs in flight before new ones get RESOURCE_EXHAUSTED (health checks exempt)"),
@@ -364,7 +209,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_sessions=args.max_sessions,
         max_batch_size=args.max_batch,
         max_queue_delay_ms=args.max_queue_delay_ms,
-        inline_budget_us=args.inline_budget_us,
     )
     return ServerConfig(
         engine=engine,
@@ -377,8 +221,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         auth_tokens=TokenTable.from_file(Path(args.auth_token_file))
         if args.auth_token_file
         else None,
-        data_plane=args.data_plane,
         session_store=args.session_store,
+        access_log=args.access_log,
     )
 
 
@@ -390,7 +234,6 @@ FLAG_OF_FIELD = {
     "max_sessions": "--max-sessions",
     "max_batch_size": "--max-batch",
     "max_queue_delay_ms": "--max-queue-delay-ms",
-    "inline_budget_us": "--inline-budget-us",
 }
 
 
@@ -422,8 +265,6 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rnnserve serve: {_in_flag_terms(str(e))}", file=sys.stderr)
         return 2
-    if args.access_log:
-        config = replace(config, interceptors=[*config.interceptors, access_log.AccessLog()])
     problem = _preflight(config)  # before create_server loads every model
     if problem:
         print(f"rnnserve serve: {problem}", file=sys.stderr)

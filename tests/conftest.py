@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,17 +22,9 @@ FOLDER_MARKS = ("unit", "integration", "e2e")
 COMPLETE = ".complete"  # written last: a store without it is an interrupted run
 
 
-# What the native data plane (the default) does not do yet, by test, with why. On it these run and
-# must fail (strict xfail): a gap that closes fails the run until it leaves this list.
-NATIVE_GAPS: dict[str, str] = {}  # none known today
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """tests/unit/... is marked ``unit``, and so on: ``pytest -m unit`` picks a folder."""
-    native = os.environ.get("RNNSERVE_DATA_PLANE", "native") == "native"
     for item in items:
-        if native and item.nodeid in NATIVE_GAPS:
-            item.add_marker(pytest.mark.xfail(reason=NATIVE_GAPS[item.nodeid], strict=True))
         try:
             folder = Path(str(item.path)).relative_to(TESTS).parts[0]
         except ValueError:

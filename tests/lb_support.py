@@ -33,14 +33,14 @@ def serving(address: str, timeout: float = 0.5) -> bool:
 
 
 class Replica:
-    """``rnnserve serve --data-plane native --session-store URL`` as a child process."""
+    """``rnnserve serve --session-store URL`` as a child process."""
 
     def __init__(self, store: Path, redis_url: str, log: Path, *flags: str) -> None:
         self.port = free_ports(1)[0]
         self.address = f"127.0.0.1:{self.port}"
         self.args = [
             sys.executable, "-m", "serving.cli", "serve", "--store", str(store),
-            "--address", self.address, "--metrics-port", "-1", "--data-plane", "native",
+            "--address", self.address, "--metrics-port", "-1",
             "--session-store", redis_url, "--no-access-log", *flags,
         ]  # fmt: skip
         self.log = log

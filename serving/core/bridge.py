@@ -1,10 +1,10 @@
 """The Python side of the core's generic bridge: every RPC the core does not serve natively comes
 here as (method, request bytes) and leaves as (code, message, status details, reply messages).
 
-It runs the same servicer methods the Python data plane serves (so ListModels, GetModel, Predict,
-the OIP metadata and Triton's extensions answer identically), on the server's event loop, with a
-context whose ``abort`` captures the status. Generate runs the shared rollout over the core's
-sessions.
+It runs the handlers of ``serving.grpc_api`` (ListModels, GetModel, Predict) and
+``serving.oip_api`` (health, metadata, Triton's configuration and repository index, stateless
+inference on whole-sequence models) on the server's event loop, with a context whose ``abort``
+captures the status. Generate runs the shared rollout over the core's sessions.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class Bridge:
             rs + "Predict": (pb.PredictRequest, self.rnnserve.Predict, False),
             rs + "Generate": (pb.GenerateRequest, self.generate, True),
         }
-        for name, (request, _) in oip_api._UNARY.items():
+        for name, (request, _) in oip_api.BRIDGED.items():
             routes[f"/{oip_api.SERVICE_NAME}/{name}"] = (
                 getattr(oip_api.pb, request),
                 getattr(self.oip, name),
@@ -130,7 +130,7 @@ class Bridge:
         return found[1] if found and found[0] == "ok" else ""
 
     def _malformed_request(self, method: str, e: Exception) -> Reply:
-        """INVALID_ARGUMENT as the Python plane answers it, logged at most every few seconds."""
+        """INVALID_ARGUMENT naming the message type, logged at most every few seconds."""
         self._malformed += 1
         now = time.monotonic()
         if now - self._malformed_logged > _LOG_EVERY_S:
@@ -191,7 +191,7 @@ class Bridge:
         steps = rollout(m, step, y, request.max_tokens, request.temperature, request.top_k,
                         request.seed)  # fmt: skip
         async for g in steps:
-            yield self.rnnserve._generated(m, g)
+            yield self.rnnserve.generated(m, g)
 
     async def _step(self, session_id: str, x: np.ndarray) -> StepResult:
         answer = await self.loop.run_in_executor(self._steps, self.core.step, session_id, x)

@@ -1,4 +1,4 @@
-"""``NativeServer``: the native data plane behind the life cycle of ``serving.server.RnnServer``.
+"""``NativeServer``: the running server, the native core with the Python parts it calls.
 
 Python loads the models (the same ``Engine`` loading, checksums and backends), registers each
 with the core as its spec plus its runner (``backend.step``, called once per batch), and keeps
@@ -12,9 +12,6 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-from serving import access_log
 from serving.core import load_native
 from serving.core.bridge import Bridge
 from serving.engine import Engine
@@ -50,86 +47,6 @@ def _pem(path: Path | str | None) -> str:
     return Path(path).read_text() if path else ""
 
 
-def _access_log(config: ServerConfig) -> dict[str, Any]:
-    """The Python plane's access log is an interceptor; here the core writes the same line, to
-    the interceptor's writer when it has one of its own (stderr otherwise)."""
-    for interceptor in config.interceptors:
-        if isinstance(interceptor, access_log.AccessLog):
-            custom = interceptor.write is not access_log._stderr
-            return {"access_log": True, "access_sink": interceptor.write if custom else None}
-    return {"access_log": False}
-
-
-class NativeMetrics(Metrics):
-    """The core's counters under the Python data plane's metric names, read at scrape time."""
-
-    def __init__(self, core: Any, engine: Engine) -> None:  # no Python-side families to update
-        from prometheus_client import CollectorRegistry
-
-        self.registry = CollectorRegistry()
-        self.registry.register(_CoreCollector(core, engine))
-        self._http = None
-        self._thread = None
-
-
-class _CoreCollector:
-    def __init__(self, core: Any, engine: Engine) -> None:
-        self.core, self.engine = core, engine
-
-    def collect(self):
-        snap = self.core.metrics()
-        requests = CounterMetricFamily("rnnserve_requests", "RPCs by method and status code",
-                                       labels=["method", "code"])  # fmt: skip
-        failed = CounterMetricFamily("rnnserve_errors", "failed RPCs and StepMany entries",
-                                     labels=["method", "code"])  # fmt: skip
-        for method, code, n in snap["requests"]:
-            requests.add_metric([method, code], n)
-            if code != "OK":
-                failed.add_metric([method, code], n)
-        refused = CounterMetricFamily(
-            "rnnserve_refused_rpcs",
-            "RPCs refused before their handler ran (malformed bytes, overload)",
-            labels=["method", "reason"],
-        )
-        for method, reason, n in snap["refused"]:
-            refused.add_metric([method, reason], n)
-        yield requests
-        yield failed
-        yield refused
-        yield from self._per_model(snap["models"])
-
-    def _per_model(self, models: dict[str, Any]):
-        latency = HistogramMetricFamily(
-            "rnnserve_step_latency_seconds",
-            "core time of one step (queue + batch)",
-            labels=["model"],
-        )
-        batch = HistogramMetricFamily("rnnserve_batch_size", "sessions per backend call",
-                                      labels=["model"])  # fmt: skip
-        live = GaugeMetricFamily("rnnserve_live_sessions", "open sessions", labels=["model"])
-        evicted = CounterMetricFamily(
-            "rnnserve_session_evictions", "sessions expired by the idle TTL", labels=["model"]
-        )
-        closed = CounterMetricFamily("rnnserve_sessions_closed", "sessions closed by clients",
-                                     labels=["model"])  # fmt: skip
-        for name in sorted({m.manifest.name for m in self.engine.models()}):
-            live.add_metric([name], self.core.live_sessions(name))
-        for name, m in models.items():
-            latency.add_metric([name], *_buckets(m["step_latency"]))
-            batch.add_metric([name], *_buckets(m["batch_size"]))
-            evicted.add_metric([name], m["evicted"])
-            closed.add_metric([name], m["closed"])
-        yield from (latency, batch, live, evicted, closed)
-
-
-def _buckets(h: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:
-    cumulative, total = [], 0
-    for bound, count in zip([*h["bounds"], float("inf")], h["counts"], strict=True):
-        total += count
-        cumulative.append(("+Inf" if bound == float("inf") else repr(float(bound)), total))
-    return cumulative, h["sum"]
-
-
 class NativeServer:
     """The running native data plane; create with ``create_native_server``."""
 
@@ -140,7 +57,7 @@ class NativeServer:
         for lm in engine.models():
             m = lm.manifest
             self.core.add_model(model_spec(m, engine.input_limit(m)), lm.backend.step)
-        self.metrics = NativeMetrics(self.core, engine)
+        self.metrics = Metrics(self.core, engine)
         self.port = 0
         self.metrics_port: int | None = None
         self.bridge: Bridge | None = None
@@ -162,7 +79,8 @@ class NativeServer:
             "tls_client_ca": _pem(config.tls.client_ca if config.tls else None),
             "tokens": config.auth_tokens.digests() if config.auth_tokens else None,
             "max_concurrent_rpcs": config.max_concurrent_rpcs,
-            **_access_log(config),
+            "access_log": config.access_log,
+            "access_sink": config.access_log_sink,
         }
 
     def bind(self) -> int:

@@ -142,14 +142,14 @@ def test_serve_refuses_a_corrupt_store(quick_store, tmp_path):
 
 
 def test_a_bad_environment_value_is_a_usage_error_naming_the_variable(tmp_path):
-    env = {**os.environ, "RNNSERVE_MAX_BATCH": "lots", "RNNSERVE_INLINE_BUDGET_US": "soon"}
+    env = {**os.environ, "RNNSERVE_MAX_BATCH": "lots", "RNNSERVE_MAX_QUEUE_DELAY_MS": "soon"}
     assert cli("--help", env=env).returncode == 0  # builds every parser; converts nothing
     bad = cli("serve", "--store", str(tmp_path), env=env)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
-    assert "$RNNSERVE_MAX_BATCH" in bad.stderr or "$RNNSERVE_INLINE_BUDGET_US" in bad.stderr
-    flag = cli("serve", "--store", str(tmp_path), "--inline-budget-us", "-1",
-               "--max-batch", "8", env={**env, "RNNSERVE_INLINE_BUDGET_US": "0"})  # fmt: skip
-    assert flag.returncode == 2 and "--inline-budget-us must be >= 0" in flag.stderr, flag.stderr
+    assert "$RNNSERVE_MAX_BATCH" in bad.stderr or "$RNNSERVE_MAX_QUEUE_DELAY_MS" in bad.stderr
+    flag = cli("serve", "--store", str(tmp_path), "--max-queue-delay-ms", "-1",
+               "--max-batch", "8", env={**env, "RNNSERVE_MAX_QUEUE_DELAY_MS": "0"})  # fmt: skip
+    assert flag.returncode == 2 and "--max-queue-delay-ms must be >= 0" in flag.stderr, flag.stderr
 
 
 @pytest.mark.parametrize(

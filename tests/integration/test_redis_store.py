@@ -31,9 +31,7 @@ MODEL = "seq_lstm"
 
 
 def native_config(store: Path, url: str, **engine: object) -> ServerConfig:
-    return replace(
-        server_config(store, **engine), data_plane="native", session_store=url, metrics_port=None
-    )
+    return replace(server_config(store, **engine), session_store=url, metrics_port=None)
 
 
 class Replica:
@@ -224,16 +222,12 @@ def serve(store: Path, *flags: str) -> subprocess.CompletedProcess[str]:
 
 def test_redis_down_at_start_is_a_clear_error(quick_store: Path) -> None:
     nobody = free_ports(1)[0]
-    run = serve(
-        quick_store, "--data-plane", "native", "--session-store", f"redis://127.0.0.1:{nobody}"
-    )
+    run = serve(quick_store, "--session-store", f"redis://127.0.0.1:{nobody}")
     assert run.returncode == 4, run.stderr
     assert f"the session store redis://127.0.0.1:{nobody} cannot be reached" in run.stderr
-    run = serve(
-        quick_store, "--data-plane", "python", "--session-store", f"redis://127.0.0.1:{nobody}"
-    )
+    run = serve(quick_store, "--session-store", "postgres://127.0.0.1:5432")
     assert run.returncode == 2
-    assert "needs the native data plane: serve with --data-plane native" in run.stderr
+    assert "session store must be 'memory' or redis://HOST:PORT[/DB]" in run.stderr
 
 
 def test_redis_lost_mid_load_fails_steps_unavailable_and_recovers(

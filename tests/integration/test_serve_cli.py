@@ -20,7 +20,6 @@ from grpc_support import server_config
 from ports import free_ports
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from serving.access_log import AccessLog
 from serving.client import Client
 from serving.server import ServerThread
 
@@ -81,7 +80,7 @@ def test_a_taken_metrics_port_is_refused_too() -> None:
 
 def test_the_access_log_writes_one_line_per_call(quick_store: Path) -> None:
     lines: list[str] = []
-    config = replace(server_config(quick_store), interceptors=[AccessLog(write=lines.append)])
+    config = replace(server_config(quick_store), access_log=True, access_log_sink=lines.append)
     with ServerThread(config) as server, Client(server.address) as client:
         client.models()
         with client.session("sum_sign_lstm") as s:

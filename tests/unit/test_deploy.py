@@ -376,7 +376,7 @@ def parse_serve_with_environment(monkeypatch: pytest.MonkeyPatch, env: dict[str,
 
 
 # What compose sets on purpose where the CLI's default differs: sessions in the shared Redis.
-SHARED_SESSIONS = {"RNNSERVE_DATA_PLANE": "native", "RNNSERVE_SESSION_STORE": "redis://redis:6379"}
+SHARED_SESSIONS = {"RNNSERVE_SESSION_STORE": "redis://redis:6379"}
 
 
 def test_grpc_environment_defaults_are_the_cli_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -425,7 +425,6 @@ def test_grpc_replicas_use_the_redis_service_as_their_session_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     args = parse_serve_with_environment(monkeypatch, services()["grpc"]["environment"])
-    assert args.data_plane == "native"
     assert args.session_store == "redis://redis:6379"  # the service name, Redis's own port
 
 
