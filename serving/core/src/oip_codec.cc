@@ -132,6 +132,39 @@ Result<std::optional<SequenceId>> sequence_id(const Params& params) {
   }
 }
 
+constexpr const char* kStepIndex = "sequence_step_index";
+
+Result<std::optional<uint64_t>> step_index(const Params& params) {
+  auto it = params.find(kStepIndex);
+  if (it == params.end()) return std::optional<uint64_t>();
+  const auto& p = it->second;
+  if (p.parameter_choice_case() == inf::InferParameter::kUint64Param) return std::optional<uint64_t>(p.uint64_param());
+  if (p.parameter_choice_case() == inf::InferParameter::kInt64Param && p.int64_param() >= 0) {
+    return std::optional<uint64_t>(static_cast<uint64_t>(p.int64_param()));
+  }
+  const std::string got = p.parameter_choice_case() == inf::InferParameter::kInt64Param
+                              ? std::to_string(p.int64_param())
+                              : kind_name(p);
+  return Error::invalid(std::string("parameter ") + kStepIndex + " must be a non-negative integer (int64_param or " +
+                            "uint64_param), got " + got,
+                        kStepIndex);
+}
+
+// The step index only numbers a sequence's steps, and a start is step 0 of a fresh sequence.
+std::optional<Error> check_step_index(const SequenceControl& c) {
+  if (!c.step_index) return std::nullopt;
+  if (!c.id) {
+    return Error::invalid(std::string(kStepIndex) + " numbers the steps of a sequence: send it with a sequence_id",
+                          kStepIndex);
+  }
+  if (c.start && *c.step_index != 0) {
+    return Error::invalid(std::string(kStepIndex) + " is " + std::to_string(*c.step_index) +
+                              " on a request with sequence_start; a sequence starts at step 0",
+                          kStepIndex);
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 std::string SequenceId::repr() const { return is_string ? py_repr(text) : text; }
@@ -143,7 +176,11 @@ Result<SequenceControl> sequence_control(const inf::ModelInferRequest& r) {
   if (!start.ok()) return start.error();
   auto end = bool_param(r.parameters(), "sequence_end");
   if (!end.ok()) return end.error();
-  return SequenceControl{id.value(), start.value(), end.value()};
+  auto index = step_index(r.parameters());
+  if (!index.ok()) return index.error();
+  SequenceControl control{id.value(), start.value(), end.value(), index.value()};
+  if (auto err = check_step_index(control)) return *err;
+  return control;
 }
 
 std::string session_id_for(const std::string& identity, const std::string& model, const SequenceId& id) {

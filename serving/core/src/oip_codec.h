@@ -24,9 +24,13 @@ struct SequenceId {
 struct SequenceControl {
   std::optional<SequenceId> id;  // none: stateless
   bool start = false, end = false;
+  // rnnserve's sequence_step_index: the step's number, as rnnserve.v1's step_index (a retry of the
+  // last answered index gets its stored reply); none: "the next step", as in Triton.
+  std::optional<uint64_t> step_index;
 };
 
-// sequence_id (int64, uint64 or string; 0 / "" = none), sequence_start and sequence_end.
+// sequence_id (int64, uint64 or string; 0 / "" = none), sequence_start, sequence_end and
+// sequence_step_index (int64 ≥ 0 or uint64; only with a sequence_id, and 0 with a start).
 Result<SequenceControl> sequence_control(const inference::ModelInferRequest& r);
 // The session of a Triton sequence: oip:<model>:<id>, or oip:<identity>:<model>:<id> with
 // authentication on. Sequence ids are chosen by clients, so each identity has its own namespace

@@ -206,16 +206,29 @@ class Inference : public std::enable_shared_from_this<Inference> {
       session_ = opened.value();
     }
     auto self = shared_from_this();
-    core_->stepper().step(session_, PendingStep{rows_[0], std::nullopt, [self](StepOutcome o) { self->stepped(o); }});
+    core_->stepper().step(session_,
+                          PendingStep{rows_[0], control_.step_index, [self](StepOutcome o) { self->stepped(o); }});
   }
 
   void stepped(const StepOutcome& o) {
     // all or nothing: a failed first step leaves no sequence behind; an end closes exactly this
     // sequence, after its last step
     if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close(sid_);
-    if (!o.ok()) return fail(o.error);
+    if (!o.ok()) return fail(in_oip_words(o.error));
     clock_.timed(*o.reply);
     answer(std::vector<float>(o.reply->y), 1, o.reply->steps);
+  }
+
+  // The stepper names rnnserve.v1's field and the session; an OIP client sent
+  // sequence_step_index for a sequence.
+  Error in_oip_words(const Error& err) const {
+    if (err.kind != ErrorKind::kStepOutOfOrder || !err.expected_index || !control_.step_index) return err;
+    const uint64_t expected = *err.expected_index;
+    std::string msg = "sequence_step_index " + std::to_string(*control_.step_index) + " is out of order for sequence " +
+                      control_.id->repr() + " of model " + py_repr(model_->name) + ": expected " +
+                      std::to_string(expected);
+    if (expected) msg += " (or " + std::to_string(expected - 1) + " to retry the last step)";
+    return Error::out_of_order(std::move(msg), expected);
   }
 
   // -- stateless rows: each from fresh state through a throwaway session, batched like any step;
