@@ -14,7 +14,7 @@ BUILD_REQUIRES := $(shell $(PY) -c 'import tomllib; print(" ".join(tomllib.load(
 NATIVE_SOURCES := $(shell find serving/core/src protos -type f) serving/core/CMakeLists.txt
 NATIVE_STAMP := $(VENV)/.native-built
 
-.PHONY: setup debs native run test test-asan lint format protos train bench bench-crash clean
+.PHONY: setup debs native run test test-asan lint format protos train bench bench-crash bench-failover clean
 
 setup: debs $(STAMP) $(NATIVE_STAMP)
 
@@ -90,6 +90,10 @@ bench: setup
 # counts server exits, hangs and errors into docs/benchmarks.md
 bench-crash: setup
 	$(BIN)/python -m bench.crash --runs 20
+
+# kill -9 of a replica (Redis, three replicas, nginx) to each cut step's retried answer, p50/p99
+bench-failover: setup
+	$(BIN)/python -m bench.failover --kills 5
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache

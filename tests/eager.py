@@ -32,6 +32,19 @@ class Reference:
         with torch.inference_mode():
             return m.step(x, *m.init_states(1))[0][0].numpy()
 
+    def run_many(self, name: str, sessions: list[list[np.ndarray]]) -> list[np.ndarray]:
+        """``run`` of many sessions as one batch, each right-padded to the longest: a streamable
+        model's output at a step reads no later step, so the padding changes no output kept."""
+        xs = [np.concatenate(chunks) for chunks in sessions]
+        longest = max(len(x) for x in xs)
+        batch = np.zeros((len(xs), longest, *xs[0].shape[1:]), dtype=xs[0].dtype)  # (B, T[, F])
+        for b, x in enumerate(xs):
+            batch[b, : len(x)] = x
+        m = self.model(name)
+        with torch.inference_mode():
+            y = m.step(torch.from_numpy(batch), *m.init_states(len(xs)))[0].numpy()  # (B, T, O)
+        return [y[b, : len(x)] for b, x in enumerate(xs)]
+
     def sequence(self, name: str, rows: list[np.ndarray]) -> np.ndarray:
         """Each whole row alone through the sequence graph's eager twin: (B, O)."""
         m = self.model(name)
