@@ -95,6 +95,20 @@ def test_a_retried_step_gets_its_stored_reply_and_the_sequence_advances_once(
     )
 
 
+def test_a_retried_start_restarts_the_sequence_with_the_same_outputs(
+    server: ServerThread, quick_store: Path, chunks: list[np.ndarray]
+) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        first = y_of(stub.ModelInfer(request(307, chunks[0], 0, start=True)))
+        again = y_of(stub.ModelInfer(request(307, chunks[0], 0, start=True)))
+        ys = [again, y_of(stub.ModelInfer(request(307, chunks[1], 1)))]
+    np.testing.assert_allclose(first, again, atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        np.concatenate(ys), reference(quick_store, chunks[:2]), atol=TOL, rtol=0
+    )
+
+
 def test_tritonclient_sends_the_index_as_an_int64_parameter(
     server: ServerThread, quick_store: Path, chunks: list[np.ndarray]
 ) -> None:
