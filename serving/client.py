@@ -12,6 +12,11 @@ its cache without advancing the state, so a retry never double-steps. Given seve
 step carries its session id as ``x-session-id`` metadata, which a load balancer may hash on to keep
 a session on one replica (a cache optimisation; any replica can serve it).
 
+A session moves to another deployment, or is checkpointed, as a checksummed blob:
+
+    blob = s.export(close=True)                      # close=False: a checkpoint; s lives on
+    moved = Client("other:50051").import_session(blob)  # continues at s's next step_index
+
 Gateways stepping many sessions of one model use the packed form of StepMany (NumPy in and out):
 
     ids = [c.session("seq_lstm").id for _ in range(64)]
@@ -197,6 +202,32 @@ class Client:
         )
         return Session(self, info)
 
+    def export_session(self, session_id: str, *, close: bool = False) -> pb.ExportSessionResponse:
+        """The session as a checksummed blob (``.blob``), taken between its steps; ``close=True``
+        closes it in the same hold (a move: import the blob elsewhere). The reply also names its
+        model, version and next step_index."""
+        request = pb.ExportSessionRequest(session_id=session_id, close=close)
+        return self.stub.ExportSession(request, timeout=self.timeout)
+
+    def import_session(
+        self, blob: bytes, *, session_id: str = "", model: str = "", version: int = 0
+    ) -> Session:
+        """A session from an exported blob, continuing at the blob's next step_index. It gets a
+        new id unless ``session_id`` names one (not live here); ``model``/``version``, when given,
+        must be the blob's (FAILED_PRECONDITION otherwise)."""
+        request = pb.ImportSessionRequest(
+            blob=blob, session_id=session_id, model=model, version=version
+        )
+        r = self.stub.ImportSession(request, timeout=self.timeout)
+        info = pb.SessionInfo(
+            session_id=r.session_id,
+            model=r.model,
+            version=r.version,
+            expires_at=r.expires_at,
+            next_step_index=r.next_step_index,
+        )
+        return Session(self, info)
+
     def predict(
         self, model: str, inputs: Iterable[pb.Input | Any], version: int = 0, top_k: int = 0
     ) -> pb.PredictResponse:
@@ -323,6 +354,10 @@ class Session:
         )
         self.next_index = 0
         return self.info
+
+    def export(self, *, close: bool = False) -> bytes:
+        """This session as a blob for ``Client.import_session`` (see ``Client.export_session``)."""
+        return self.client.export_session(self.id, close=close).blob
 
     def close(self) -> None:
         try:

@@ -47,6 +47,18 @@ class SessionExpired(RnnServeError):
     reason = "SESSION_EXPIRED"
 
 
+class SessionExists(RnnServeError):
+    """ImportSession as a session id that is live."""
+
+    reason = "SESSION_EXISTS"
+
+
+class ModelMismatch(RnnServeError):
+    """An imported session of a model, version or state shape this server does not serve."""
+
+    reason = "MODEL_MISMATCH"
+
+
 class NotStreamable(RnnServeError):
     """Stepping a model that needs whole sequences (bidirectional): use Predict."""
 
@@ -87,7 +99,9 @@ _TABLE: list[tuple[type[RnnServeError], grpc.StatusCode, int]] = [
     (VersionNotFound, grpc.StatusCode.NOT_FOUND, 404),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND, 404),
     (SessionExpired, grpc.StatusCode.NOT_FOUND, 410),
+    (SessionExists, grpc.StatusCode.ALREADY_EXISTS, 409),
     (NotStreamable, grpc.StatusCode.FAILED_PRECONDITION, 409),
+    (ModelMismatch, grpc.StatusCode.FAILED_PRECONDITION, 409),
     (StepOutOfOrder, grpc.StatusCode.FAILED_PRECONDITION, 409),
     (CapacityExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     (Unavailable, grpc.StatusCode.UNAVAILABLE, 503),

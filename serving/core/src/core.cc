@@ -173,7 +173,8 @@ Error Core::shutting_down() const {
   return Error::of(ErrorKind::kUnavailable, "server is shutting down; retry on another instance");
 }
 
-Result<SessionView> Core::open_session(const std::string& name, uint32_t version, const std::string& id) {
+Result<SessionView> Core::open_session(const std::string& name, uint32_t version, const std::string& id,
+                                       const SessionRecord* from) {
   if (stopping_) return shutting_down();
   auto m = model(name, version);
   if (!m.ok()) return m.error();
@@ -182,7 +183,7 @@ Result<SessionView> Core::open_session(const std::string& name, uint32_t version
                      m.value()->name + " is not streamable (it reads whole sequences, e.g. bidirectional): "
                                        "use Predict with the whole sequence instead of sessions/Step");
   }
-  auto s = store_->open(m.value(), id);
+  auto s = store_->open(m.value(), id, from);
   if (!s.ok()) return s.error();
   return view(*s.value());
 }

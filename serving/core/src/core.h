@@ -59,7 +59,9 @@ class Core {
   // For the transports and the Python control plane.
   Result<ModelPtr> model(const std::string& name, uint32_t version) const;  // 0 = latest
   Result<SessionPtr> session(const std::string& id) { return store_->get(id); }
-  Result<SessionView> open_session(const std::string& model, uint32_t version, const std::string& id);
+  // from: an imported session's record (ImportSession), checked against the model.
+  Result<SessionView> open_session(const std::string& model, uint32_t version, const std::string& id,
+                                   const SessionRecord* from = nullptr);
   std::optional<Error> close_session(const std::string& id) { return store_->close(id); }
   Result<SessionView> reset_session(const std::string& id);
   SessionView view(const Session& s);

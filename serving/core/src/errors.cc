@@ -32,7 +32,10 @@ grpc::StatusCode grpc_code(ErrorKind kind) {
     case ErrorKind::kSessionNotFound:
     case ErrorKind::kSessionExpired:
       return grpc::StatusCode::NOT_FOUND;
+    case ErrorKind::kSessionExists:
+      return grpc::StatusCode::ALREADY_EXISTS;
     case ErrorKind::kNotStreamable:
+    case ErrorKind::kModelMismatch:
     case ErrorKind::kStepOutOfOrder:
       return grpc::StatusCode::FAILED_PRECONDITION;
     case ErrorKind::kCapacityExhausted:
@@ -55,7 +58,9 @@ const char* reason(ErrorKind kind) {
     case ErrorKind::kVersionNotFound: return "VERSION_NOT_FOUND";
     case ErrorKind::kSessionNotFound: return "SESSION_NOT_FOUND";
     case ErrorKind::kSessionExpired: return "SESSION_EXPIRED";
+    case ErrorKind::kSessionExists: return "SESSION_EXISTS";
     case ErrorKind::kNotStreamable: return "NOT_STREAMABLE";
+    case ErrorKind::kModelMismatch: return "MODEL_MISMATCH";
     case ErrorKind::kStepOutOfOrder: return "STEP_OUT_OF_ORDER";
     case ErrorKind::kCapacityExhausted: return "CAPACITY_EXHAUSTED";
     case ErrorKind::kUnavailable: return "UNAVAILABLE";

@@ -46,11 +46,11 @@ std::optional<Error> MemoryStore::check_client_id(const std::string& id) const {
     return Error::invalid("session id must be 1.." + std::to_string(kMaxSessionIdLength) + " characters",
                           "session_id");
   }
-  if (live_.count(id)) return Error::invalid("session " + py_repr(id) + " is already open", "session_id");
+  if (live_.count(id)) return Error::of(ErrorKind::kSessionExists, "session " + py_repr(id) + " is already open");
   return std::nullopt;
 }
 
-Result<SessionPtr> MemoryStore::open(ModelPtr model, const std::string& client_id) {
+Result<SessionPtr> MemoryStore::open(ModelPtr model, const std::string& client_id, const SessionRecord* from) {
   std::lock_guard<std::mutex> lock(mu_);
   std::string id = client_id;
   if (id.empty()) {
@@ -64,6 +64,7 @@ Result<SessionPtr> MemoryStore::open(ModelPtr model, const std::string& client_i
                          " open sessions); close idle sessions or retry later");
   }
   auto session = std::make_shared<Session>(id, model);
+  if (from) session->restore(*from);  // before anyone can find it
   live_[id] = session;
   expired_.erase(id);
   counts_[model->name] += 1;

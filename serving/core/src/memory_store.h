@@ -16,7 +16,7 @@ class MemoryStore final : public SessionStore {
  public:
   MemoryStore(double ttl_s, size_t max_sessions, EvictHook on_evict, size_t tombstones = 65536);
 
-  Result<SessionPtr> open(ModelPtr model, const std::string& id) override;
+  Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
   std::optional<Error> close(const std::string& id) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;

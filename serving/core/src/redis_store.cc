@@ -125,13 +125,14 @@ std::string RedisStore::record_of(const Session& s) const {
   return encode_record(s.model->name, s.model->version, s.next_index, s.last.get(), s.state);
 }
 
-Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id) {
+Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id, const SessionRecord* from) {
   std::string id = client_id.empty() ? new_session_id() : client_id;
   if (id.size() > kMaxSessionIdLength) {
     return Error::invalid("session id must be 1.." + std::to_string(kMaxSessionIdLength) + " characters",
                           "session_id");
   }
   auto s = std::make_shared<Session>(id, model);
+  if (from) s->restore(*from);
   const std::string record = record_of(*s);  // nobody else has it yet
   RedisReplyPtr r;
   try {
@@ -143,7 +144,7 @@ Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id
   if (r->type != REDIS_REPLY_INTEGER) {
     return unavailable("open a session", RedisDown(r->type == REDIS_REPLY_ERROR ? reply_text(*r) : "odd reply"));
   }
-  if (r->integer == -1) return Error::invalid("session " + py_repr(id) + " is already open", "session_id");
+  if (r->integer == -1) return Error::of(ErrorKind::kSessionExists, "session " + py_repr(id) + " is already open");
   if (r->integer == -2) {
     return Error::of(ErrorKind::kCapacityExhausted,
                      "session capacity full (" + std::to_string(max_sessions_) +

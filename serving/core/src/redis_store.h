@@ -29,7 +29,7 @@ class RedisStore final : public SessionStore {
   // Throws std::runtime_error naming the address when Redis cannot be reached.
   RedisStore(const std::string& url, double ttl_s, size_t max_sessions, ModelOf model_of, EvictHook on_evict);
 
-  Result<SessionPtr> open(ModelPtr model, const std::string& id) override;
+  Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
   std::optional<Error> close(const std::string& id) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;

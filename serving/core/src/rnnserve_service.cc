@@ -12,6 +12,7 @@
 #include "core.h"
 #include "raw.h"
 #include "replies.h"
+#include "session_transfer.h"
 #include "rnnserve/v1/rnnserve.grpc.pb.h"
 #include "text.h"
 
@@ -454,7 +455,8 @@ void StepManyStream::AnswerPacked() {
 using RawBase = pb::RnnServe::WithRawCallbackMethod_OpenSession<
     pb::RnnServe::WithRawCallbackMethod_CloseSession<pb::RnnServe::WithRawCallbackMethod_ResetSession<
         pb::RnnServe::WithRawCallbackMethod_Step<pb::RnnServe::WithRawCallbackMethod_Session<
-            pb::RnnServe::WithRawCallbackMethod_StepMany<pb::RnnServe::Service>>>>>>;
+            pb::RnnServe::WithRawCallbackMethod_StepMany<pb::RnnServe::WithRawCallbackMethod_ExportSession<
+                pb::RnnServe::WithRawCallbackMethod_ImportSession<pb::RnnServe::Service>>>>>>>>;
 
 // A unary call's messages, alive until its answer is written (the step may answer later, on the
 // scheduler's thread).
@@ -546,6 +548,56 @@ class RnnServeService final : public RawBase {
     };
     core_->stepper().step(std::move(prepared.value().session), std::move(prepared.value().step));
     return reactor;
+  }
+
+  grpc::ServerUnaryReactor* ExportSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                          grpc::ByteBuffer* out) override {
+    auto call = std::make_shared<Unary<pb::ExportSessionRequest, pb::ExportSessionResponse>>(
+        core_, ctx, std::string(kService) + "ExportSession");
+    if (call->scope.refused()) return finish(ctx, call->scope, rich_status(*call->scope.refused()));
+    if (!parse(*in, &call->request)) return finish(ctx, call->scope, rich_status(malformed(call->request)));
+    if (core_->stopping()) return finish(ctx, call->scope, rich_status(core_->shutting_down()));
+    auto found = own_session(core_, call->request.session_id());
+    if (!found.ok()) return finish(ctx, call->scope, rich_status(found.error()));
+    call->scope.set_model(found.value()->model->name);
+    auto* reactor = ctx->DefaultReactor();
+    export_session(*core_, found.value(), call->request.close(), [call, reactor, out](Result<Exported> r) {
+      grpc::Status status = grpc::Status::OK;
+      if (r.ok()) {
+        call->reply.set_blob(std::move(r.value().blob));
+        call->reply.set_model(r.value().model);
+        call->reply.set_version(r.value().version);
+        call->reply.set_next_step_index(r.value().next_index);
+        *out = serialize(call->reply);
+      } else {
+        status = rich_status(r.error());
+      }
+      call->scope.finish(status.error_code());
+      reactor->Finish(status);
+    });
+    return reactor;
+  }
+
+  grpc::ServerUnaryReactor* ImportSession(grpc::CallbackServerContext* ctx, const grpc::ByteBuffer* in,
+                                          grpc::ByteBuffer* out) override {
+    CallScope scope(core_, ctx, std::string(kService) + "ImportSession");
+    if (scope.refused()) return finish(ctx, scope, rich_status(*scope.refused()));
+    pb::ImportSessionRequest req;
+    if (!parse(*in, &req)) return finish(ctx, scope, rich_status(malformed(req)));
+    if (req.session_id().find(':') != std::string::npos) {  // another transport's namespace (own_session)
+      return finish(ctx, scope, rich_status(Error::invalid("session_id may not contain ':'", "session_id")));
+    }
+    auto v = import_session(*core_, ImportRequest{req.blob(), req.session_id(), req.model(), req.version()});
+    if (!v.ok()) return finish(ctx, scope, rich_status(v.error()));
+    scope.set_model(v.value().model);
+    pb::ImportSessionResponse reply;
+    reply.set_session_id(v.value().session_id);
+    reply.set_model(v.value().model);
+    reply.set_version(v.value().version);
+    reply.set_next_step_index(v.value().next_step_index);
+    reply.set_expires_at(v.value().expires_at);
+    *out = serialize(reply);
+    return finish(ctx, scope, grpc::Status::OK);
   }
 
   RawStream* Session(grpc::CallbackServerContext* ctx) override { return new SessionStream(core_, ctx); }

@@ -2,6 +2,8 @@
 
 #include <chrono>
 
+#include "session_record.h"
+
 namespace rnnserve {
 
 int64_t now_ns() {
@@ -23,6 +25,13 @@ void Session::reset_state() {
               state.begin() + static_cast<std::ptrdiff_t>(at + s.floats()), s.init);
     at += s.floats();
   }
+}
+
+void Session::restore(const SessionRecord& record) {
+  std::lock_guard<std::mutex> lock(mu);
+  next_index = record.next_index;
+  last = record.last;
+  state = record.state;
 }
 
 }  // namespace rnnserve

@@ -39,9 +39,12 @@ struct PendingStep {
   StepInput input;
   std::optional<uint64_t> want;  // the client's step_index; none = "the next one"
   StepDone done;
+  std::function<void()> hold = nullptr;  // set: not a step but a holder of the gate (Stepper::hold)
 };
 
 int64_t now_ns();  // steady clock
+
+struct SessionRecord;
 
 struct Session {
   Session(std::string id, ModelPtr model);
@@ -60,6 +63,8 @@ struct Session {
   std::vector<float> state;  // (L, H) per state tensor, concatenated; written by the gate's holder
 
   void reset_state();
+  // Takes an imported session's index, last reply and state (sized for this model: checked).
+  void restore(const SessionRecord& record);
 };
 using SessionPtr = std::shared_ptr<Session>;
 

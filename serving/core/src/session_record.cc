@@ -93,24 +93,24 @@ std::string encode_record(const std::string& model, uint32_t version, uint64_t n
   return out;
 }
 
-Result<SessionRecord> decode_record(const std::string& bytes, const std::string& id) {
+std::optional<std::string> parse_record(const std::string& bytes, SessionRecord* out) {
   const size_t header = kRecordIndexAt + kRecordIndexLength;
   if (bytes.size() < header + sizeof(uint32_t) || bytes.compare(0, 4, kRecordMagic, 4) != 0) {
-    return bad_record(id, "is not an rnnserve session record");
+    return "is not an rnnserve session record";
   }
   if (bytes.compare(0, kMagicLength, kRecordMagic, kMagicLength) != 0) {
-    return bad_record(id, "has format version " + std::to_string(static_cast<unsigned char>(bytes[4])) +
-                              ", this server reads version 1");
+    return "has format version " + std::to_string(static_cast<unsigned char>(bytes[4])) +
+           ", this server reads version 1";
   }
   const size_t body = bytes.size() - sizeof(uint32_t);
   uint32_t stored_crc = 0;
   std::memcpy(&stored_crc, bytes.data() + body, sizeof stored_crc);
-  if (stored_crc != crc_of(bytes.data(), body)) return bad_record(id, "fails its checksum (corrupt)");
+  if (stored_crc != crc_of(bytes.data(), body)) return "fails its checksum (corrupt)";
   SessionRecord r;
   for (size_t i = kRecordIndexAt; i < header; ++i) {
     const char c = bytes[i];
     const int digit = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-    if (digit < 0) return bad_record(id, "is malformed (its step index is not hexadecimal)");
+    if (digit < 0) return "is malformed (its step index is not hexadecimal)";
     r.next_index = (r.next_index << 4) | static_cast<uint64_t>(digit);
   }
   Reader in(bytes, header, body);
@@ -124,7 +124,14 @@ Result<SessionRecord> decode_record(const std::string& bytes, const std::string&
     r.last = std::move(last);
   }
   r.state = in.floats();
-  if (!in.ok()) return bad_record(id, "is malformed (its fields do not add up)");
+  if (!in.ok()) return "is malformed (its fields do not add up)";
+  *out = std::move(r);
+  return std::nullopt;
+}
+
+Result<SessionRecord> decode_record(const std::string& bytes, const std::string& id) {
+  SessionRecord r;
+  if (auto problem = parse_record(bytes, &r)) return bad_record(id, *problem);
   return r;
 }
 

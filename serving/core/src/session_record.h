@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,8 @@ inline bool record_fits(const SessionRecord& r, const ModelSpec& m) {
 std::string index_text(uint64_t index);  // the 16 hex digits the record carries
 std::string encode_record(const std::string& model, uint32_t version, uint64_t next_index, const Reply* last,
                           const std::vector<float>& state);
+// What is wrong with a record ("fails its checksum (corrupt)", ...), or nothing: *out holds it.
+std::optional<std::string> parse_record(const std::string& bytes, SessionRecord* out);
 // Error (INTERNAL, naming the session and what is wrong) for a corrupt or foreign record.
 Result<SessionRecord> decode_record(const std::string& bytes, const std::string& session_id);
 

@@ -90,6 +90,7 @@ void Stepper::release(const SessionPtr& s) {
   // an error) hands the gate on, and a client can queue thousands of those on one session.
   // They are answered in arrival order once the gate has moved on.
   std::vector<std::pair<StepDone, StepOutcome>> answered;
+  std::function<void()> holder;
   for (;;) {
     PendingStep next;
     {
@@ -101,6 +102,10 @@ void Stepper::release(const SessionPtr& s) {
       next = std::move(s->waiting.front());  // the gate passes straight to the next call in line
       s->waiting.pop_front();
     }
+    if (next.hold) {
+      holder = std::move(next.hold);
+      break;
+    }
     StepOutcome answer;
     if (auto claimed_job = check(s, next, &answer)) {
       std::vector<Job> jobs;
@@ -111,6 +116,21 @@ void Stepper::release(const SessionPtr& s) {
     answered.emplace_back(std::move(next.done), std::move(answer));
   }
   for (auto& [done, outcome] : answered) done(std::move(outcome));
+  if (holder) holder();
+}
+
+void Stepper::hold(const SessionPtr& s, std::function<void()> fn) {
+  {
+    std::lock_guard<std::mutex> lock(s->mu);
+    if (s->busy) {
+      PendingStep in_line;
+      in_line.hold = std::move(fn);
+      s->waiting.push_back(std::move(in_line));
+      return;
+    }
+    s->busy = true;
+  }
+  fn();
 }
 
 void Stepper::submit(std::vector<Job> jobs) {

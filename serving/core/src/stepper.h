@@ -36,6 +36,9 @@ class Stepper {
   // Hand the session's gate to the next call in line (or free it). Also for a holder outside the
   // protocol: a reset holds the gate while it stores the fresh state.
   void release(const SessionPtr& session);
+  // Runs `fn` holding the session's gate, in line behind the steps that arrived before it (an
+  // export sees no half-applied step). fn hands the gate on with release() when done.
+  void hold(const SessionPtr& session, std::function<void()> fn);
 
  private:
   // The gate is held: the call's job, or (no job) *answer holds its cached reply or its error;

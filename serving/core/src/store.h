@@ -11,6 +11,7 @@
 
 #include "result.h"
 #include "session.h"
+#include "session_record.h"
 
 namespace rnnserve {
 
@@ -31,8 +32,10 @@ class SessionStore {
   using EvictHook = std::function<void(const std::string& model, const char* reason)>;
   virtual ~SessionStore() = default;
 
-  // A new session with the model's initial state (id: a fresh 128-bit one unless given).
-  virtual Result<SessionPtr> open(ModelPtr model, const std::string& id) = 0;
+  // A new session with the model's initial state, or with `from`'s (an imported session: its
+  // state, index and last reply, already checked against the model). id: a fresh 128-bit one
+  // unless given; a given id that is live fails with SessionExists.
+  virtual Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from = nullptr) = 0;
   // The live session, its idle deadline pushed back; SessionNotFound / SessionExpired.
   virtual Result<SessionPtr> get(const std::string& id) = 0;
   virtual std::optional<Error> close(const std::string& id) = 0;

@@ -124,6 +124,52 @@ class ResetSessionRequest(_message.Message):
     session_id: str
     def __init__(self, session_id: _Optional[str] = ...) -> None: ...
 
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id", "close")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    close: bool
+    def __init__(self, session_id: _Optional[str] = ..., close: bool = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("blob", "model", "version", "next_step_index")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    model: str
+    version: int
+    next_step_index: int
+    def __init__(self, blob: _Optional[bytes] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., next_step_index: _Optional[int] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("blob", "session_id", "model", "version")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    session_id: str
+    model: str
+    version: int
+    def __init__(self, blob: _Optional[bytes] = ..., session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ImportSessionResponse(_message.Message):
+    __slots__ = ("session_id", "model", "version", "next_step_index", "expires_at")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    model: str
+    version: int
+    next_step_index: int
+    expires_at: float
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., next_step_index: _Optional[int] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
 class Features(_message.Message):
     __slots__ = ("values", "steps")
     VALUES_FIELD_NUMBER: _ClassVar[int]

@@ -59,6 +59,16 @@ class RnnServeStub(object):
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ResetSessionRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ExportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/rnnserve.v1.RnnServe/ImportSession',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionResponse.FromString,
+                _registered_method=True)
         self.Step = channel.unary_unary(
                 '/rnnserve.v1.RnnServe/Step',
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.SerializeToString,
@@ -117,6 +127,23 @@ class RnnServeServicer(object):
 
     def ResetSession(self, request, context):
         """State back to the model's initial state; the next step_index is 0 again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """A session's state, next step_index and model version as one checksummed, self-describing
+        blob (docs/api.md), taken between steps. The session lives on (a checkpoint) unless `close`
+        asks to close it in the same hold (a move).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """A session from an exported blob, on this or another deployment, continuing exactly where the
+        export left it. A blob of a model or version this server does not serve is refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -186,6 +213,16 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.ResetSession,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ResetSessionRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionResponse.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
@@ -348,6 +385,60 @@ class RnnServe(object):
             '/rnnserve.v1.RnnServe/ResetSession',
             rnnserve_dot_v1_dot_rnnserve__pb2.ResetSessionRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ExportSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rnnserve.v1.RnnServe/ImportSession',
+            rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionRequest.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.ImportSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

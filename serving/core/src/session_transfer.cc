@@ -1,0 +1,77 @@
+#include "session_transfer.h"
+
+#include "session_blob.h"
+#include "text.h"
+
+namespace rnnserve {
+
+namespace {
+
+// The gate is held.
+Result<Exported> exported(Core& core, Session& s, bool close) {
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    if (s.closed) {
+      return Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s.id) + " was closed while this call waited");
+    }
+  }
+  // A shared store's copy may be ahead of this replica's: export that one, or nothing.
+  if (!core.store().reload(s) && core.store().remote()) {
+    return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
+                                                  " could not be re-read from the shared session store (it is "
+                                                  "unreachable, or the session was closed on another replica); "
+                                                  "nothing was exported, retry");
+  }
+  Exported out{encode_blob(s), s.model->name, s.model->version, 0};
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    out.next_index = s.next_index;
+  }
+  if (close) {
+    if (auto err = core.close_session(s.id)) return *err;
+  }
+  return out;
+}
+
+std::string model_text(const std::string& name, uint32_t version) {
+  return "model " + py_repr(name) + (version ? " version " + std::to_string(version) : "");
+}
+
+// The blob's model and version are the ones the caller expects and this server serves.
+Result<ModelPtr> served_model(Core& core, const SessionRecord& r, const ImportRequest& req) {
+  const std::string held = "the session blob holds a session of " + model_text(r.model, r.version);
+  if ((!req.model.empty() && req.model != r.model) || (req.version && req.version != r.version)) {
+    return Error::of(ErrorKind::kModelMismatch,
+                     held + "; this call expects " + model_text(req.model.empty() ? r.model : req.model, req.version));
+  }
+  auto m = core.model(r.model, r.version);
+  if (!m.ok() || m.value()->version != r.version) {  // version 0 would name the latest
+    const std::string why = m.ok() ? "no version 0" : m.error().message;
+    return Error::of(ErrorKind::kModelMismatch, held + ", which this server does not serve (" + why + ")");
+  }
+  return m;
+}
+
+}  // namespace
+
+void export_session(Core& core, SessionPtr session, bool close, ExportDone done) {
+  Session* s = session.get();
+  core.stepper().hold(session, [&core, s, session, close, done = std::move(done)] {
+    auto result = exported(core, *s, close);
+    core.stepper().release(session);
+    done(std::move(result));
+  });
+}
+
+Result<SessionView> import_session(Core& core, const ImportRequest& req) {
+  if (core.stopping()) return core.shutting_down();
+  auto blob = decode_blob(req.blob);
+  if (!blob.ok()) return blob.error();
+  const SessionRecord& record = blob.value().record;
+  auto m = served_model(core, record, req);
+  if (!m.ok()) return m.error();
+  if (auto err = blob_fits(blob.value(), *m.value())) return *err;
+  return core.open_session(record.model, record.version, req.session_id, &record);
+}
+
+}  // namespace rnnserve
