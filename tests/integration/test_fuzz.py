@@ -82,6 +82,8 @@ def our_seeds(stub: pb_grpc.RnnServeStub) -> dict[str, list]:
     packed = pb.PackedSteps(
         model="sine", session_ids=[sine], steps=2, features=np.ones(2, "<f4").tobytes()
     )
+    exported = stub.OpenSession(pb.OpenSessionRequest(model="sine")).session_id
+    blob = stub.ExportSession(pb.ExportSessionRequest(session_id=sine)).blob
     return {
         "ListModels": [pb.ListModelsRequest()],
         "GetModel": [pb.GetModelRequest(name="seq_lstm", version=1)],
@@ -94,6 +96,11 @@ def our_seeds(stub: pb_grpc.RnnServeStub) -> dict[str, list]:
         "StepMany": [
             pb.StepManyRequest(steps=[step, text_step]),
             pb.StepManyRequest(packed=packed),
+        ],
+        "ExportSession": [pb.ExportSessionRequest(session_id=exported)],
+        "ImportSession": [
+            pb.ImportSessionRequest(blob=blob),
+            pb.ImportSessionRequest(blob=blob[:9], session_id="chosen", model="sine", version=1),
         ],
         "Predict": [
             pb.PredictRequest(model="seq_bilstm", inputs=[to_input(np.ones((3, 10), np.float32))]),
@@ -297,6 +304,26 @@ def test_fuzzing_every_rpc_never_fails_inside_and_leaves_a_neighbour_exact(chann
     second = raw(stub.Step(pb.StepRequest(session_id=neighbour, input=to_input(chunks[1]))))
     want = Reference(quick_store).run(m.name, chunks)
     np.testing.assert_allclose(np.concatenate([first, second]), want, atol=1e-5)
+
+
+def test_a_blob_changed_in_any_way_is_refused_as_invalid_argument(channel):
+    stub = pb_grpc.RnnServeStub(channel)
+    sid = stub.OpenSession(pb.OpenSessionRequest(model="char")).session_id
+    stub.Step(pb.StepRequest(session_id=sid, input=pb.Input(text="ab")))
+    blob = stub.ExportSession(pb.ExportSessionRequest(session_id=sid)).blob
+
+    @settings(FUZZ, max_examples=300)
+    @given(mutated_bytes(blob))
+    def fuzz(changed: bytes) -> None:
+        try:
+            stub.ImportSession(pb.ImportSessionRequest(blob=changed), timeout=CALL_TIMEOUT_S)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, (e.code(), e.details())
+            assert e.details().startswith("the session blob "), e.details()
+            return
+        assert changed == blob  # only the unchanged blob imports
+
+    fuzz()
 
 
 # ---- the TorchServe body parser, in-process ----------------------------------------------------
