@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 # code, message, google.rpc.Status bytes, replies, the model the call was about (access log)
 Reply = tuple[int, str, bytes, list[bytes], str]
 OK = grpc.StatusCode.OK.value[0]
+CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+Emit = Callable[[bytes], bool]  # the core's: sends one reply of a stream now; False once gone
 _LOG_EVERY_S = 10.0  # malformed requests are logged at most this often (with a count)
 
 
@@ -102,7 +104,11 @@ class Bridge:
         return routes
 
     # ---- called by the core, on a bridge thread, with the GIL -----------------------------------
-    def __call__(self, method: str, request: bytes, identity: str) -> Reply:
+    def __call__(
+        self, method: str, request: bytes, identity: str, emit: Emit | None = None
+    ) -> Reply:
+        """``emit(reply_bytes) -> bool`` sends a streaming call's reply at once (False: the
+        client is gone); without it a stream's replies come back in the list, after the call."""
         route = self.routes.get(method)
         if route is None:
             return grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!", b"", [], ""
@@ -112,7 +118,7 @@ class Bridge:
         except DecodeError as e:
             return self._malformed_request(method, e)
         work = (
-            self._stream(handler, message, identity)
+            self._stream(handler, message, identity, emit)
             if streaming
             else self._unary(handler, message, identity)
         )
@@ -151,14 +157,21 @@ class Bridge:
             return grpc.StatusCode.INTERNAL.value[0], f"internal error: {e!r}", b"", []
         return OK, "", b"", [reply.SerializeToString()]
 
-    async def _stream(self, handler: Callable[..., Any], message: Any, identity: str) -> tuple:
+    async def _stream(
+        self, handler: Callable[..., Any], message: Any, identity: str, emit: Emit | None
+    ) -> tuple:
         act_as(identity or None)
         replies: list[bytes] = []
+        send = emit or replies.append
+        stream = handler(message, BridgeContext(identity))
         try:
-            async for reply in handler(message, BridgeContext(identity)):
-                replies.append(reply.SerializeToString())
+            async for reply in stream:
+                if send(reply.SerializeToString()) is False:  # gone: stop generating for nobody
+                    return CANCELLED, "the client went away", b"", []
         except _Aborted as a:
             return a.code.value[0], a.message, a.details, replies
+        finally:
+            await stream.aclose()
         return OK, "", b"", replies
 
     # ---- Generate over the core's sessions ------------------------------------------------------

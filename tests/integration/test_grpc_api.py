@@ -222,6 +222,33 @@ def test_generate_is_reproducible_and_alternates_with_steps(stub, quick_store, r
     assert [g.text for g in stub.Generate(req)] == [g.text for g in gen]
 
 
+def next_index(stub, sid: str) -> int:
+    """The session's next step_index, as the server states it (a far-off index is refused)."""
+    with pytest.raises(grpc.RpcError) as refused:
+        step(stub, sid, np.array([1]), 10**9)
+    info = error_details_pb2.ErrorInfo()
+    rpc_status.from_call(refused.value).details[0].Unpack(info)
+    return int(info.metadata["expected_step_index"])
+
+
+def test_generate_streams_each_token_as_made_and_stops_when_the_client_goes(stub, ref):
+    """The first token arrives while the rest are still being made; cancelling the call stops
+    the generation (the session has not consumed the 4,096 tokens asked for), and what was
+    streamed before equals the offline run."""
+    sid = open_session(stub, "char")
+    first = step(stub, sid, np.array([5, 6, 7]), 0)
+    call = stub.Generate(pb.GenerateRequest(session_id=sid, max_tokens=4096, temperature=0))
+    got = [next(call) for _ in range(3)]
+    call.cancel()
+    settled = next_index(stub, sid)
+    while (now := next_index(stub, sid)) != settled:  # a step in flight at the cancel lands
+        settled = now
+    assert 4 <= settled < 1 + 4096, settled
+    expected = ref.run("char", [np.array([5, 6, 7]), np.array([g.token for g in got])])
+    streamed = np.array([list(g.output.raw) for g in got])
+    np.testing.assert_allclose(np.concatenate([raw(first), streamed]), expected, atol=TOL)
+
+
 # ---- bad input: status + message, server up, nobody else touched ---------------------------------
 
 BIG = 5 * 1024 * 1024 // 4  # floats in a message over the 4 MiB limit

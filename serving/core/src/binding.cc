@@ -136,11 +136,14 @@ Runner runner_of(py::object step) {
 
 Bridge bridge_of(py::object handler) {
   auto fn = std::make_shared<py::object>(std::move(handler));
-  return [fn](const std::string& method, const std::string& request, const std::string& identity) {
+  return [fn](const std::string& method, const std::string& request, const std::string& identity,
+              const Emit& emit) {
     BridgeReply reply;
     py::gil_scoped_acquire gil;
     try {
-      py::tuple r = (*fn)(method, py::bytes(request), identity);
+      py::object emit_py = py::none();  // Python: emit(bytes) -> bool, called with the GIL
+      if (emit) emit_py = py::cpp_function([emit](const py::bytes& m) { return emit(std::string(m)); });
+      py::tuple r = (*fn)(method, py::bytes(request), identity, emit_py);
       reply.code = r[0].cast<int>();
       reply.message = r[1].cast<std::string>();
       reply.details = r[2].cast<std::string>();

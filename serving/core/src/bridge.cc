@@ -42,8 +42,26 @@ void BridgePool::loop() {
 
 namespace {
 
-// One bridged call: read the request, let Python answer it on a bridge thread, write the replies
-// one at a time, finish. gRPC owns the reactor's life: it is deleted in OnDone.
+// The door a handler's emit goes through: open while the handler runs, closed (under its lock)
+// the moment it returns, so an emit kept past that never reaches a finished call.
+struct Outbox {
+  std::mutex mu;
+  std::function<bool(std::string)> send;  // empty once closed
+
+  bool emit(std::string message) {
+    std::lock_guard<std::mutex> lock(mu);
+    return send && send(std::move(message));
+  }
+  void close() {
+    std::lock_guard<std::mutex> lock(mu);
+    send = nullptr;
+  }
+};
+
+// One bridged call: read the request, let Python answer it on a bridge thread, write its replies
+// in order as they come (a streaming handler emits them while it runs), finish once the handler
+// has returned and every reply is written. gRPC owns the reactor's life: it is deleted in OnDone,
+// which cannot come before Finish, which waits for the handler.
 class BridgeCall final : public grpc::ServerGenericBidiReactor {
  public:
   BridgeCall(Core* core, grpc::GenericCallbackServerContext* ctx)
@@ -61,7 +79,7 @@ class BridgeCall final : public grpc::ServerGenericBidiReactor {
 
   void OnReadDone(bool ok) override {
     if (!ok) {
-      Done(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request message"));
+      Returned(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "the call carried no request message"));
       return;
     }
     std::vector<grpc::Slice> slices;
@@ -69,47 +87,101 @@ class BridgeCall final : public grpc::ServerGenericBidiReactor {
     if (request_.Dump(&slices).ok()) {
       for (const auto& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
     }
+    outbox_->send = [this](std::string message) { return Enqueue(std::move(message)); };
     core_->bridge_pool().post([this, bytes = std::move(bytes)] {
-      if (auto refused = scope_.admit()) return Done(rich_status(*refused));
-      reply_ = core_->bridge()(method_, bytes, scope_.identity());
-      if (!reply_.model.empty()) scope_.set_model(reply_.model);
-      WriteNext();
+      if (auto refused = scope_.admit()) return Returned(rich_status(*refused));
+      const auto outbox = outbox_;
+      BridgeReply reply = core_->bridge()(method_, bytes, scope_.identity(),
+                                          [outbox](std::string m) { return outbox->emit(std::move(m)); });
+      if (!reply.model.empty()) scope_.set_model(reply.model);
+      for (auto& m : reply.messages) Enqueue(std::move(m));
+      Returned(grpc::Status(static_cast<grpc::StatusCode>(reply.code), reply.message, reply.details));
     });
   }
 
   void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Done(grpc::Status(grpc::StatusCode::CANCELLED, "the client went away"));
-      return;
+    Next next;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      if (!ok) gone_ = true;  // the client went away: later replies are dropped
+      next = Plan();
     }
-    WriteNext();
+    Act(next);
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    gone_ = true;
   }
 
   void OnDone() override { delete this; }
 
  private:
-  void WriteNext() {
-    if (next_ < reply_.messages.size()) {
-      const std::string& m = reply_.messages[next_++];
-      grpc::Slice slice(m.data(), m.size());
-      out_ = grpc::ByteBuffer(&slice, 1);
-      StartWrite(&out_);
-      return;
+  enum class Next { kNothing, kWrite, kFinish };
+
+  // Queues a reply; false once the client is gone.
+  bool Enqueue(std::string message) {
+    Next next;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (gone_) return false;
+      queue_.push_back(std::move(message));
+      next = Plan();
     }
-    Done(grpc::Status(static_cast<grpc::StatusCode>(reply_.code), reply_.message, reply_.details));
+    Act(next);
+    return true;
   }
 
-  void Done(const grpc::Status& status) {
-    scope_.finish(status.error_code());
-    Finish(status);
+  void Returned(grpc::Status status) {
+    outbox_->close();  // waits for an emit in progress; none after this
+    Next next;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      final_ = std::move(status);
+      returned_ = true;
+      next = Plan();
+    }
+    Act(next);
+  }
+
+  // Under mu_: the next write (one in flight at a time), or the end once the handler returned and
+  // nothing is left to write.
+  Next Plan() {
+    if (writing_ || finished_) return Next::kNothing;
+    if (!gone_ && !queue_.empty()) {
+      grpc::Slice slice(queue_.front().data(), queue_.front().size());
+      queue_.pop_front();
+      out_ = grpc::ByteBuffer(&slice, 1);
+      writing_ = true;
+      return Next::kWrite;
+    }
+    if (!returned_) return Next::kNothing;
+    finished_ = true;
+    if (gone_ && final_.ok()) final_ = grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+    return Next::kFinish;
+  }
+
+  // Without mu_: once Finish is called the reactor may be deleted at any moment, so it is the
+  // last thing this call does with it.
+  void Act(Next next) {
+    if (next == Next::kWrite) {
+      StartWrite(&out_);
+    } else if (next == Next::kFinish) {
+      scope_.finish(final_.error_code());
+      Finish(final_);
+    }
   }
 
   Core* core_;
   const std::string method_;
   CallScope scope_;
   grpc::ByteBuffer request_, out_;
-  BridgeReply reply_;
-  size_t next_ = 0;
+  std::shared_ptr<Outbox> outbox_ = std::make_shared<Outbox>();
+  std::mutex mu_;
+  std::deque<std::string> queue_;
+  grpc::Status final_;
+  bool writing_ = false, returned_ = false, finished_ = false, gone_ = false;
 };
 
 }  // namespace

@@ -24,8 +24,14 @@ struct BridgeReply {
   std::string model;                  // the model the call was about, for the access log ("" = none)
 };
 
-// (full method name "/pkg.Service/Method", serialized request, peer identity) → reply
-using Bridge = std::function<BridgeReply(const std::string&, const std::string&, const std::string&)>;
+// Sends one reply of a server-streaming bridged call now (Generate's tokens as they come);
+// false once the client is gone, so the handler can stop. Empty for calls that cannot stream.
+using Emit = std::function<bool(std::string)>;
+
+// (full method name "/pkg.Service/Method", serialized request, peer identity, emit) → reply;
+// reply.messages are sent after anything emitted.
+using Bridge =
+    std::function<BridgeReply(const std::string&, const std::string&, const std::string&, const Emit&)>;
 
 class BridgePool {
  public:

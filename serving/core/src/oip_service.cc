@@ -282,7 +282,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
     auto self = shared_from_this();
     core_->bridge_pool().post([self] {
       self->clock_.decoded = now_ns();  // decoded by the bridge: its whole call counts as compute_infer
-      BridgeReply reply = self->core_->bridge()(kInferMethod, bytes_of(self->call_->bytes), self->call_->identity);
+      BridgeReply reply = self->core_->bridge()(kInferMethod, bytes_of(self->call_->bytes), self->call_->identity, Emit{});
       self->clock_.computed = now_ns();
       Answer a;
       if (reply.code != 0) {
