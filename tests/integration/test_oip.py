@@ -262,6 +262,25 @@ def test_interleaved_unary_sequences_keep_their_own_state(client, quick_store):
         np.testing.assert_allclose(np.concatenate(got[sid]), expected, atol=TOL, rtol=0)
 
 
+def test_the_integer_and_the_string_spelling_name_one_sequence(client, quick_store):
+    """docs/oip.md: 7 and "7" are one sequence, so a step sent with either continues it."""
+    m = manifest(quick_store, "seq_gru")
+    chunks = random_chunks(m, [2, 3, 1], seed=31)
+    spellings = [7007, "7007", 7007]
+    got = []
+    for step, sid in enumerate(spellings):
+        result = client.infer(
+            m.name,
+            [infer_input(m, chunks[step])],
+            sequence_id=sid,
+            sequence_start=step == 0,
+            sequence_end=step == 2,
+        )
+        got.append(result.as_numpy("y")[0])
+    expected = eager_steps(quick_store, m, chunks)
+    np.testing.assert_allclose(np.concatenate(got), expected, atol=TOL, rtol=0)
+
+
 def test_stream_sequences_interleaved_equal_eager_reference(client, quick_store):
     models = {n: manifest(quick_store, n) for n in ["sum_sign_lstm", "sine", "char_hello"]}
     plan = {
