@@ -106,7 +106,11 @@ void copy_checked(const FloatArray& a, const std::vector<py::ssize_t>& shape, co
 
 // The backend's step(x, states) -> (y, states'), once per batch.
 Runner runner_of(py::object step) {
-  auto fn = std::make_shared<py::object>(std::move(step));
+  // a removed model version drops its runner on whichever thread lets go of it last
+  std::shared_ptr<py::object> fn(new py::object(std::move(step)), [](py::object* o) {
+    py::gil_scoped_acquire gil;
+    delete o;
+  });
   return [fn](const ModelSpec& m, Batch& b) {
     py::gil_scoped_acquire gil;
     const auto rows = static_cast<py::ssize_t>(b.rows), t = static_cast<py::ssize_t>(b.steps);
@@ -280,5 +284,21 @@ PYBIND11_MODULE(_native, mod) {
         return py::make_tuple("ok", v.model, v.version, v.next_step_index, v.expires_at, last_y);
       })
       .def("live_sessions", [](Core& c, const std::string& model) { return c.store().count(model); })
+      .def("set_ready", [](Core& c, const std::string& name, uint32_t version, bool ready) -> py::tuple {
+        auto err = c.set_ready(name, version, ready);
+        return err ? error_tuple(*err) : py::make_tuple("ok");
+      })
+      .def("remove_model", [](Core& c, const std::string& name, uint32_t version) -> py::tuple {
+        Result<size_t> left = [&] {
+          py::gil_scoped_release nogil;  // joins the version's scheduler, whose batch may need the GIL
+          return c.remove_model(name, version);
+        }();
+        return left.ok() ? py::make_tuple("ok", left.value()) : error_tuple(left.error());
+      })
+      .def("versions", [](Core& c) {
+        py::list out;  // (name, version, ready, live sessions)
+        for (const auto& v : c.versions()) out.append(py::make_tuple(v.spec->name, v.spec->version, v.ready, v.live_sessions));
+        return out;
+      })
       .def("metrics", &metrics);
 }

@@ -4,6 +4,7 @@
 #include <grpcpp/health_check_service_interface.h>
 
 #include <chrono>
+#include <set>
 #include <stdexcept>
 
 #include "health_log.h"
@@ -33,12 +34,14 @@ std::shared_ptr<grpc::ServerCredentials> credentials(const CoreConfig& c) {
 
 }  // namespace
 
-Core::Core(CoreConfig config) : config_(std::move(config)), tokens_(config_.token_digests) {
+Core::Core(CoreConfig config)
+    : config_(std::move(config)), table_(std::make_shared<const ModelTable>()), tokens_(config_.token_digests) {
   store_ = make_store();
   stepper_ = std::make_unique<Stepper>(
-      [this](const ModelSpec& m) {
-        auto it = schedulers_.find(&m);  // none: a session (read from a shared store) of a model
-        return it == schedulers_.end() ? nullptr : it->second.get();  // this replica cannot step
+      [this](const ModelSpec& m) -> std::shared_ptr<Scheduler> {
+        const auto t = table();
+        auto it = t->schedulers.find(&m);  // none: a session (read from a shared store) of a model
+        return it == t->schedulers.end() ? nullptr : it->second;  // this replica cannot step
       },
                                        store_.get());
 }
@@ -68,14 +71,98 @@ Core::~Core() {
 void Core::add_model(ModelSpec spec, Runner runner) {
   spec.finish();
   auto model = std::make_shared<const ModelSpec>(std::move(spec));
-  models_[model->key()] = model;
-  auto& latest = latest_[model->name];
-  latest = std::max(latest, model->version);
-  if (model->streamable) {
-    schedulers_[model.get()] = std::make_unique<Scheduler>(
-        model, std::move(runner), store_.get(), &metrics_.model(model->name), config_.max_batch,
-        config_.queue_delay_s);
+  std::lock_guard<std::mutex> lock(table_mu_);
+  auto next = std::make_shared<ModelTable>(*table());
+  if (next->versions.count(model->key())) {
+    throw std::invalid_argument(model->name + " version " + std::to_string(model->version) + " is loaded already");
   }
+  auto entry = std::make_shared<LoadedVersion>();
+  entry->spec = model;
+  if (model->streamable) {
+    entry->scheduler = std::make_shared<Scheduler>(model, std::move(runner), store_.get(), &metrics_.model(model->name),
+                                                   config_.max_batch, config_.queue_delay_s);
+    next->schedulers[model.get()] = entry->scheduler;
+  }
+  next->versions[model->key()] = std::move(entry);
+  publish(std::move(next));
+}
+
+std::optional<Error> Core::set_ready(const std::string& name, uint32_t version, bool ready) {
+  std::lock_guard<std::mutex> lock(table_mu_);
+  auto found = loaded(name, version);
+  if (!found) return model(name, version).error();
+  auto next = std::make_shared<ModelTable>(*table());
+  auto changed = std::make_shared<LoadedVersion>(*found);
+  changed->ready = ready;
+  next->versions[found->spec->key()] = std::move(changed);
+  publish(std::move(next));
+  return std::nullopt;
+}
+
+Result<size_t> Core::remove_model(const std::string& name, uint32_t version) {
+  std::shared_ptr<Scheduler> scheduler;
+  {
+    std::lock_guard<std::mutex> lock(table_mu_);
+    auto found = loaded(name, version);
+    if (!found) return model(name, version).error();
+    if (found->ready) {
+      return Error::invalid(name + " version " + std::to_string(version) + " is ready; retire it before removing it",
+                            "version");
+    }
+    // new sessions are refused (open_session re-checks after opening), so the count only falls
+    if (const size_t live = store_->count_version(*found->spec)) return live;
+    auto next = std::make_shared<ModelTable>(*table());
+    next->versions.erase(found->spec->key());
+    next->schedulers.erase(found->spec.get());
+    scheduler = found->scheduler;
+    publish(std::move(next));
+  }
+  // joined here, on a control thread: calls holding an older snapshot keep the object alive, but
+  // none of its threads runs past this point
+  if (scheduler) scheduler->stop();
+  return size_t{0};
+}
+
+void Core::publish(std::shared_ptr<ModelTable> next) {
+  next->newest_ready.clear();
+  for (const auto& [key, v] : next->versions) {
+    if (!v->ready) continue;
+    auto& newest = next->newest_ready[v->spec->name];
+    newest = std::max(newest, v->spec->version);
+  }
+  std::atomic_store(&table_, ModelTablePtr(std::move(next)));
+  if (server_ && !stopping_) update_health(*table());
+}
+
+std::shared_ptr<const LoadedVersion> Core::loaded(const std::string& name, uint32_t version) const {
+  const auto t = table();
+  auto it = t->versions.find(name + ":" + std::to_string(version));
+  return it == t->versions.end() ? nullptr : it->second;
+}
+
+std::vector<VersionState> Core::versions() const {
+  std::vector<VersionState> out;
+  for (const auto& [key, v] : table()->versions) {
+    out.push_back(VersionState{v->spec, v->ready, store_->count_version(*v->spec)});
+  }
+  return out;
+}
+
+std::optional<Error> Core::not_ready(const ModelSpec& m) const {
+  const auto t = table();
+  auto it = t->versions.find(m.key());
+  const std::string which = "model " + py_repr(m.name) + " version " + std::to_string(m.version);
+  if (it != t->versions.end() && it->second->spec.get() == &m && it->second->ready) return std::nullopt;
+  auto newest = t->newest_ready.find(m.name);
+  const std::string instead = newest == t->newest_ready.end()
+                                  ? "no version of it is ready"
+                                  : "new work goes to a ready version (the newest: " + std::to_string(newest->second) + ")";
+  if (it == t->versions.end() || it->second->spec.get() != &m) {
+    return Error::of(ErrorKind::kVersionNotFound, which + " was unloaded; " + instead);
+  }
+  return Error::of(ErrorKind::kVersionNotFound,
+                   which + " is unloading (" + std::to_string(store_->count_version(m)) +
+                       " live sessions finish on it): it takes no new sessions or stateless calls; " + instead);
 }
 
 int Core::start() {
@@ -107,7 +194,30 @@ void Core::set_health(bool serving) {
   for (const char* service : {"rnnserve.v1.RnnServe", "inference.GRPCInferenceService"}) {
     health->SetServingStatus(service, serving);
   }
-  for (const auto& [name, latest] : latest_) health->SetServingStatus(name, serving);
+  if (serving) return update_health(*table());
+  for (const auto& [key, v] : table()->versions) {
+    health->SetServingStatus(v->spec->name, false);
+    health->SetServingStatus(key, false);
+  }
+}
+
+// A model name is SERVING while it has a ready version; "name:version" while that version is
+// ready (an unloading or removed version is NOT_SERVING).
+void Core::update_health(const ModelTable& t) {
+  auto* health = server_->GetHealthCheckService();
+  std::map<std::string, bool> names;
+  for (const auto& [key, v] : t.versions) {
+    health->SetServingStatus(key, v->ready);
+    names[v->spec->name] = names[v->spec->name] || v->ready;
+  }
+  std::lock_guard<std::mutex> lock(health_mu_);
+  for (const auto& key : health_known_) {
+    if (!t.versions.count(key)) health->SetServingStatus(key, false);  // removed
+    const std::string name = key.substr(0, key.rfind(':'));
+    names.try_emplace(name, false);
+  }
+  for (const auto& [name, serving] : names) health->SetServingStatus(name, serving);
+  for (const auto& [key, v] : t.versions) health_known_.insert(key);
 }
 
 void Core::stop(double grace_s) {
@@ -117,7 +227,7 @@ void Core::stop(double grace_s) {
     server_->Shutdown(std::chrono::system_clock::now() +
                       std::chrono::milliseconds(static_cast<int64_t>(grace_s * 1000)));
   }
-  for (auto& [model, scheduler] : schedulers_) scheduler->stop();
+  for (auto& [model, scheduler] : table()->schedulers) scheduler->stop();
   bridge_pool_.reset();  // answers what was posted, then joins
   sweep_wake_.notify_all();
 }
@@ -136,28 +246,38 @@ void Core::sweep_forever() {
 }
 
 Result<ModelPtr> Core::model(const std::string& name, uint32_t version) const {
-  auto latest = latest_.find(name);
-  if (latest == latest_.end()) {
+  const auto t = table();
+  std::set<std::string> names;
+  std::string have;  // this model's loaded versions
+  for (const auto& [key, v] : t->versions) {
+    const ModelSpec& m = *v->spec;
+    names.insert(m.name);
+    if (m.name == name) have += (have.empty() ? "" : ", ") + std::to_string(m.version) + (v->ready ? "" : " (unloading)");
+  }
+  if (have.empty()) {
     std::string known;
-    for (const auto& [n, v] : latest_) known += (known.empty() ? "" : ", ") + n;
+    for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
     return Error::of(ErrorKind::kModelNotFound, "unknown model " + py_repr(name) + "; this server has: " + known);
   }
-  const uint32_t v = version ? version : latest->second;
-  auto it = models_.find(name + ":" + std::to_string(v));
-  if (it == models_.end()) {
-    std::string have;
-    for (const auto& [key, m] : models_) {
-      if (m->name == name) have += (have.empty() ? "" : ", ") + std::to_string(m->version);
+  if (version == 0) {
+    auto newest = t->newest_ready.find(name);
+    if (newest == t->newest_ready.end()) {
+      return Error::of(ErrorKind::kVersionNotFound,
+                       "model " + py_repr(name) + " has no ready version; loaded: " + have);
     }
-    return Error::of(ErrorKind::kVersionNotFound, "model " + py_repr(name) + " has no version " +
-                                                      std::to_string(v) + "; loaded: " + have);
+    version = newest->second;
   }
-  return it->second;
+  auto it = t->versions.find(name + ":" + std::to_string(version));
+  if (it == t->versions.end()) {
+    return Error::of(ErrorKind::kVersionNotFound, "model " + py_repr(name) + " has no version " +
+                                                      std::to_string(version) + "; loaded: " + have);
+  }
+  return it->second->spec;
 }
 
 std::vector<ModelPtr> Core::models() const {
   std::vector<ModelPtr> out;
-  for (const auto& [key, m] : models_) out.push_back(m);
+  for (const auto& [key, v] : table()->versions) out.push_back(v->spec);
   return out;
 }
 
@@ -183,8 +303,15 @@ Result<SessionView> Core::open_session(const std::string& name, uint32_t version
                      m.value()->name + " is not streamable (it reads whole sequences, e.g. bidirectional): "
                                        "use Predict with the whole sequence instead of sessions/Step");
   }
+  // new sessions start on ready versions only; an imported one continues where it was (as the
+  // sessions already live on an unloading version do)
+  if (auto err = from ? std::nullopt : not_ready(*m.value())) return *err;
   auto s = store_->open(m.value(), id, from);
   if (!s.ok()) return s.error();
+  if (auto err = from ? std::nullopt : not_ready(*m.value())) {  // retired meanwhile: its removal
+    store_->close(s.value()->id);                                // may have counted before this open
+    return *err;
+  }
   return view(*s.value());
 }
 

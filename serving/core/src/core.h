@@ -7,7 +7,9 @@
 #include <atomic>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "bridge.h"
@@ -36,6 +38,30 @@ struct CoreConfig {
   std::vector<std::pair<std::string, std::string>> token_digests;  // (SHA-256, identity); empty = no auth
 };
 
+// One loaded model version: its spec, its scheduler (streamable models only) and whether new work
+// may start on it. Never changed once published: a load, retire or remove publishes a new table.
+struct LoadedVersion {
+  ModelPtr spec;
+  std::shared_ptr<Scheduler> scheduler;
+  bool ready = true;  // false: unloading; its live sessions keep stepping, nothing new starts on it
+};
+
+// The model table. Every call reads a snapshot (one atomic shared_ptr load, no lock); a change
+// copies it, edits the copy and publishes it (copy-on-write, writers serialized by a mutex), so a
+// call holding an older snapshot keeps a consistent view and the version it found stays alive.
+struct ModelTable {
+  std::map<std::string, std::shared_ptr<const LoadedVersion>> versions;  // "name:version"
+  std::unordered_map<const ModelSpec*, std::shared_ptr<Scheduler>> schedulers;
+  std::map<std::string, uint32_t> newest_ready;  // name -> newest ready version (names with one)
+};
+using ModelTablePtr = std::shared_ptr<const ModelTable>;
+
+struct VersionState {  // what RepositoryIndex, ModelReady, health and metrics show
+  ModelPtr spec;
+  bool ready = true;
+  size_t live_sessions = 0;  // this process's (with a shared store: the ones it has cached)
+};
+
 struct SessionView {  // what OpenSession/ResetSession/GetSession answer
   std::string session_id, model;
   uint32_t version = 0;
@@ -50,14 +76,25 @@ class Core {
   Core(const Core&) = delete;
   Core& operator=(const Core&) = delete;
 
-  void add_model(ModelSpec spec, Runner runner);  // before start()
+  // The model table, changeable while serving. add_model throws std::invalid_argument when the
+  // version is loaded already. A retired version takes no new sessions or stateless calls; its
+  // live sessions keep stepping. remove_model frees a retired version once no session of it is
+  // left here: it answers the sessions still live (0: removed).
+  void add_model(ModelSpec spec, Runner runner);
+  std::optional<Error> set_ready(const std::string& name, uint32_t version, bool ready);
+  Result<size_t> remove_model(const std::string& name, uint32_t version);
+  std::vector<VersionState> versions() const;
+  // An error when `m` is not (or no longer) a ready version of this core: new work must not start.
+  std::optional<Error> not_ready(const ModelSpec& m) const;
   void set_bridge(Bridge bridge) { bridge_ = std::move(bridge); }
   int start();                 // binds and serves; returns the port; throws when it cannot bind
   void stop(double grace_s);   // NOT_SERVING, no new calls, in-flight ones answered, then stop
   void wait();
 
   // For the transports and the Python control plane.
-  Result<ModelPtr> model(const std::string& name, uint32_t version) const;  // 0 = latest
+  // 0 = the newest ready version; a named version: any loaded one (a retired one too, for the
+  // sessions that still run on it; check not_ready() before starting new work on it).
+  Result<ModelPtr> model(const std::string& name, uint32_t version) const;
   Result<SessionPtr> session(const std::string& id) { return store_->get(id); }
   // from: an imported session's record (ImportSession), checked against the model.
   Result<SessionView> open_session(const std::string& model, uint32_t version, const std::string& id,
@@ -84,13 +121,16 @@ class Core {
   void sweep_forever();
   std::unique_ptr<SessionStore> make_store();  // throws when a shared store cannot be reached
   void set_health(bool serving);
+  void update_health(const ModelTable& table);  // per model name and "name:version"
+  ModelTablePtr table() const { return std::atomic_load(&table_); }
+  void publish(std::shared_ptr<ModelTable> table);  // table_mu_ held
+  std::shared_ptr<const LoadedVersion> loaded(const std::string& name, uint32_t version) const;
 
   const CoreConfig config_;
   Metrics metrics_;
   std::unique_ptr<SessionStore> store_;
-  std::map<std::string, ModelPtr> models_;     // "name:version"
-  std::map<std::string, uint32_t> latest_;     // name -> newest version
-  std::map<const ModelSpec*, std::unique_ptr<Scheduler>> schedulers_;
+  ModelTablePtr table_;    // read with table(); replaced whole by publish()
+  std::mutex table_mu_;    // serializes writers of table_
   std::unique_ptr<Stepper> stepper_;
   Bridge bridge_;
   std::unique_ptr<BridgePool> bridge_pool_;
@@ -100,6 +140,8 @@ class Core {
   std::atomic<bool> stopping_{false};
   TokenTable tokens_;
   RateLimitedLog refusals_;
+  std::mutex health_mu_;
+  std::set<std::string> health_known_;  // every "name:version" ever published (removed: NOT_SERVING)
   std::atomic<size_t> active_calls_{0};
   std::mutex sweep_mu_;
   std::condition_variable sweep_wake_;

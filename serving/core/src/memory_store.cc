@@ -68,6 +68,7 @@ Result<SessionPtr> MemoryStore::open(ModelPtr model, const std::string& client_i
   live_[id] = session;
   expired_.erase(id);
   counts_[model->name] += 1;
+  version_counts_[model.get()] += 1;
   return session;
 }
 
@@ -123,6 +124,8 @@ void MemoryStore::evict(const std::string& id, const char* why) {
 void MemoryStore::remove(const SessionPtr& s) {
   live_.erase(s->id);
   counts_[s->model->name] -= 1;
+  auto version = version_counts_.find(s->model.get());
+  if (--version->second == 0) version_counts_.erase(version);  // a freed version leaves no key behind
   std::lock_guard<std::mutex> lock(s->mu);
   s->closed = true;  // a step in flight still commits into it; nobody finds it again
 }
@@ -151,6 +154,12 @@ size_t MemoryStore::count(const std::string& model_name) const {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = counts_.find(model_name);
   return it == counts_.end() ? 0 : it->second;
+}
+
+size_t MemoryStore::count_version(const ModelSpec& model) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = version_counts_.find(&model);
+  return it == version_counts_.end() ? 0 : it->second;
 }
 
 size_t MemoryStore::size() const {

@@ -22,6 +22,7 @@ class MemoryStore final : public SessionStore {
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   size_t sweep() override;
   size_t count(const std::string& model_name) const override;
+  size_t count_version(const ModelSpec& model) const override;
   size_t size() const override;
   double ttl_s() const override { return ttl_s_; }
   void close_all() override;
@@ -44,6 +45,7 @@ class MemoryStore final : public SessionStore {
   std::unordered_set<std::string> expired_;
   std::deque<std::string> expired_order_;  // oldest tombstone first
   std::unordered_map<std::string, size_t> counts_;  // live sessions by model name
+  std::unordered_map<const ModelSpec*, size_t> version_counts_;  // ... and by model version
 };
 
 std::string new_session_id();  // 128 random bits, url-safe base64 (as Python's token_urlsafe(16))

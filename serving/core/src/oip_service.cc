@@ -143,6 +143,9 @@ class Inference : public std::enable_shared_from_this<Inference> {
     if (!version.ok()) return version.error();
     auto model = find_model(core_, request().model_name(), version.value());
     if (!model.ok()) return model.error();
+    if (!control_.id || control_.start) {  // new work: a ready version only (an open sequence
+      if (auto err = core_->not_ready(*model.value())) return err;  // stays on its own)
+    }
     if (!control_.id && !model.value()->streamable) {
       clock_.model = model.value();
       return std::nullopt;
@@ -203,6 +206,10 @@ class Inference : public std::enable_shared_from_this<Inference> {
       core_->store().close(sid_);
       auto opened = core_->store().open(model_, sid_);
       if (!opened.ok()) return fail(opened.error());
+      if (auto err = core_->not_ready(*model_)) {  // retired meanwhile (see Core::open_session)
+        core_->store().close(sid_);
+        return fail(*err);
+      }
       session_ = opened.value();
     }
     auto self = shared_from_this();

@@ -383,6 +383,13 @@ size_t RedisStore::count(const std::string& model_name) const {
   return n;
 }
 
+size_t RedisStore::count_version(const ModelSpec& model) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  size_t n = 0;
+  for (const auto& [id, s] : cached_) n += s->model.get() == &model;
+  return n;
+}
+
 size_t RedisStore::size() const {
   std::lock_guard<std::mutex> lock(mu_);
   return cached_.size();

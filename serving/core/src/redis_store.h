@@ -38,6 +38,7 @@ class RedisStore final : public SessionStore {
   bool remote() const override { return true; }
   size_t sweep() override;
   size_t count(const std::string& model_name) const override;
+  size_t count_version(const ModelSpec& model) const override;
   size_t size() const override;
   double ttl_s() const override { return ttl_s_; }
   void close_all() override;

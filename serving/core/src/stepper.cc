@@ -134,7 +134,7 @@ void Stepper::hold(const SessionPtr& s, std::function<void()> fn) {
 }
 
 void Stepper::submit(std::vector<Job> jobs) {
-  std::map<Scheduler*, std::vector<Job>> by_model;
+  std::map<std::shared_ptr<Scheduler>, std::vector<Job>> by_model;
   for (auto& j : jobs) by_model[scheduler_of_(*j.session->model)].push_back(std::move(j));
   for (auto& [scheduler, model_jobs] : by_model) {
     if (scheduler != nullptr) {

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "scheduler.h"
@@ -20,7 +21,8 @@ namespace rnnserve {
 
 class Stepper {
  public:
-  using SchedulerOf = std::function<Scheduler*(const ModelSpec&)>;
+  // shared: the model table may drop a version while a call is handing it steps
+  using SchedulerOf = std::function<std::shared_ptr<Scheduler>(const ModelSpec&)>;
   Stepper(SchedulerOf scheduler_of, SessionStore* store)
       : scheduler_of_(std::move(scheduler_of)), store_(store) {}
 

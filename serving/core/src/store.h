@@ -54,6 +54,9 @@ class SessionStore {
   virtual bool remote() const { return false; }
   virtual size_t sweep() = 0;  // expire idle sessions; returns how many
   virtual size_t count(const std::string& model_name) const = 0;
+  // Sessions of one model version this store holds here (a shared store: those this replica
+  // has cached); a retired version is freed when it reaches 0.
+  virtual size_t count_version(const ModelSpec& model) const = 0;
   virtual size_t size() const = 0;
   virtual double ttl_s() const = 0;
   virtual void close_all() = 0;
