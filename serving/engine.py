@@ -98,7 +98,9 @@ class Engine:
         self.config = config
         self._models: dict[str, LoadedModel] = {}  # "name:version"
         self._predictors: dict[str, PredictBatcher] = {}
-        self._latest: dict[str, int] = {}
+        self._ready: set[str] = set()  # keys new work may use (the rest are unloading)
+        self._latest: dict[str, int] = {}  # name -> newest ready version
+        self._started = False
         self._load_all()
         threads = config.executor_threads or max(2, os.cpu_count() or 1)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="rnnserve-predict")
@@ -116,18 +118,54 @@ class Engine:
             for version in list_versions(store, name):
                 loaded = load_model(store, name, version, kind, self.config.threads)  # type: ignore[arg-type]
                 self._models[loaded.key] = loaded
+                self._ready.add(loaded.key)
                 log.info("loaded %s (%s, %s)", loaded.key, kind, loaded.path)
-            self._latest[name] = list_versions(store, name)[-1]
+        self._refresh_latest()
+
+    # ---- versions loaded, retired and removed while serving (serving.core.model_control) ------
+    def add(self, loaded: LoadedModel) -> None:
+        """A version loaded while serving: ready for new work at once."""
+        self._models[loaded.key] = loaded
+        self._ready.add(loaded.key)
+        if self._started:
+            self._start_predictor(loaded)
+        self._refresh_latest()
+
+    def set_ready(self, name: str, version: int, ready: bool) -> None:
+        """Not ready: unloading, no new work; what runs on it (sessions) finishes."""
+        key = self.model(name, version).key
+        (self._ready.add if ready else self._ready.discard)(key)
+        self._refresh_latest()
+
+    async def remove(self, name: str, version: int) -> None:
+        """Forget an unloaded version; its backend is freed with the last reference."""
+        key = f"{name}:{version}"
+        self._ready.discard(key)
+        self._models.pop(key, None)
+        self._refresh_latest()
+        predictor = self._predictors.pop(key, None)
+        if predictor is not None:
+            await predictor.stop()
+
+    def _refresh_latest(self) -> None:
+        self._latest = {}
+        for key in self._ready:
+            m = self._models[key].manifest
+            self._latest[m.name] = max(self._latest.get(m.name, 0), m.version)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         return_large_blocks_to_the_system()  # a Predict's memory comes back after it
-        for key, loaded in self._models.items():
-            predictor = PredictBatcher(
-                key, loaded.backend, self._executor, self.config.max_batch_size
-            )
-            predictor.start()
-            self._predictors[key] = predictor
+        self._started = True
+        for loaded in self._models.values():
+            self._start_predictor(loaded)
+
+    def _start_predictor(self, loaded: LoadedModel) -> None:
+        predictor = PredictBatcher(
+            loaded.key, loaded.backend, self._executor, self.config.max_batch_size
+        )
+        predictor.start()
+        self._predictors[loaded.key] = predictor
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Refuse new Predicts, finish in-flight ones (up to ``grace_s``), then stop."""
@@ -144,19 +182,49 @@ class Engine:
         return list(self._models.values())
 
     def model(self, name: str, version: int | None = None) -> LoadedModel:
-        if name not in self._latest:
-            known = ", ".join(sorted(self._latest))
-            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
-        version = version or self._latest[name]  # None or 0: latest
+        """None or 0: the newest ready version; a named version: any loaded one (an unloading
+        version still serves its live sessions; new work checks ``ready_model``)."""
+        have = self.versions(name)
+        if not version:
+            if name not in self._latest:
+                listed = ", ".join(f"{v} (unloading)" for v in have)
+                raise VersionNotFound(f"model {name!r} has no ready version; loaded: {listed}")
+            version = self._latest[name]
         loaded = self._models.get(f"{name}:{version}")
         if loaded is None:
-            have = ", ".join(str(v) for v in self.versions(name))
-            raise VersionNotFound(f"model {name!r} has no version {version}; loaded: {have}")
+            raise VersionNotFound(
+                f"model {name!r} has no version {version}; loaded: {', '.join(map(str, have))}"
+            )
         return loaded
 
+    def ready_model(self, name: str, version: int | None = None) -> LoadedModel:
+        """``model()`` for new work (sessions, stateless calls): the version must be ready."""
+        loaded = self.model(name, version)
+        if loaded.key not in self._ready:
+            newest = self._latest.get(name)
+            instead = f"the newest ready one is {newest}" if newest else "no version of it is ready"
+            raise VersionNotFound(
+                f"model {name!r} version {version} is unloading: it takes no new sessions or "
+                f"stateless calls; {instead}"
+            )
+        return loaded
+
+    def is_ready(self, name: str, version: int) -> bool:
+        return f"{name}:{version}" in self._ready
+
     def versions(self, name: str) -> list[int]:
-        self.model(name)
+        """Every loaded version of ``name`` (ready or unloading); ModelNotFound when none."""
+        found = self.loaded_versions(name)
+        if not found:
+            known = ", ".join(self.model_names())
+            raise ModelNotFound(f"unknown model {name!r}; this server has: {known}")
+        return found
+
+    def loaded_versions(self, name: str) -> list[int]:
         return sorted(m.manifest.version for m in self._models.values() if m.manifest.name == name)
+
+    def model_names(self) -> list[str]:
+        return sorted({m.manifest.name for m in self._models.values()})
 
     def input_limit(self, m: Manifest) -> int:
         """Most time steps one step call may carry for this model."""
@@ -184,7 +252,7 @@ class Engine:
         """Whole sequences through the sequence graph (every model) → y (B, O)."""
         if self.stopping:
             raise Unavailable("server is shutting down; retry on another instance")
-        loaded = self.model(model, version)
+        loaded = self.ready_model(model, version)
         m = loaded.manifest
         check_predict_rows(len(rows))
         checked = [self.checked_input(m, r) for r in rows]

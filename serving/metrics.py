@@ -5,8 +5,10 @@ Names: ``rnnserve_requests_total{method,code}``, ``rnnserve_errors_total{method,
 ``rnnserve_step_latency_seconds{model}`` (core time of one step, queueing included),
 ``rnnserve_batch_size{model}`` (sessions per backend call), ``rnnserve_live_sessions{model}``,
 ``rnnserve_session_evictions_total{model}`` (expired by the idle TTL),
-``rnnserve_sessions_closed_total{model}`` and ``rnnserve_refused_rpcs_total{method,reason}`` (RPCs
-turned away before their handler ran: ``malformed`` bytes, or ``overloaded``). The HTTP endpoint
+``rnnserve_sessions_closed_total{model}``, ``rnnserve_refused_rpcs_total{method,reason}`` (RPCs
+turned away before their handler ran: ``malformed`` bytes, or ``overloaded``), and per loaded
+model version ``rnnserve_model_version_ready{model,version}`` (1 ready, 0 unloading) and
+``rnnserve_version_live_sessions{model,version}``. The HTTP endpoint
 serves ``/metrics`` and nothing else (404).
 """
 
@@ -111,7 +113,8 @@ class _CoreCollector:
         )
         closed = CounterMetricFamily("rnnserve_sessions_closed", "sessions closed by clients",
                                      labels=["model"])  # fmt: skip
-        for name in sorted({m.manifest.name for m in self.engine.models()}):
+        versions = self.core.versions()  # (name, version, ready, live sessions): the core's table
+        for name in sorted({v[0] for v in versions}):
             live.add_metric([name], self.core.live_sessions(name))
         for name, m in models.items():
             latency.add_metric([name], *_buckets(m["step_latency"]))
@@ -119,6 +122,25 @@ class _CoreCollector:
             evicted.add_metric([name], m["evicted"])
             closed.add_metric([name], m["closed"])
         yield from (latency, batch, live, evicted, closed)
+        yield from _per_version(versions)
+
+
+def _per_version(versions: list[tuple[str, int, bool, int]]):
+    """Which versions are live: ready for new work (1) or unloading (0), and their sessions."""
+    ready = GaugeMetricFamily(
+        "rnnserve_model_version_ready",
+        "1: new sessions and stateless calls may use this version; 0: unloading",
+        labels=["model", "version"],
+    )
+    live = GaugeMetricFamily(
+        "rnnserve_version_live_sessions",
+        "open sessions of this version held by this process",
+        labels=["model", "version"],
+    )
+    for name, version, is_ready, sessions in versions:
+        ready.add_metric([name, str(version)], 1.0 if is_ready else 0.0)
+        live.add_metric([name, str(version)], sessions)
+    yield from (ready, live)
 
 
 def _buckets(h: dict[str, Any]) -> tuple[list[tuple[str, float]], float]:

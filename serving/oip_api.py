@@ -31,15 +31,16 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from serving import codec
 from serving.backends import LoadedModel, OnnxBackend, TorchScriptBackend
+from serving.core.model_control import ModelControl, VersionStatus
 from serving.engine import MAX_PREDICT_ROWS
-from serving.errors import InvalidInput, PayloadTooLarge, RnnServeError, grpc_status
+from serving.errors import InvalidInput, PayloadTooLarge, RnnServeError, Unavailable, grpc_status
 from serving.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 SERVER_NAME = "rnnserve"
-EXTENSIONS = ("sequence", "classification", "model_configuration", "statistics")
+EXTENSIONS = ("sequence", "classification", "model_configuration", "statistics", "model_repository")
 INPUT_ALIAS = "INPUT"  # Triton examples' customary name; accepted besides the manifest's name
 TEXT_INPUT = "text"  # BYTES, one UTF-8 string: char models only
 OUTPUT_Y = "y"  # FP32 raw head output
@@ -454,12 +455,41 @@ def _config_tensor(tensor: Any) -> dict[str, Any]:
     }
 
 
-def repository_index(models: Iterable[LoadedModel]) -> Any:
-    """Every loaded model version, READY (the engine loads all of them before serving)."""
+def repository_index(rows: Iterable[VersionStatus], ready_only: bool) -> Any:
+    """Every version loaded or in the store, READY or UNAVAILABLE with the reason."""
     response = pb.RepositoryIndexResponse()
-    for m in sorted((lm.manifest for lm in models), key=lambda m: (m.name, m.version)):
-        response.models.add(name=m.name, version=str(m.version), state="READY")
+    for r in rows:
+        if r.state == "READY" or not ready_only:
+            response.models.add(name=r.name, version=str(r.version), state=r.state, reason=r.reason)
     return response
+
+
+def control_version(parameters: Any, loading: bool) -> int | None:
+    """The version a model-control request names in its "version" parameter (None: every
+    version). rnnserve loads from its store only, so a load's config or file override is refused;
+    other parameters (tritonclient's "unload_dependents") are ignored."""
+    for key in parameters:
+        if loading and (key == "config" or key.startswith("file:")):
+            raise InvalidInput(
+                f"parameter {key!r} is not supported: rnnserve loads model versions from its "
+                "store only; copy the version folder into the store and load the model by name",
+                key,
+            )
+    if "version" not in parameters:
+        return None
+    p = parameters["version"]
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "int64_param" and p.int64_param >= 1:
+        return int(p.int64_param)
+    text = p.string_param if kind == "string_param" else ""
+    if text.isascii() and text.isdigit() and len(text) <= 18 and int(text) >= 1:
+        return int(text)
+    got = repr(getattr(p, kind))[:64] if kind else "nothing"
+    raise InvalidInput(
+        f"parameter 'version' must be a positive integer (int64_param, or string_param of "
+        f"digits), got {got}",
+        "version",
+    )
 
 
 # ---- the servicer --------------------------------------------------------------------------
@@ -468,8 +498,9 @@ def repository_index(models: Iterable[LoadedModel]) -> Any:
 class GRPCInferenceService:
     """The bridged methods of ``inference.GRPCInferenceService``: ``handler(request, context)``."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, control: ModelControl | None = None) -> None:
         self.engine = engine
+        self.control = control  # model control (load / unload while serving)
         self.max_reply_bytes = DEFAULT_MAX_REPLY_BYTES  # refused before computing beyond it
 
     # -- health and metadata --
@@ -488,10 +519,10 @@ class GRPCInferenceService:
 
     async def ModelReady(self, request: Any, context: Any) -> Any:
         try:
-            self.engine.model(request.name, parse_version(request.version))
+            self.engine.ready_model(request.name, parse_version(request.version))
         except InvalidInput as e:
             await _abort(context, e)
-        except RnnServeError:  # unknown model or version: not ready (as Triton answers)
+        except RnnServeError:  # unknown, unloading or unloaded: not ready (as Triton answers)
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -516,7 +547,38 @@ class GRPCInferenceService:
             await _abort(context, e)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
-        return repository_index(self.engine.models())
+        if self.control is None:
+            rows = [
+                VersionStatus(lm.manifest.name, lm.manifest.version, "READY", "")
+                for lm in sorted(self.engine.models(), key=lambda lm: lm.key)
+            ]
+        else:
+            rows = self.control.index()
+        return repository_index(rows, request.ready)
+
+    # -- Triton's model control: versions loaded and unloaded while serving --
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        try:
+            version = control_version(request.parameters, loading=True)
+            await self._control(request.model_name).load(request.model_name, version)
+            return pb.RepositoryModelLoadResponse()
+        except Exception as e:
+            await _abort(context, e)
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        try:
+            version = control_version(request.parameters, loading=False)
+            await self._control(request.model_name).unload(request.model_name, version)
+            return pb.RepositoryModelUnloadResponse()
+        except Exception as e:
+            await _abort(context, e)
+
+    def _control(self, model_name: str) -> ModelControl:
+        if not model_name:
+            raise InvalidInput("model_name is empty: name the model to (un)load", "model_name")
+        if self.control is None:
+            raise Unavailable("model control is not available on this server")
+        return self.control
 
     # -- inference the core hands over --
     async def ModelInfer(self, request: Any, context: Any) -> Any:
@@ -572,4 +634,6 @@ BRIDGED = {  # method → (request, reply) message names
     "ModelInfer": ("ModelInferRequest", "ModelInferResponse"),
     "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse"),
     "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse"),
+    "RepositoryModelLoad": ("RepositoryModelLoadRequest", "RepositoryModelLoadResponse"),
+    "RepositoryModelUnload": ("RepositoryModelUnloadRequest", "RepositoryModelUnloadResponse"),
 }

@@ -52,9 +52,12 @@ class ServerConfig:
     session_store: str = field(
         default_factory=lambda: os.environ.get("RNNSERVE_SESSION_STORE", "memory")
     )
+    model_poll_s: float = 0.0  # rescan the store for new / removed versions this often; 0 = off
 
     def __post_init__(self) -> None:
         check_session_store(self.session_store)
+        if not self.model_poll_s >= 0:
+            raise ValueError(f"model_poll_s must be >= 0, got {self.model_poll_s}")
 
 
 def check_session_store(store: str) -> None:
@@ -154,6 +157,8 @@ SERVE_OPTIONS: list[tuple[str, str, Callable[[str], Any], Any, str]] = [
     ("--max-queue-delay-ms", "RNNSERVE_MAX_QUEUE_DELAY_MS", float, 0.0,
      "wait up to this long for a fuller batch (0 = never wait)"),
     ("--grace", "RNNSERVE_GRACE_S", float, 10.0, "seconds in-flight RPCs get on SIGTERM"),
+    ("--model-poll-s", "RNNSERVE_MODEL_POLL_S", float, 0.0,
+     "rescan the store this often: load new versions, unload removed ones (0 = off)"),
     ("--max-concurrent-rpcs", "RNNSERVE_MAX_CONCURRENT_RPCS", int, 10_000,
      "RPCs in flight before new ones get RESOURCE_EXHAUSTED (health checks exempt)"),
     ("--tls-cert", "RNNSERVE_TLS_CERT", str, "", "PEM certificate chain: TLS on gRPC and metrics"),
@@ -223,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         else None,
         session_store=args.session_store,
         access_log=args.access_log,
+        model_poll_s=args.model_poll_s,
     )
 
 
@@ -234,6 +240,7 @@ FLAG_OF_FIELD = {
     "max_sessions": "--max-sessions",
     "max_batch_size": "--max-batch",
     "max_queue_delay_ms": "--max-queue-delay-ms",
+    "model_poll_s": "--model-poll-s",
 }
 
 

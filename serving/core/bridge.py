@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 
 from serving import errors, grpc_api, oip_api
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
+from serving.core.model_control import ModelControl
 from serving.engine import Engine, StepResult, check_generate, rollout
 from serving.security import act_as
 
@@ -77,10 +78,16 @@ def _error_classes() -> list[type[errors.RnnServeError]]:
 
 
 class Bridge:
-    def __init__(self, engine: Engine, core: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        core: Any,
+        loop: asyncio.AbstractEventLoop,
+        control: ModelControl | None = None,
+    ) -> None:
         self.engine, self.core, self.loop = engine, core, loop
         self.rnnserve = grpc_api.RnnServeServicer(engine)
-        self.oip = oip_api.GRPCInferenceService(engine)
+        self.oip = oip_api.GRPCInferenceService(engine, control)
         self._steps = ThreadPoolExecutor(4, thread_name_prefix="rnnserve-generate")
         self._malformed = 0
         self._malformed_logged = 0.0

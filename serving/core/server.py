@@ -12,8 +12,10 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.backends import LoadedModel
 from serving.core import load_native
 from serving.core.bridge import Bridge
+from serving.core.model_control import ModelControl
 from serving.engine import Engine
 from serving.manifest import Manifest
 from serving.metrics import Metrics
@@ -55,13 +57,22 @@ class NativeServer:
         self.engine = engine
         self.core = load_native().Core(self._core_config(config))
         for lm in engine.models():
-            m = lm.manifest
-            self.core.add_model(model_spec(m, engine.input_limit(m)), lm.backend.step)
+            self._add_to_core(lm)
+        self.control = ModelControl(engine, self.core, self._register, config.model_poll_s)
         self.metrics = Metrics(self.core, engine)
         self.port = 0
         self.metrics_port: int | None = None
         self.bridge: Bridge | None = None
         self._stopped = asyncio.Event()
+
+    def _add_to_core(self, lm: LoadedModel) -> None:
+        m = lm.manifest
+        self.core.add_model(model_spec(m, self.engine.input_limit(m)), lm.backend.step)
+
+    def _register(self, lm: LoadedModel) -> None:
+        """A version loaded while serving: the core first (sessions, steps), then the engine."""
+        self._add_to_core(lm)
+        self.engine.add(lm)
 
     @staticmethod
     def _core_config(config: ServerConfig) -> dict[str, Any]:
@@ -85,13 +96,14 @@ class NativeServer:
 
     def bind(self) -> int:
         """Start serving (the core binds here: a taken address raises RuntimeError)."""
-        self.bridge = Bridge(self.engine, self.core, asyncio.get_running_loop())
+        self.bridge = Bridge(self.engine, self.core, asyncio.get_running_loop(), self.control)
         self.core.set_bridge(self.bridge)
         self.port = self.core.start()
         return self.port
 
     async def start(self) -> None:
         await self.engine.start()
+        self.control.start()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(
                 self.config.metrics_port, self.config.metrics_address, self.config.tls
@@ -101,6 +113,7 @@ class NativeServer:
         if self._stopped.is_set():
             return
         grace = self.config.grace_s if grace_s is None else grace_s
+        await self.control.stop()
         # the core's stop blocks while in-flight calls finish, some of them bridged onto this
         # loop: run it off the loop
         await asyncio.get_running_loop().run_in_executor(None, self.core.stop, grace)
