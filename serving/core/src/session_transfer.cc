@@ -55,9 +55,8 @@ Result<ModelPtr> served_model(Core& core, const SessionRecord& r, const ImportRe
 }  // namespace
 
 void export_session(Core& core, SessionPtr session, bool close, ExportDone done) {
-  Session* s = session.get();
-  core.stepper().hold(session, [&core, s, session, close, done = std::move(done)] {
-    auto result = exported(core, *s, close);
+  core.stepper().hold(session, [&core, session, close, done = std::move(done)] {
+    auto result = exported(core, *session, close);
     core.stepper().release(session);
     done(std::move(result));
   });
