@@ -24,7 +24,13 @@ from typing import Any
 
 from serving.backends import LoadedModel, load_model
 from serving.engine import Engine
-from serving.errors import ArtifactError, InvalidInput, ModelNotFound, VersionNotFound
+from serving.errors import (
+    ArtifactError,
+    InvalidInput,
+    ModelNotFound,
+    RnnServeError,
+    VersionNotFound,
+)
 from serving.manifest import list_models, list_versions
 
 log = logging.getLogger(__name__)
@@ -132,11 +138,14 @@ class ModelControl:
         next_poll = asyncio.get_running_loop().time() + self.poll_s
         while True:
             await asyncio.sleep(REAP_EVERY_S)
-            async with self._lock:
-                await self._reap()
-            if self.poll_s and asyncio.get_running_loop().time() >= next_poll:
-                await self.poll()
-                next_poll = asyncio.get_running_loop().time() + self.poll_s
+            try:
+                async with self._lock:
+                    await self._reap()
+                if self.poll_s and asyncio.get_running_loop().time() >= next_poll:
+                    await self.poll()
+                    next_poll = asyncio.get_running_loop().time() + self.poll_s
+            except Exception:  # a folder that vanished mid-scan, say: the next turn tries again
+                log.exception("model control: a background turn failed")
 
     async def poll(self) -> None:
         """One rescan (Triton's poll mode): load versions new in the store, unload the loaded
@@ -148,7 +157,7 @@ class ModelControl:
                 new = [v for v in versions if self._worth_loading(name, v)]
                 try:
                     await self._load_new(name, new)
-                except ArtifactError as e:
+                except RnnServeError as e:  # refused (recorded for the index), or gone meanwhile
                     log.error("model store poll: %s", e)
             for name in self.engine.model_names():
                 for v in self.engine.loaded_versions(name):
@@ -211,11 +220,11 @@ class ModelControl:
     def _files(self, name: str, version: int) -> tuple:
         """What a refused version's files looked like: a copy still in progress changes it."""
         folder = self.store / name / str(version)
-        return tuple(
-            (p.name, st.st_size, st.st_mtime_ns)
-            for p in sorted(folder.iterdir())
-            if (st := p.stat()) and p.is_file()
-        )
+        try:
+            stats = [(p.name, p.stat()) for p in sorted(folder.iterdir()) if p.is_file()]
+        except OSError:  # the folder went away meanwhile
+            return ()
+        return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
 
     def _set_ready(self, name: str, version: int, ready: bool) -> None:
         answer = self.core.set_ready(name, version, ready)

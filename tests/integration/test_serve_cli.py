@@ -42,6 +42,7 @@ def serve(*flags: str, env: dict[str, str] | None = None) -> subprocess.Complete
         (["--max-batch", "0"], "--max-batch must be >= 1, got 0 (from the flag or $RNNSERVE_"),
         (["--session-ttl", "0"], "--session-ttl must be > 0, got 0.0"),
         (["--backend", "tpu"], "--backend must be one of"),
+        (["--model-poll-s", "-1"], "--model-poll-s must be >= 0, got -1.0 (from the flag or $RNN"),
     ],
 )
 def test_a_bad_setting_names_the_flag(flags: list[str], words: str) -> None:

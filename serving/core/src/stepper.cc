@@ -135,7 +135,12 @@ void Stepper::hold(const SessionPtr& s, std::function<void()> fn) {
 
 void Stepper::submit(std::vector<Job> jobs) {
   std::map<std::shared_ptr<Scheduler>, std::vector<Job>> by_model;
-  for (auto& j : jobs) by_model[scheduler_of_(*j.session->model)].push_back(std::move(j));
+  const ModelSpec* model = nullptr;  // a message's steps are mostly of one model: one lookup
+  std::shared_ptr<Scheduler> found;
+  for (auto& j : jobs) {
+    if (j.session->model.get() != model) found = scheduler_of_(*(model = j.session->model.get()));
+    by_model[found].push_back(std::move(j));
+  }
   for (auto& [scheduler, model_jobs] : by_model) {
     if (scheduler != nullptr) {
       scheduler->submit(std::move(model_jobs));
