@@ -25,10 +25,11 @@ import torch
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
+from redis_support import RedisProcess
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from serving.client import Client
+from serving.client import Client, Session
 from serving.engine import EngineConfig
 from serving.server import ServerConfig, ServerThread
 from training.reference import load_eager
@@ -60,10 +61,14 @@ def store(quick_store: Path, tmp_path: Path) -> Path:
     return tmp_path / "store"
 
 
-def start(store: Path, **server: object) -> ServerThread:
+def start(store: Path, engine_ttl: float = 600.0, **server: object) -> ServerThread:
     config = ServerConfig(
-        EngineConfig(store=store), address="127.0.0.1:0", metrics_port=0, grace_s=2.0, **server
-    )  # type: ignore[arg-type]
+        EngineConfig(store=store, session_ttl_s=engine_ttl),
+        address="127.0.0.1:0",
+        metrics_port=0,
+        grace_s=2.0,
+        **server,  # type: ignore[arg-type]
+    )
     return ServerThread(config)
 
 
@@ -344,3 +349,76 @@ def test_poll_mode_loads_new_versions_and_unloads_removed_ones(
             assert c.is_model_ready(MODEL)
         finally:
             c.close()
+
+
+def test_an_unloaded_version_is_freed_when_its_last_session_expires(store: Path) -> None:
+    with start(store, engine_ttl=1.0) as server, Client(server.address) as client:
+        c = triton.InferenceServerClient(url=server.address)
+        try:
+            idle = Stepped(client)
+            idle.step()
+            c.unload_model(MODEL)
+            assert index(c)["1"] == ("UNAVAILABLE", "unloading: 1 live sessions")
+            eventually(lambda: index(c)["1"] == ("UNAVAILABLE", "unloaded"), "v1 freed", 10)
+            with pytest.raises(grpc.RpcError) as gone:
+                idle.step()
+            assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "expired" in gone.value.details()
+        finally:
+            c.close()
+
+
+def test_with_a_shared_store_each_replica_frees_a_version_when_its_own_sessions_end(
+    store: Path, v2_folder: Path, tmp_path: Path
+) -> None:
+    """What docs/operations.md says of replicas: model control acts on the replica called; a
+    replica frees a retired version once no session of it is left in its memory; a session of a
+    version its replica freed answers NOT_FOUND naming the version."""
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    shared = {"session_store": redis.url, "engine_ttl": 1.5}
+    try:
+        with start(store, **shared) as a, start(store, **shared) as b:
+            replicas_retire_v1(store, v2_folder, a.address, b.address)
+    finally:
+        redis.stop()
+
+
+def replicas_retire_v1(store: Path, v2_folder: Path, a: str, b: str) -> None:
+    with (
+        Client(a) as on_a,
+        Client(b) as on_b,
+        grpc.insecure_channel(a) as channel_a,
+    ):
+        ca, cb = triton.InferenceServerClient(url=a), triton.InferenceServerClient(url=b)
+        moving, staying = Stepped(on_a), Stepped(on_a)
+        moving_out, staying_out = [moving.step()], [staying.step()]
+        shutil.copytree(v2_folder, store / MODEL / "2")
+        ca.load_model(MODEL)
+        assert not cb.is_model_ready(MODEL, "2")  # only the replica called loads
+        assert Stepped(on_a).version == 2 and Stepped(on_b).version == 1
+        unload_version(service_pb2_grpc.GRPCInferenceServiceStub(channel_a), 1)
+        moving.session = moved(moving.session, on_b)  # to b, where v1 is still ready
+        moving_out.append(moving.step())
+        moving.all_match(store / MODEL / "1", moving_out)
+        moving.session.close()  # on b: a holds its copy until it idles past the TTL
+        staying_out.append(staying.step())
+        staying.all_match(store / MODEL / "1", staying_out)
+        staying.session.close()
+        eventually(lambda: index(ca)["1"] == ("UNAVAILABLE", "unloaded"), "v1 freed on a", 10)
+        stranded = Stepped(on_b, version=1)  # a session of v1 opened on b, where v1 is ready
+        stranded.step()
+        with pytest.raises(grpc.RpcError) as refused:
+            moved(stranded.session, on_a).step(np.zeros((1, 1), np.float32))
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        details = refused.value.details()
+        assert "does not serve" in details and "no version 1" in details
+        ca.close()
+        cb.close()
+
+
+def moved(session: Session, to: Client) -> Session:
+    """The same session, stepped through another replica from its next index."""
+    there = Session(to, session.info)
+    there.next_index = session.next_index
+    return there
