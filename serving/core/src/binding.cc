@@ -14,6 +14,26 @@ using namespace rnnserve;
 
 namespace {
 
+// A core thread (scheduler, bridge) keeps one Python thread state for its whole life. Without it
+// each py::gil_scoped_acquire creates and frees one, and Python 3.11 maps and unmaps a frame stack
+// with it: a munmap per model call, which interrupts the other core to flush its TLB.
+void keep_thread_state() {
+  thread_local bool kept = false;
+  if (kept) return;
+  kept = true;
+  if (PyGILState_GetThisThreadState() != nullptr) return;  // a Python thread: Python keeps its own
+  PyThreadState* state = PyThreadState_New(PyInterpreterState_Main());
+  state->gilstate_counter = 1;  // our reference: pybind11's acquire/release pairs never free it
+}
+
+// The GIL, on a thread that keeps its Python thread state.
+class Gil {
+  struct Kept {
+    Kept() { keep_thread_state(); }
+  } kept_;  // first: the acquire below finds the kept state
+  py::gil_scoped_acquire gil_;
+};
+
 template <class T>
 T get(const py::dict& d, const char* key, T fallback) {
   return d.contains(key) && !d[key].is_none() ? d[key].cast<T>() : fallback;
@@ -37,7 +57,7 @@ CoreConfig config_of(const py::dict& d) {
   if (d.contains("access_sink") && !d["access_sink"].is_none()) {
     auto sink = std::make_shared<py::object>(d["access_sink"]);
     c.access_sink = [sink](const std::string& line) {
-      py::gil_scoped_acquire gil;
+      Gil gil;
       try {
         (*sink)(line);
       } catch (py::error_already_set& e) {
@@ -112,7 +132,7 @@ Runner runner_of(py::object step) {
     delete o;
   });
   return [fn](const ModelSpec& m, Batch& b) {
-    py::gil_scoped_acquire gil;
+    Gil gil;
     const auto rows = static_cast<py::ssize_t>(b.rows), t = static_cast<py::ssize_t>(b.steps);
     try {
       py::array x = m.tokens ? py::array(py::array_t<int64_t>({rows, t}, b.ids.data()))
@@ -143,7 +163,7 @@ Bridge bridge_of(py::object handler) {
   return [fn](const std::string& method, const std::string& request, const std::string& identity,
               const Emit& emit) {
     BridgeReply reply;
-    py::gil_scoped_acquire gil;
+    Gil gil;
     try {
       py::object emit_py = py::none();  // Python: emit(bytes) -> bool, called with the GIL
       if (emit) emit_py = py::cpp_function([emit](const py::bytes& m) { return emit(std::string(m)); });

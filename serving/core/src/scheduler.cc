@@ -10,6 +10,8 @@ namespace rnnserve {
 
 namespace {
 constexpr int kMaxReruns = 3;  // a session stepped on two replicas at once gives up after these
+constexpr double kLoneRows = 1.5;  // recent batches this small: a step runs on the thread that queued it
+constexpr double kRecentWeight = 0.2;  // of the latest batch in the moving average
 }
 
 Scheduler::Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMetrics* metrics,
@@ -20,6 +22,7 @@ Scheduler::Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMe
       metrics_(metrics),
       max_batch_(static_cast<size_t>(max_batch)),
       queue_delay_ns_(static_cast<int64_t>(queue_delay_s * 1e9)),
+      may_run_here_(queue_delay_ns_ == 0 && !store->remote()),
       committer_(store->remote() ? std::make_unique<Committer>() : nullptr),
       worker_([this] { loop(); }) {}
 
@@ -27,21 +30,43 @@ Scheduler::~Scheduler() { stop(); }
 
 void Scheduler::submit(std::vector<Job> jobs) {
   const int64_t now = now_ns();
+  for (auto& job : jobs) job.queued_ns = now;
+  bool here = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      for (auto& job : jobs) {
-        job.queued_ns = now;
-        queue_.push_back(std::move(job));
+      here = running_ = lone(jobs.size());
+      if (!here) {
+        for (auto& job : jobs) queue_.push_back(std::move(job));
+        jobs.clear();
       }
-      jobs.clear();
     }
   }
+  if (here) return run_here(jobs);
   if (jobs.empty()) {
     wake_.notify_one();
   } else {
     fail(jobs, Error::of(ErrorKind::kUnavailable, "server is shutting down; retry on another instance"));
   }
+}
+
+bool Scheduler::lone(size_t jobs) const {
+  return may_run_here_ && !running_ && queue_.empty() && jobs == 1 && recent_rows_ < kLoneRows;
+}
+
+void Scheduler::run_here(std::vector<Job>& jobs) {
+  run(jobs);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ran(1);
+    if (queue_.empty() && !stopping_) return;
+  }
+  wake_.notify_all();  // the worker takes what queued meanwhile; stop() waits for this batch
+}
+
+void Scheduler::ran(size_t rows) {
+  running_ = false;
+  recent_rows_ += kRecentWeight * (static_cast<double>(rows) - recent_rows_);
 }
 
 void Scheduler::stop() {
@@ -53,6 +78,10 @@ void Scheduler::stop() {
   }
   wake_.notify_all();
   if (worker_.joinable()) worker_.join();
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    wake_.wait(lock, [this] { return !running_; });  // a batch running on a submitting thread
+  }
   committer_.reset();  // answers the batches it holds
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -65,7 +94,7 @@ void Scheduler::stop() {
 void Scheduler::loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (true) {
-    wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    wake_.wait(lock, [this] { return stopping_ || (!queue_.empty() && !running_); });
     if (stopping_) return;
     if (queue_delay_ns_ > 0 && queue_.size() < max_batch_) {  // optional: wait for company
       const auto deadline = std::chrono::steady_clock::time_point(
@@ -74,9 +103,12 @@ void Scheduler::loop() {
       if (stopping_) return;
     }
     std::vector<Job> jobs = take(lock);
+    const size_t rows = jobs.size();
+    running_ = true;
     lock.unlock();
     run(jobs);
     lock.lock();
+    ran(rows);
   }
 }
 

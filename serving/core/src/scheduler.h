@@ -3,6 +3,9 @@
 // Rules a batch obeys:
 // * it takes what is queued when the worker wakes and never waits on a timer unless a queue delay
 //   is configured; while one batch runs, the next one forms in the queue;
+// * when recent batches held one step each (a lone session), the thread that queues a step into
+//   an idle scheduler runs it itself: waking the worker for it would cost more than the step
+//   (no batch forms anyway). Only the memory store without a queue delay does this;
 // * one time length T per batch (rows stack on the batch dim without padding, so outputs are
 //   exact); other lengths wait for the next turn, in arrival order;
 // * at most max_batch rows; at most one step per session (the session gate guarantees it);
@@ -69,6 +72,9 @@ class Scheduler {
 
  private:
   void loop();
+  bool lone(size_t jobs) const;  // under mu_: run these on the submitting thread
+  void run_here(std::vector<Job>& jobs);
+  void ran(size_t rows);  // under mu_: the batch is done
   std::vector<Job> take(std::unique_lock<std::mutex>& lock);
   void run(std::vector<Job>& jobs);
   bool call_model(std::vector<Job>& jobs, Batch& batch);
@@ -89,6 +95,9 @@ class Scheduler {
   std::condition_variable wake_;
   std::deque<Job> queue_;
   bool stopping_ = false;
+  bool running_ = false;  // a batch runs, on the worker or on a submitting thread
+  double recent_rows_ = 1.0;  // moving average of the batch sizes
+  const bool may_run_here_;   // the memory store, no queue delay
   std::unique_ptr<Committer> committer_;  // a remote store only: commits overlap the next batch
   std::thread worker_;  // last: it starts once the members above exist
 };
