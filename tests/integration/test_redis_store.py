@@ -6,6 +6,7 @@ as replicas behind a load balancer would. Outputs are held to the eager PyTorch 
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -194,6 +195,50 @@ def test_idle_expiry_and_capacity_hold_across_replicas(
         details = expect_error(lambda: b.step(idle, 1, chunks[1]), grpc.StatusCode.NOT_FOUND)
         assert details == f"session '{idle}' expired after 1 s idle; open a new one"
         b.open()  # the expired ones no longer count
+
+
+def test_a_session_stepped_past_its_first_ttl_still_counts_toward_capacity(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url, session_ttl_s=1.0, max_sessions=2)
+    with Replica(config) as a, Replica(config) as b:
+        busy = a.open()
+        ys = []
+        for i, chunk in enumerate(chunks):  # 2 s of steps: past the deadline it was opened with
+            ys.append(a.step(busy, i, chunk))
+            time.sleep(0.25)
+        b.open()
+        details = expect_error(b.open, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "session capacity full (2 open sessions)" in details
+    want = Reference(quick_store).run(MODEL, chunks)
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+def writes_seen(redis: RedisProcess) -> dict[str, int]:
+    """Calls so far of every command that creates, changes or removes a key."""
+    stats = redis.raw(b"INFO", b"commandstats").decode()
+    calls = {}
+    for name, count in re.findall(r"cmdstat_(\w+):calls=(\d+)", stats):
+        if name in ("set", "evalsha", "rename", "del", "zadd", "zrem"):
+            calls[name] = int(count)
+    return calls
+
+
+def test_a_stateless_oip_request_never_touches_the_store(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url, max_sessions=1)
+    with Replica(config) as a:
+        a.open()  # capacity full: a stateless request holds no session
+        before = writes_seen(redis)
+        client = triton.InferenceServerClient(a.thread.address)
+        tensor = triton.InferInput("x", [1, *chunks[0].shape], "FP32")
+        tensor.set_data_from_numpy(chunks[0][None])
+        y = client.infer(MODEL, [tensor]).as_numpy("y")[0]
+        client.close()
+        assert writes_seen(redis) == before
+    want = Reference(quick_store).run(MODEL, chunks[:1])
+    np.testing.assert_allclose(y, want, atol=TOL, rtol=0)
 
 
 def test_a_corrupt_or_foreign_record_is_a_clear_error_and_the_server_stays_up(

@@ -2,15 +2,24 @@
 
 namespace rnnserve {
 
-Committer::Committer(size_t max_pending) : max_pending_(max_pending), worker_([this] { loop(); }) {}
+Committer::Committer(size_t workers, size_t max_pending) : max_pending_(max_pending) {
+  try {
+    for (size_t i = 0; i < workers; ++i) workers_.emplace_back([this] { loop(); });
+  } catch (...) {  // a thread that could not start: join the ones that did
+    stop();
+    throw;
+  }
+}
 
-Committer::~Committer() {
+Committer::~Committer() { stop(); }
+
+void Committer::stop() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stopping_ = true;
   }
   changed_.notify_all();
-  worker_.join();
+  for (auto& worker : workers_) worker.join();
 }
 
 void Committer::post(std::function<void()> work) {

@@ -238,25 +238,20 @@ class Inference : public std::enable_shared_from_this<Inference> {
     return Error::out_of_order(std::move(msg), expected);
   }
 
-  // -- stateless rows: each from fresh state through a throwaway session, batched like any step;
-  // in waves of at most kMaxPaddedSteps rows × steps (a batch's memory grows with rows × T) --
+  // -- stateless rows: each from fresh state through a throwaway session that no store holds
+  // (nothing to keep, so no store round trip), batched like any step; in waves of at most
+  // kMaxPaddedSteps rows × steps (a batch's memory grows with rows × T) --
   void step_wave() {
     const size_t steps = rows_[0].steps, wave = std::max<size_t>(1, kMaxPaddedSteps / steps);
     const size_t first = rows_done_, last = std::min(rows_.size(), first + wave);
     outcomes_.assign(last - first, StepOutcome{});
-    throwaway_.assign(last - first, "");
     remaining_.store(static_cast<int>(last - first) + 1);  // +1: this loop's own hold
     auto self = shared_from_this();
     std::vector<Stepper::Call> calls;
     for (size_t i = first; i < last; ++i) {
-      auto opened = core_->store().open(model_, "");
-      if (!opened.ok()) {
-        outcomes_[i - first].error = opened.error();
-        arrive();
-        continue;
-      }
-      throwaway_[i - first] = opened.value()->id;
-      calls.push_back(Stepper::Call{opened.value(), PendingStep{rows_[i], std::nullopt, [self, i, first](StepOutcome o) {
+      auto throwaway = std::make_shared<Session>("", model_);
+      throwaway->transient = true;
+      calls.push_back(Stepper::Call{throwaway, PendingStep{rows_[i], std::nullopt, [self, i, first](StepOutcome o) {
                                       self->outcomes_[i - first] = std::move(o);
                                       self->arrive();
                                     }}});
@@ -270,9 +265,6 @@ class Inference : public std::enable_shared_from_this<Inference> {
   }
 
   void wave_done() {
-    for (const auto& id : throwaway_) {
-      if (!id.empty()) core_->store().close(id);
-    }
     const size_t per_row = rows_[0].steps * static_cast<size_t>(model_->output_size);
     for (size_t i = 0; i < outcomes_.size(); ++i) {
       if (!outcomes_[i].ok()) return fail(outcomes_[i].error);
@@ -344,7 +336,6 @@ class Inference : public std::enable_shared_from_this<Inference> {
   size_t rows_done_ = 0;
   std::vector<float> y_;  // (B, T, O)
   std::vector<StepOutcome> outcomes_;
-  std::vector<std::string> throwaway_;
   std::atomic<int> remaining_{0};
 };
 

@@ -86,31 +86,46 @@ void RedisPool::give_back(RedisContextPtr c) {
   if (idle_.size() < max_idle_) idle_.push_back(std::move(c));
 }
 
-RedisReplyPtr RedisPool::command(const std::vector<std::string_view>& args) {
-  std::vector<const char*> argv;
-  std::vector<size_t> len;
-  argv.reserve(args.size());
-  len.reserve(args.size());
-  for (const auto& a : args) {
-    argv.push_back(a.data());
-    len.push_back(a.size());
-  }
+RedisReplyPtr RedisPool::command(const Command& args) { return std::move(pipeline({args}).front()); }
+
+std::vector<RedisReplyPtr> RedisPool::pipeline(const std::vector<Command>& commands) {
   // A pooled connection may have died with a Redis restart; then the pool is stale as a whole and
-  // the command goes once more over a fresh connection (the store's writes are compare-and-set,
+  // the commands go once more over a fresh connection (the store's writes are compare-and-set,
   // so a write that did land the first time is recognised, not applied twice).
   for (int attempt = 0;; ++attempt) {
     bool pooled = false;
     RedisContextPtr c = acquire(&pooled);
-    RedisReplyPtr r(static_cast<redisReply*>(
-        redisCommandArgv(c.get(), static_cast<int>(argv.size()), argv.data(), len.data())));
-    if (r) {
+    std::vector<RedisReplyPtr> replies = send_all(c.get(), commands);
+    if (replies.size() == commands.size()) {
       give_back(std::move(c));
-      return r;
+      return replies;
     }
     const std::string why = c->errstr[0] ? std::string(c->errstr) : std::string("connection lost");
     drop_idle();
     if (!pooled || attempt > 0) throw RedisDown(why);
   }
+}
+
+std::vector<RedisReplyPtr> RedisPool::send_all(redisContext* c, const std::vector<Command>& commands) {
+  std::vector<const char*> argv;
+  std::vector<size_t> len;
+  for (const auto& args : commands) {
+    argv.clear();
+    len.clear();
+    for (const auto& a : args) {
+      argv.push_back(a.data());
+      len.push_back(a.size());
+    }
+    if (redisAppendCommandArgv(c, static_cast<int>(argv.size()), argv.data(), len.data()) != REDIS_OK) return {};
+  }
+  std::vector<RedisReplyPtr> replies;  // fewer than commands: the connection failed
+  replies.reserve(commands.size());
+  for (size_t i = 0; i < commands.size(); ++i) {
+    void* reply = nullptr;
+    if (redisGetReply(c, &reply) != REDIS_OK || reply == nullptr) break;
+    replies.emplace_back(static_cast<redisReply*>(reply));
+  }
+  return replies;
 }
 
 void RedisPool::drop_idle() {

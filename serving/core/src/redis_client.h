@@ -45,8 +45,10 @@ class RedisPool {
  public:
   RedisPool(RedisAddress address, double timeout_s, size_t max_idle = 16);
 
-  // One command, its arguments as binary-safe strings.
-  RedisReplyPtr command(const std::vector<std::string_view>& args);
+  using Command = std::vector<std::string_view>;  // its arguments, as binary-safe strings
+  RedisReplyPtr command(const Command& args);
+  // Several commands sent in one write and their replies read in order: one round trip.
+  std::vector<RedisReplyPtr> pipeline(const std::vector<Command>& commands);
   const RedisAddress& address() const { return address_; }
 
  private:
@@ -54,6 +56,8 @@ class RedisPool {
   RedisContextPtr acquire(bool* pooled);
   void drop_idle();
   void give_back(RedisContextPtr c);
+  // Appends every command, then reads their replies; fewer replies than commands: it failed.
+  static std::vector<RedisReplyPtr> send_all(redisContext* c, const std::vector<Command>& commands);
 
   const RedisAddress address_;
   const double timeout_s_;

@@ -10,30 +10,44 @@ namespace {
 constexpr size_t kMaxSessionIdLength = 256;
 constexpr double kCommandTimeoutS = 2.0;
 const std::string kPrefix = "rnnserve:s:";  // + session id: the session's record
+const std::string kStaged = "rnnserve:w:";  // + replica nonce + ":" + session id: a record being written
 const std::string kLive = "rnnserve:live";  // sorted set: session id -> idle deadline (ms, Redis's clock)
 const std::string kGone = "rnnserve:gone";  // sorted set: expired ids, so a late step hears "expired"
 const std::string kTombstones = "65536";
 
-// Redis's own clock, so every replica agrees on deadlines.
+// Redis's own clock, so every replica agrees on deadlines. A live set's score is a deadline no
+// later than the record's own expiry (a step pushes the record's expiry back, not the score), so
+// the sweep asks the record: still there, it is scored again by its remaining time to live.
 const std::string kLuaNow = R"(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function sweep(live, gone, keep)
+local function sweep(live, gone, keep, prefix)
   local old = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 1000)
-  if #old == 0 then return 0 end
-  for _, id in ipairs(old) do redis.call('ZADD', gone, now, id) end
-  redis.call('ZREM', live, unpack(old))
+  local expired, alive = {}, {}
+  for _, id in ipairs(old) do
+    local left = redis.call('PTTL', prefix .. id)
+    if left > 0 then
+      alive[#alive + 1] = now + left
+      alive[#alive + 1] = id
+    else
+      expired[#expired + 1] = id
+      redis.call('ZADD', gone, now, id)
+    end
+  end
+  if #alive > 0 then redis.call('ZADD', live, unpack(alive)) end
+  if #expired == 0 then return 0 end
+  redis.call('ZREM', live, unpack(expired))
   redis.call('ZREMRANGEBYRANK', gone, 0, -tonumber(keep) - 1)
-  return #old
+  return #expired
 end
 )";
 
-// KEYS: record, live, gone. ARGV: id, record, ttl ms, capacity, client-chosen id (1/0), tombstones.
-// -1: a client-chosen id is already open; -2: capacity full; 0: opened.
+// KEYS: record, live, gone. ARGV: id, record, ttl ms, capacity, client-chosen id (1/0), tombstones,
+// record key prefix. -1: a client-chosen id is already open; -2: capacity full; 0: opened.
 const std::string kOpen = kLuaNow + R"(
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
-  sweep(KEYS[2], KEYS[3], ARGV[6])
+  sweep(KEYS[2], KEYS[3], ARGV[6], ARGV[7])
   if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -2 end
 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -42,28 +56,25 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 0
 )";
 
-// The compare-and-set of a batch. KEYS: n records, then live. ARGV: ttl ms, then per record: id,
-// the index the step ran as (16 hex digits), the new record. Per record: 1 written; 0 no such
-// session; otherwise the record as stored (another replica moved it on, or it is not ours).
-const std::string kCommit = kLuaNow + R"(
-local ttl = tonumber(ARGV[1])
-local n = #KEYS - 1
-local out, live = {}, {}
+// The compare-and-set of a batch, after the batch's new records were SET (with the TTL) under
+// staging keys in the same pipeline: the records never pass through Lua, which would copy and
+// hash every byte of them. KEYS: n records, then their n staging keys. ARGV: per record, the
+// index the step ran as (16 hex digits). Per record: 1 written (the staged record renamed over
+// it, its TTL with it); 0 no such session; -1 the staged record is missing (its SET failed);
+// otherwise the record as stored (another replica moved it on, or it is not ours).
+const std::string kCommit = R"(
+local n = #KEYS / 2
+local out = {}
 for i = 1, n do
-  local a = 2 + (i - 1) * 3
   local head = redis.call('GETRANGE', KEYS[i], 0, 23)  -- magic, version and index only
-  if head == '' then
-    out[i] = 0
-  elseif string.sub(head, 1, 5) ~= 'RNSS\1' or string.sub(head, 9, 24) ~= ARGV[a + 1] then
-    out[i] = redis.call('GET', KEYS[i])
+  if head ~= '' and string.sub(head, 1, 5) == 'RNSS\1' and string.sub(head, 9, 24) == ARGV[i] then
+    local moved = redis.pcall('RENAME', KEYS[n + i], KEYS[i])
+    out[i] = type(moved) == 'table' and moved.err and -1 or 1
   else
-    redis.call('SET', KEYS[i], ARGV[a + 2], 'PX', ttl)
-    live[#live + 1] = now + ttl
-    live[#live + 1] = ARGV[a]
-    out[i] = 1
+    redis.call('DEL', KEYS[n + i])
+    out[i] = head == '' and 0 or redis.call('GET', KEYS[i])
   end
 end
-if #live > 0 then redis.call('ZADD', KEYS[n + 1], unpack(live)) end
 return out
 )";
 
@@ -89,12 +100,16 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZSCORE', KEYS[2], ARGV[
 return 0
 )";
 
-// KEYS: live, gone. ARGV: tombstones. How many sessions expired since the last sweep.
-const std::string kSweep = kLuaNow + "return sweep(KEYS[1], KEYS[2], ARGV[1])\n";
+// KEYS: live, gone. ARGV: tombstones, record key prefix. How many sessions expired since the last sweep.
+const std::string kSweep = kLuaNow + "return sweep(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n";
 
 std::string key_of(const std::string& id) { return kPrefix + id; }
 
 std::string reply_text(const redisReply& r) { return std::string(r.str, r.len); }
+
+bool is_noscript(const redisReply& r) {
+  return r.type == REDIS_REPLY_ERROR && std::string_view(r.str, r.len).substr(0, 8) == "NOSCRIPT";
+}
 
 }  // namespace
 
@@ -106,10 +121,14 @@ RedisStore::RedisStore(const std::string& url, double ttl_s, size_t max_sessions
       ttl_ms_(std::to_string(std::max<int64_t>(1, static_cast<int64_t>(ttl_s * 1000)))),
       max_sessions_(max_sessions),
       model_of_(std::move(model_of)),
-      on_evict_(std::move(on_evict)) {
+      on_evict_(std::move(on_evict)),
+      staged_prefix_(kStaged + new_session_id() + ":") {
   try {
     auto pong = redis_.command({"PING"});
     if (pong->type == REDIS_REPLY_ERROR) throw RedisDown(reply_text(*pong));
+    auto sha = redis_.command({"SCRIPT", "LOAD", kCommit});
+    if (sha->type != REDIS_REPLY_STRING) throw RedisDown("SCRIPT LOAD: " + reply_text(*sha));
+    commit_sha_ = reply_text(*sha);
   } catch (const RedisDown& e) {
     throw std::runtime_error("the session store " + url + " cannot be reached: " + e.what() +
                              " (start Redis there, or serve with --session-store memory)");
@@ -137,7 +156,7 @@ Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id
   RedisReplyPtr r;
   try {
     r = redis_.command({"EVAL", kOpen, "3", key_of(id), kLive, kGone, id, record, ttl_ms_,
-                        std::to_string(max_sessions_), client_id.empty() ? "0" : "1", kTombstones});
+                        std::to_string(max_sessions_), client_id.empty() ? "0" : "1", kTombstones, kPrefix});
   } catch (const RedisDown& e) {
     return unavailable("open a session", e);
   }
@@ -255,41 +274,70 @@ std::optional<Error> RedisStore::close(const std::string& id) {
 std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commits) {
   std::vector<std::optional<Error>> out(commits.size());
   std::vector<size_t> sent;
-  std::vector<std::string> keys, triples;
+  std::vector<std::string> keys, staged, records, indexes;
   for (size_t i = 0; i < commits.size(); ++i) {
     Commit& c = commits[i];
     std::lock_guard<std::mutex> lock(c.session->mu);
-    if (c.session->closed) {  // closed while it ran: the step answers, nothing is kept
+    if (c.session->closed || c.session->transient) {  // the step answers, nothing is kept
       c.session->state.swap(c.state);
       continue;
     }
     sent.push_back(i);
     keys.push_back(key_of(c.session->id));
-    triples.push_back(c.session->id);
-    triples.push_back(index_text(c.index));
-    triples.push_back(encode_record(c.session->model->name, c.session->model->version, c.index + 1,
+    staged.push_back(staged_prefix_ + c.session->id);
+    indexes.push_back(index_text(c.index));
+    records.push_back(encode_record(c.session->model->name, c.session->model->version, c.index + 1,
                                     c.reply.get(), c.state));
   }
   if (sent.empty()) return out;
-  std::vector<std::string_view> args = {"EVAL", kCommit};
-  const std::string numkeys = std::to_string(keys.size() + 1);
-  args.push_back(numkeys);
-  for (const auto& k : keys) args.push_back(k);
-  args.push_back(kLive);
-  args.push_back(ttl_ms_);
-  for (const auto& t : triples) args.push_back(t);
-  RedisReplyPtr r;
+  std::vector<RedisReplyPtr> replies;
   try {
-    r = redis_.command(args);
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != sent.size()) {
-      throw RedisDown(r->type == REDIS_REPLY_ERROR ? reply_text(*r) : "odd reply");
-    }
+    replies = write_batch(keys, staged, records, indexes);
   } catch (const RedisDown& e) {
     for (size_t i : sent) out[i] = unavailable("record this step", e);
     return out;
   }
-  for (size_t k = 0; k < sent.size(); ++k) out[sent[k]] = settle(commits[sent[k]], *r->element[k]);
+  const redisReply& outcomes = *replies.back();
+  for (size_t k = 0; k < sent.size(); ++k) {
+    const redisReply& outcome = *outcomes.element[k];
+    if (outcome.type == REDIS_REPLY_INTEGER && outcome.integer == -1) {
+      const redisReply& set = *replies[k];
+      out[sent[k]] = unavailable("record this step", RedisDown(set.type == REDIS_REPLY_ERROR ? reply_text(set)
+                                                                                            : "the record was not staged"));
+      continue;
+    }
+    out[sent[k]] = settle(commits[sent[k]], outcome);
+  }
   return out;
+}
+
+// One round trip: each new record SET under its staging key with the TTL, then the
+// compare-and-set script (by its SHA; sent whole once more if Redis lost its script cache).
+std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<std::string>& keys,
+                                                   const std::vector<std::string>& staged,
+                                                   const std::vector<std::string>& records,
+                                                   const std::vector<std::string>& indexes) {
+  const size_t n = keys.size();
+  std::vector<RedisPool::Command> commands;
+  commands.reserve(n + 1);
+  for (size_t k = 0; k < n; ++k) commands.push_back({"SET", staged[k], records[k], "PX", ttl_ms_});
+  const std::string numkeys = std::to_string(2 * n);
+  RedisPool::Command cas = {"EVALSHA", commit_sha_, numkeys};
+  for (const auto& key : keys) cas.push_back(key);
+  for (const auto& key : staged) cas.push_back(key);
+  for (const auto& index : indexes) cas.push_back(index);
+  commands.push_back(cas);
+  std::vector<RedisReplyPtr> replies = redis_.pipeline(commands);
+  if (is_noscript(*replies.back())) {
+    cas[0] = "EVAL";
+    cas[1] = kCommit;
+    replies.back() = redis_.command(cas);  // the staged records are still there
+  }
+  const redisReply& outcomes = *replies.back();
+  if (outcomes.type != REDIS_REPLY_ARRAY || outcomes.elements != n) {
+    throw RedisDown(outcomes.type == REDIS_REPLY_ERROR ? reply_text(outcomes) : "odd reply");
+  }
+  return replies;
 }
 
 std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
@@ -369,7 +417,7 @@ size_t RedisStore::sweep() {
     }
   }
   try {
-    auto r = redis_.command({"EVAL", kSweep, "2", kLive, kGone, kTombstones});
+    auto r = redis_.command({"EVAL", kSweep, "2", kLive, kGone, kTombstones, kPrefix});
     return r->type == REDIS_REPLY_INTEGER ? static_cast<size_t>(r->integer) : 0;
   } catch (const RedisDown&) {
     return 0;  // the next sweep catches up

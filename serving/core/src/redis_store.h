@@ -52,6 +52,9 @@ class RedisStore final : public SessionStore {
   void cache(const SessionPtr& s);
   void forget(const std::string& id);
   std::string record_of(const Session& s) const;  // s.mu held
+  std::vector<RedisReplyPtr> write_batch(const std::vector<std::string>& keys, const std::vector<std::string>& staged,
+                                         const std::vector<std::string>& records,
+                                         const std::vector<std::string>& indexes);
 
   RedisPool redis_;
   const double ttl_s_;
@@ -60,6 +63,8 @@ class RedisStore final : public SessionStore {
   const size_t max_sessions_;
   ModelOf model_of_;
   EvictHook on_evict_;
+  const std::string staged_prefix_;  // this replica's staging keys: its commits never collide
+  std::string commit_sha_;           // the compare-and-set script, loaded at start
   mutable std::mutex mu_;
   std::unordered_map<std::string, SessionPtr> cached_;
 };

@@ -56,6 +56,7 @@ struct Session {
   std::mutex mu;  // guards everything below but `state`, which the gate's holder owns
   bool busy = false;
   bool closed = false;
+  bool transient = false;  // a stateless row's throwaway session: no store holds or records it
   uint64_t next_index = 0;
   ReplyPtr last;
   std::deque<PendingStep> waiting;
