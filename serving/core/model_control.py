@@ -167,7 +167,9 @@ class ModelControl:
 
     # ---- helpers --------------------------------------------------------------------------------
     def _in_store(self, name: str, version: int | None) -> list[int]:
-        on_disk = list_versions(self.store, name)
+        # a client's name becomes a path only once the store is known to hold it ("../x", a
+        # name too long for the file system)
+        on_disk = list_versions(self.store, name) if name in list_models(self.store) else []
         if not on_disk:
             raise ModelNotFound(
                 f"the model store {self.store} has no model {name!r} "

@@ -144,6 +144,10 @@ def oip_seeds() -> dict[str, list]:
         "ModelConfig": [OIP.ModelConfigRequest(**named)],
         "ModelStatistics": [OIP.ModelStatisticsRequest(**named)],
         "RepositoryIndex": [OIP.RepositoryIndexRequest()],
+        # a load of what is loaded changes nothing; an unload only of a model nobody uses (the
+        # store is the shared quick store, and its models serve the neighbour)
+        "RepositoryModelLoad": [OIP.RepositoryModelLoadRequest(model_name="sine")],
+        "RepositoryModelUnload": [OIP.RepositoryModelUnloadRequest(model_name="no_such_model")],
         "ModelInfer": infers,
         "ModelStreamInfer": infers,
     }

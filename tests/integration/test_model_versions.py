@@ -314,6 +314,8 @@ def test_bad_model_control_requests_fail_clearly(
 ) -> None:
     cases = [
         (lambda: triton_client.load_model("nope"), "NOT_FOUND", "no model 'nope'"),
+        (lambda: triton_client.load_model(f"../store/{MODEL}"), "NOT_FOUND", "no model '../"),
+        (lambda: triton_client.load_model("x" * 10_000), "NOT_FOUND", "no model 'xxx"),
         (lambda: triton_client.unload_model("nope"), "NOT_FOUND", "'nope' is not loaded"),
         (lambda: triton_client.load_model(MODEL, config="{}"), "INVALID_ARGUMENT", "'config'"),
     ]
