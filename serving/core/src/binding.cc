@@ -135,13 +135,17 @@ Runner runner_of(py::object step) {
     Gil gil;
     const auto rows = static_cast<py::ssize_t>(b.rows), t = static_cast<py::ssize_t>(b.steps);
     try {
-      py::array x = m.tokens ? py::array(py::array_t<int64_t>({rows, t}, b.ids.data()))
-                             : py::array(py::array_t<float>({rows, t, static_cast<py::ssize_t>(m.features)}, b.features.data()));
+      // views of the batch's buffers, not copies: they live for this call only (a backend keeps
+      // no reference to its inputs), and a base object tells numpy that it does not own them
+      const py::none unowned;
+      py::array x = m.tokens ? py::array(py::array_t<int64_t>({rows, t}, b.ids.data(), unowned))
+                             : py::array(py::array_t<float>({rows, t, static_cast<py::ssize_t>(m.features)},
+                                                            b.features.data(), unowned));
       py::list states;
       for (size_t k = 0; k < m.states.size(); ++k) {
         const auto& s = m.states[k];
         states.append(py::array_t<float>({static_cast<py::ssize_t>(s.layers), rows, static_cast<py::ssize_t>(s.size)},
-                                         b.states[k].data()));
+                                         b.states[k].data(), unowned));
       }
       py::tuple out = (*fn)(x, states);
       copy_checked(out[0].cast<FloatArray>(), {rows, t, static_cast<py::ssize_t>(m.output_size)}, "y", &b.y);

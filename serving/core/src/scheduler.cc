@@ -1,5 +1,6 @@
 #include "scheduler.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -35,7 +36,7 @@ void Scheduler::submit(std::vector<Job> jobs) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      here = running_ = lone(jobs.size());
+      here = running_ = runs_here(jobs);
       if (!here) {
         for (auto& job : jobs) queue_.push_back(std::move(job));
         jobs.clear();
@@ -50,15 +51,19 @@ void Scheduler::submit(std::vector<Job> jobs) {
   }
 }
 
-bool Scheduler::lone(size_t jobs) const {
-  return may_run_here_ && !running_ && queue_.empty() && jobs == 1 && recent_rows_ < kLoneRows;
+bool Scheduler::runs_here(const std::vector<Job>& jobs) const {
+  if (!may_run_here_ || running_ || !queue_.empty() || jobs.empty() || jobs.size() > max_batch_) return false;
+  if (jobs.size() == 1) return recent_rows_ < kLoneRows;
+  const uint32_t steps = jobs.front().input.steps;
+  return std::all_of(jobs.begin(), jobs.end(), [steps](const Job& j) { return j.input.steps == steps; });
 }
 
 void Scheduler::run_here(std::vector<Job>& jobs) {
+  const size_t rows = jobs.size();
   run(jobs);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ran(1);
+    ran(rows);
     if (queue_.empty() && !stopping_) return;
   }
   wake_.notify_all();  // the worker takes what queued meanwhile; stop() waits for this batch

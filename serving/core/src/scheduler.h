@@ -3,9 +3,10 @@
 // Rules a batch obeys:
 // * it takes what is queued when the worker wakes and never waits on a timer unless a queue delay
 //   is configured; while one batch runs, the next one forms in the queue;
-// * when recent batches held one step each (a lone session), the thread that queues a step into
-//   an idle scheduler runs it itself: waking the worker for it would cost more than the step
-//   (no batch forms anyway). Only the memory store without a queue delay does this;
+// * the thread that queues into an idle scheduler runs the batch itself when it is one already (a
+//   StepMany message's steps of one length) or when recent batches held one step each (a lone
+//   session): waking the worker would cost more than company could save. Only the memory store
+//   without a queue delay does this;
 // * one time length T per batch (rows stack on the batch dim without padding, so outputs are
 //   exact); other lengths wait for the next turn, in arrival order;
 // * at most max_batch rows; at most one step per session (the session gate guarantees it);
@@ -72,7 +73,7 @@ class Scheduler {
 
  private:
   void loop();
-  bool lone(size_t jobs) const;  // under mu_: run these on the submitting thread
+  bool runs_here(const std::vector<Job>& jobs) const;  // under mu_: on the submitting thread
   void run_here(std::vector<Job>& jobs);
   void ran(size_t rows);  // under mu_: the batch is done
   std::vector<Job> take(std::unique_lock<std::mutex>& lock);
