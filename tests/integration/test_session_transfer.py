@@ -34,6 +34,7 @@ from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from serving.client import Client
 
 SECOND_MODELS = ["seq_lstm", "seq_gru", "elman", "char"]  # what the second deployment serves
+LONG_TOL = 10 * TOL  # hundreds of time steps: the graph's and eager's rounding drift apart
 
 
 # ---- the blob format, written out from docs/api.md ---------------------------------------------
@@ -220,6 +221,18 @@ def eager_states(ref: Reference, model: str, chunks: list[np.ndarray]) -> list[n
         return [s.numpy() for s in m.step(x, *m.init_states(1))[1:]]
 
 
+def eager_trail(ref: Reference, model: str, chunks: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """The eager model's states after 0, 1, ..., len(chunks) chunks, fed one chunk at a time."""
+    m = ref.model(model)
+    states = m.init_states(1)
+    trail = [[s.numpy() for s in states]]
+    with torch.inference_mode():
+        for c in chunks:
+            states = m.step(torch.from_numpy(c[None]), *states)[1:]
+            trail.append([s.numpy() for s in states])
+    return trail
+
+
 # ---- moving and checkpointing -------------------------------------------------------------------
 
 
@@ -319,31 +332,73 @@ def test_import_keeps_a_chosen_id_and_refuses_one_that_is_live(first: Server) ->
     assert details == "session_id may not contain ':'"
 
 
-def test_an_export_between_concurrent_steps_holds_a_whole_step(
+class Background:
+    """Steps one session through StepMany, 20 steps of it per message, so it is always mid-step
+    with more queued; records which step_indexes were acknowledged."""
+
+    def __init__(self, server: Server, sid: str, chunks: list[np.ndarray]) -> None:
+        self.acknowledged: list[int] = []
+        self.first_reply = threading.Event()
+        self.done = threading.Event()
+        requests = [
+            pb.StepRequest(session_id=sid, step_index=i, input=to_input(c))
+            for i, c in enumerate(chunks)
+        ]
+        messages = [
+            pb.StepManyRequest(steps=requests[i : i + 20]) for i in range(0, len(requests), 20)
+        ]
+        self.thread = threading.Thread(target=self._run, args=(server, messages))
+        self.thread.start()
+
+    def _run(self, server: Server, messages: list[pb.StepManyRequest]) -> None:
+        try:
+            for reply in server.api.StepMany(iter(messages), timeout=60):
+                self.acknowledged += [
+                    r.reply.step_index for r in reply.results if r.HasField("reply")
+                ]
+                self.first_reply.set()
+        finally:
+            self.first_reply.set()
+            self.done.set()
+
+    def join(self) -> list[int]:
+        self.thread.join(60)
+        return self.acknowledged
+
+
+def test_checkpoints_between_concurrent_steps_hold_whole_steps(
     first: Server, ref: Reference, quick_store: Path
 ) -> None:
-    chunks = chunks_for(quick_store, "seq_lstm", 60)
+    chunks = chunks_for(quick_store, "seq_lstm", 200)
     sid = first.api.OpenSession(pb.OpenSessionRequest(model="seq_lstm")).session_id
-    done = threading.Event()
-
-    def stepper() -> None:
-        try:
-            for i, c in enumerate(chunks):
-                step(first, sid, i, c)
-        finally:
-            done.set()
-
-    thread = threading.Thread(target=stepper)
-    thread.start()
+    steps = Background(first, sid, chunks)
     blobs = []
-    while not done.is_set():
+    while not steps.done.is_set():
         blobs.append(read_blob(export(first, sid).blob))
-    thread.join()
+    assert len(steps.join()) == len(chunks)
     assert len({b.next_index for b in blobs}) > 2  # exports landed between many steps
-    for b in blobs:
-        want = eager_states(ref, "seq_lstm", chunks[: b.next_index])
-        for got, w in zip(b.states(), want, strict=True):
-            np.testing.assert_allclose(got, w, atol=TOL, rtol=0)
+    trail = eager_trail(ref, "seq_lstm", chunks)
+    for b in blobs[:: max(1, len(blobs) // 50)]:
+        for got, w in zip(b.states(), trail[b.next_index], strict=True):
+            np.testing.assert_allclose(got, w, atol=LONG_TOL, rtol=0)
+
+
+def test_a_move_during_concurrent_steps_keeps_every_acknowledged_step(
+    first: Server, ref: Reference, quick_store: Path
+) -> None:
+    chunks = chunks_for(quick_store, "seq_lstm", 100)
+    trail = eager_trail(ref, "seq_lstm", chunks)
+    for _ in range(6):
+        sid = first.api.OpenSession(pb.OpenSessionRequest(model="seq_lstm")).session_id
+        steps = Background(first, sid, chunks)
+        steps.first_reply.wait(30)
+        blob = read_blob(export(first, sid, close=True).blob)
+        acknowledged = steps.join()
+        # every step answered OK is in the blob, and none after it was answered OK
+        assert acknowledged == list(range(blob.next_index))
+        assert 0 < blob.next_index < len(chunks)
+        for got, w in zip(blob.states(), trail[blob.next_index], strict=True):
+            np.testing.assert_allclose(got, w, atol=LONG_TOL, rtol=0)
 
 
 # ---- bad calls ----------------------------------------------------------------------------------
