@@ -89,14 +89,18 @@ void RedisPool::give_back(RedisContextPtr c) {
 RedisReplyPtr RedisPool::command(const Command& args) { return std::move(pipeline({args}).front()); }
 
 std::vector<RedisReplyPtr> RedisPool::pipeline(const std::vector<Command>& commands) {
+  return pipeline(commands.size(), [&commands](size_t i, std::string&) { return commands[i]; });
+}
+
+std::vector<RedisReplyPtr> RedisPool::pipeline(size_t n, const MakeCommand& make) {
   // A pooled connection may have died with a Redis restart; then the pool is stale as a whole and
   // the commands go once more over a fresh connection (the store's writes are compare-and-set,
   // so a write that did land the first time is recognised, not applied twice).
   for (int attempt = 0;; ++attempt) {
     bool pooled = false;
     RedisContextPtr c = acquire(&pooled);
-    std::vector<RedisReplyPtr> replies = send_all(c.get(), commands);
-    if (replies.size() == commands.size()) {
+    std::vector<RedisReplyPtr> replies = send_all(c.get(), n, make);
+    if (replies.size() == n) {
       give_back(std::move(c));
       return replies;
     }
@@ -106,10 +110,13 @@ std::vector<RedisReplyPtr> RedisPool::pipeline(const std::vector<Command>& comma
   }
 }
 
-std::vector<RedisReplyPtr> RedisPool::send_all(redisContext* c, const std::vector<Command>& commands) {
+std::vector<RedisReplyPtr> RedisPool::send_all(redisContext* c, size_t n, const MakeCommand& make) {
+  constexpr size_t kWriteEvery = 8;  // commands: Redis starts on them while the next are made
   std::vector<const char*> argv;
   std::vector<size_t> len;
-  for (const auto& args : commands) {
+  std::string scratch;
+  for (size_t i = 0; i < n; ++i) {
+    const Command args = make(i, scratch);
     argv.clear();
     len.clear();
     for (const auto& a : args) {
@@ -117,10 +124,12 @@ std::vector<RedisReplyPtr> RedisPool::send_all(redisContext* c, const std::vecto
       len.push_back(a.size());
     }
     if (redisAppendCommandArgv(c, static_cast<int>(argv.size()), argv.data(), len.data()) != REDIS_OK) return {};
+    int written_all = 0;
+    if ((i + 1) % kWriteEvery == 0 && redisBufferWrite(c, &written_all) != REDIS_OK) return {};
   }
   std::vector<RedisReplyPtr> replies;  // fewer than commands: the connection failed
-  replies.reserve(commands.size());
-  for (size_t i = 0; i < commands.size(); ++i) {
+  replies.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
     void* reply = nullptr;
     if (redisGetReply(c, &reply) != REDIS_OK || reply == nullptr) break;
     replies.emplace_back(static_cast<redisReply*>(reply));

@@ -7,6 +7,7 @@
 
 #include <hiredis/hiredis.h>
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -47,8 +48,13 @@ class RedisPool {
 
   using Command = std::vector<std::string_view>;  // its arguments, as binary-safe strings
   RedisReplyPtr command(const Command& args);
-  // Several commands sent in one write and their replies read in order: one round trip.
+  // Several commands sent in one go and their replies read in order: one round trip.
   std::vector<RedisReplyPtr> pipeline(const std::vector<Command>& commands);
+  // The same for n commands made one at a time by make(i, scratch) (the command may point into
+  // scratch, which lives until the next call): they go out a few at a time, so Redis works on
+  // the first while the rest are made. make may be called again for a retry.
+  using MakeCommand = std::function<Command(size_t i, std::string& scratch)>;
+  std::vector<RedisReplyPtr> pipeline(size_t n, const MakeCommand& make);
   const RedisAddress& address() const { return address_; }
 
  private:
@@ -57,7 +63,7 @@ class RedisPool {
   void drop_idle();
   void give_back(RedisContextPtr c);
   // Appends every command, then reads their replies; fewer replies than commands: it failed.
-  static std::vector<RedisReplyPtr> send_all(redisContext* c, const std::vector<Command>& commands);
+  static std::vector<RedisReplyPtr> send_all(redisContext* c, size_t n, const MakeCommand& make);
 
   const RedisAddress address_;
   const double timeout_s_;

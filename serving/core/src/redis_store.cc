@@ -274,7 +274,7 @@ std::optional<Error> RedisStore::close(const std::string& id) {
 std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commits) {
   std::vector<std::optional<Error>> out(commits.size());
   std::vector<size_t> sent;
-  std::vector<std::string> keys, staged, records, indexes;
+  std::vector<std::string> keys, staged, indexes;
   for (size_t i = 0; i < commits.size(); ++i) {
     Commit& c = commits[i];
     std::lock_guard<std::mutex> lock(c.session->mu);
@@ -286,13 +286,11 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
     keys.push_back(key_of(c.session->id));
     staged.push_back(staged_prefix_ + c.session->id);
     indexes.push_back(index_text(c.index));
-    records.push_back(encode_record(c.session->model->name, c.session->model->version, c.index + 1,
-                                    c.reply.get(), c.state));
   }
   if (sent.empty()) return out;
   std::vector<RedisReplyPtr> replies;
   try {
-    replies = write_batch(keys, staged, records, indexes);
+    replies = write_batch(commits, sent, keys, staged, indexes);
   } catch (const RedisDown& e) {
     for (size_t i : sent) out[i] = unavailable("record this step", e);
     return out;
@@ -311,23 +309,26 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
   return out;
 }
 
-// One round trip: each new record SET under its staging key with the TTL, then the
-// compare-and-set script (by its SHA; sent whole once more if Redis lost its script cache).
-std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<std::string>& keys,
+// One round trip: each new record SET under its staging key with the TTL (encoded as it goes
+// out, so Redis stores the first while the rest are encoded), then the compare-and-set script
+// (by its SHA; sent whole once more if Redis lost its script cache).
+std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
+                                                   const std::vector<std::string>& keys,
                                                    const std::vector<std::string>& staged,
-                                                   const std::vector<std::string>& records,
                                                    const std::vector<std::string>& indexes) {
   const size_t n = keys.size();
-  std::vector<RedisPool::Command> commands;
-  commands.reserve(n + 1);
-  for (size_t k = 0; k < n; ++k) commands.push_back({"SET", staged[k], records[k], "PX", ttl_ms_});
   const std::string numkeys = std::to_string(2 * n);
   RedisPool::Command cas = {"EVALSHA", commit_sha_, numkeys};
   for (const auto& key : keys) cas.push_back(key);
   for (const auto& key : staged) cas.push_back(key);
   for (const auto& index : indexes) cas.push_back(index);
-  commands.push_back(cas);
-  std::vector<RedisReplyPtr> replies = redis_.pipeline(commands);
+  auto command = [&](size_t k, std::string& record) -> RedisPool::Command {
+    if (k == n) return cas;
+    const Commit& c = commits[sent[k]];  // its new state and reply are its own: no lock
+    record = encode_record(c.session->model->name, c.session->model->version, c.index + 1, c.reply.get(), c.state);
+    return {"SET", staged[k], record, "PX", ttl_ms_};
+  };
+  std::vector<RedisReplyPtr> replies = redis_.pipeline(n + 1, command);
   if (is_noscript(*replies.back())) {
     cas[0] = "EVAL";
     cas[1] = kCommit;
@@ -435,6 +436,13 @@ size_t RedisStore::count_version(const ModelSpec& model) const {
   std::lock_guard<std::mutex> lock(mu_);
   size_t n = 0;
   for (const auto& [id, s] : cached_) n += s->model.get() == &model;
+  return n;
+}
+
+std::unordered_map<const ModelSpec*, size_t> RedisStore::count_by_version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unordered_map<const ModelSpec*, size_t> n;
+  for (const auto& [id, s] : cached_) n[s->model.get()] += 1;
   return n;
 }
 

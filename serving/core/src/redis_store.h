@@ -39,6 +39,7 @@ class RedisStore final : public SessionStore {
   size_t sweep() override;
   size_t count(const std::string& model_name) const override;
   size_t count_version(const ModelSpec& model) const override;
+  std::unordered_map<const ModelSpec*, size_t> count_by_version() const override;
   size_t size() const override;
   double ttl_s() const override { return ttl_s_; }
   void close_all() override;
@@ -52,8 +53,8 @@ class RedisStore final : public SessionStore {
   void cache(const SessionPtr& s);
   void forget(const std::string& id);
   std::string record_of(const Session& s) const;  // s.mu held
-  std::vector<RedisReplyPtr> write_batch(const std::vector<std::string>& keys, const std::vector<std::string>& staged,
-                                         const std::vector<std::string>& records,
+  std::vector<RedisReplyPtr> write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
+                                         const std::vector<std::string>& keys, const std::vector<std::string>& staged,
                                          const std::vector<std::string>& indexes);
 
   RedisPool redis_;
