@@ -1,8 +1,7 @@
 """The crash check: many short perf_analyzer runs of concurrent sequence streams against one server,
 counting the times the server process exits (issue 11 asks 0 in 20 runs each at 64, 256 and 1,000).
 
-    python -m bench.crash --runs 20                      # the native core, ~4 minutes
-    python -m bench.crash --runs 3 --data-plane python   # the same against the Python plane
+    python -m bench.crash --runs 20     # the native core, ~4 minutes
 
 One server is started and kept while it lives; after every run it must still be running. A run
 is perf_analyzer ``--async --streaming`` on seq_lstm (sequences of 50±20 steps) for three windows
@@ -99,7 +98,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", type=Path, default=None)
     p.add_argument("--runs", type=count, default=20, help="runs per concurrency")
     p.add_argument("--concurrency", nargs="+", type=count, default=list(CONCURRENCY))
-    p.add_argument("--data-plane", choices=("native", "python"), default="native")
     p.add_argument("--window-ms", type=run.bounded(int, 100), default=500)
     p.add_argument("--timeout", type=run.bounded(float, 1.0), default=60.0,
                    help="seconds before a run counts as a hang")  # fmt: skip
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     store = run.find_store(args.store)
     binary = perf_analyzer.ensure()
     command = run.serve_command(store)
-    server = run.Server(args.data_plane, command, run.server_env(args.data_plane))
+    server = run.Server("native", command, run.server_env("native"))
     started = time.monotonic()
     server.start()
     try:
@@ -121,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     results.update(
         command="python -m bench.crash " + " ".join(sys.argv[1:] if argv is None else argv),
-        data_plane=args.data_plane,
         window_ms=args.window_ms,
         seconds=round(time.monotonic() - started),
         finished_utc=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

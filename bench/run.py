@@ -1,16 +1,16 @@
-"""The gRPC benchmark, in one run: the native core, the Python data plane, the C++ echo floor and
-the in-process ORT ceiling, side by side, with C++ clients only.
+"""The gRPC benchmark, in one run: the native core, the C++ echo floor and the in-process ORT
+ceiling, side by side, with C++ clients only.
 
-    python -m bench.run                 # the full run (`make bench`), about 12-15 minutes
+    python -m bench.run                 # the full run (`make bench`), about 7-10 minutes
     python -m bench.run --quick         # a smoke run: 1 and 64 sessions, one window each, ~2 min
 
 What it does, in this order:
 1. finds a model store with seq_lstm (``--store``; else the tests' quick store when it is
    complete; else it trains ``--quick seq_lstm`` into .cache/bench_store), builds the C++ tools
    (``bench.native_tools``) and fetches perf_analyzer (``bench.perf_analyzer``);
-2. starts three server processes on loopback: ``rnnserve serve`` with the native data plane,
-   ``rnnserve serve`` with the Python data plane (both ONNX Runtime, 1 intra-op thread) and the
-   C++ echo server (same messages, canned replies, no model);
+2. starts two server processes on loopback: ``rnnserve serve`` (the native core, ONNX Runtime,
+   1 intra-op thread; the core build ``RNNSERVE_NATIVE_LIB`` names, if set, else the package's)
+   and the C++ echo server (same messages, canned replies, no model);
 3. for each cell (API, path, concurrency) runs ``--reps`` measurements per server, the servers
    taking turns (the order reversed every other rep), and keeps the median of each metric:
    - the OIP with Triton's perf_analyzer: sequences of 50±20 steps of seq_lstm, unary
@@ -55,7 +55,7 @@ from bench import ceiling, native_tools, perf_analyzer, report
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "seq_lstm"
 FEATURES = 10
-SERVERS = ("native", "python", "echo")  # the order their turns run in
+SERVERS = ("native", "echo")  # the order their turns run in
 OIP_PATHS = ("unary", "stream")
 V1_PATHS = ("unary", "stream", "packed")
 CONCURRENCY = (1, 16, 64, 256, 1000)
@@ -63,6 +63,7 @@ PACKED_CONCURRENCY = (64, 256, 1000)  # sessions; 64 per message: 1, 4 and 16 st
 SEQUENCE_LENGTH, SEQUENCE_VARIATION = 50, 20  # perf_analyzer: 50 ± 20% steps per sequence
 LISTENING = re.compile(r"on (127\.0\.0\.1:\d+)")
 SAMPLE_EVERY_S = 0.05
+NATIVE_LIB = "RNNSERVE_NATIVE_LIB"
 
 
 # ---- servers ----------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ SAMPLE_EVERY_S = 0.05
 
 @dataclass
 class Server:
-    name: str  # "native", "python" or "echo"
+    name: str  # "native" or "echo"
     argv: list[str]
     env: dict[str, str]
     proc: subprocess.Popen | None = None
@@ -144,7 +145,7 @@ def wait_ready(address: str, deadline: float) -> None:
 
 
 def serve_command(store: Path) -> list[str]:
-    """``rnnserve serve`` as shipped, on free ports; the data plane comes from ``server_env``."""
+    """``rnnserve serve`` as shipped, on free ports."""
     return [
         sys.executable, "-m", "serving.cli", "serve", "--store", str(store),
         "--address", "127.0.0.1:0", "--metrics-port", "0", "--threads", "1",
@@ -153,19 +154,18 @@ def serve_command(store: Path) -> list[str]:
 
 def server_commands(store: Path, echo_binary: Path, canned: Path) -> dict[str, list[str]]:
     """Each server's argv, in the order their turns run."""
-    serve = serve_command(store)
     return {
-        "native": serve,
-        "python": serve,
+        "native": serve_command(store),
         "echo": native_tools.echo_command(echo_binary, canned),
     }
 
 
 def server_env(name: str) -> dict[str, str]:
-    """The data plane by the environment (``RNNSERVE_DATA_PLANE``), which every serve reads."""
+    """No ``RNNSERVE_`` setting left in the environment changes what is benched, but the native
+    server keeps ``RNNSERVE_NATIVE_LIB`` (a core build to measure instead of the package's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RNNSERVE_")}
-    if name in ("native", "python"):
-        env["RNNSERVE_DATA_PLANE"] = name
+    if name == "native" and os.environ.get(NATIVE_LIB):
+        env[NATIVE_LIB] = os.environ[NATIVE_LIB]
     return env
 
 
@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
         "quiet": quiet,
         "load_before": os.getloadavg(),
         "started_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "native_lib": os.environ.get(NATIVE_LIB) or None,  # None: the package's build
     }
     machine_before = cpu_times()
     results["cells"], results["crashes"] = measure_cells(store, args, tools)
