@@ -36,7 +36,8 @@ void Scheduler::submit(std::vector<Job> jobs) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      here = running_ = runs_here(jobs);
+      here = runs_here(jobs);  // false while a batch runs: that batch keeps running_ set
+      if (here) running_ = true;
       if (!here) {
         for (auto& job : jobs) queue_.push_back(std::move(job));
         jobs.clear();
@@ -75,6 +76,7 @@ void Scheduler::ran(size_t rows) {
 }
 
 void Scheduler::stop() {
+  std::lock_guard<std::mutex> one_at_a_time(stop_mu_);  // the drain and a version's removal may race
   std::deque<Job> left;
   {
     std::lock_guard<std::mutex> lock(mu_);

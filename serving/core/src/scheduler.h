@@ -93,6 +93,7 @@ class Scheduler {
   const size_t max_batch_;
   const int64_t queue_delay_ns_;
   std::mutex mu_;
+  std::mutex stop_mu_;  // held through stop(): a second caller waits, then finds it done
   std::condition_variable wake_;
   std::deque<Job> queue_;
   bool stopping_ = false;
