@@ -459,3 +459,24 @@ def test_a_failed_call_fails_its_items_and_drops_their_other_rows(quick_store) -
     assert isinstance(first, RuntimeError) and isinstance(split, RuntimeError)
     assert after is None
     assert graph.calls == [(4, 1), (3, 1)]  # item 1's last 3 rows never ran
+
+
+# ---- the Redis store beside the memory store (bench.redis_store) ---------------------------------
+
+
+def test_the_redis_bench_takes_the_median_of_each_rep_pairs_ratio_and_skips_failed_pairs() -> None:
+    from bench import redis_store
+
+    def rep(steps: float, error: str | None = None) -> dict[str, Any]:
+        side = {"steps_per_s": steps, "p50_us": 100.0, "p99_us": 200.0, "server_us_per_step": 9.0}
+        return {**side, "error": error} if error else side
+
+    memory = [rep(1000), rep(2000), rep(4000), rep(1000)]
+    redis = [rep(600), rep(800), rep(3000), rep(0, "load_client: it stopped")]
+    cell = redis_store.summarize("stream", 64, {"memory": memory, "redis": redis})
+    assert cell["ratios"] == [0.6, 0.4, 0.75]  # the failed pair left out
+    assert cell["ratio"] == 0.6
+    assert cell["memory"]["steps_per_s"] == 1500  # medians over each side's good reps
+    assert cell["redis"]["steps_per_s"] == 800
+    assert cell["redis"]["errors"] == ["load_client: it stopped"]
+    assert "ratio 0.60 (goal ≥ 0.6: met" in redis_store.cell_line(cell)
