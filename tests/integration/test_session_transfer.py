@@ -537,6 +537,21 @@ def test_a_blob_whose_states_do_not_match_the_manifest_is_a_failed_precondition(
     )
 
 
+def test_a_sealed_blob_listing_more_tensors_than_any_model_is_invalid(
+    first: Server, lstm_blob: bytes
+) -> None:
+    """SHA-256 is no secret: a blob sealed by anyone listing 100,000 empty tensors is refused
+    before they are read, not held in memory nor named in a multi-megabyte error."""
+    b = read_blob(lstm_blob)
+    b.tensors = [("t", (0,))] * 100_000
+    b.state = np.zeros(0, np.float32)
+    details = expect_error(lambda: import_(first, write_blob(b)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "at most 64 tensors" in details and len(details) < 400, details[:400]
+    b.tensors = [("n" * 300, (0,))]
+    details = expect_error(lambda: import_(first, write_blob(b)), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "at most 64 tensors" in details, details
+
+
 def error_info(call) -> tuple[str, dict[str, str]]:
     """The rich status's ErrorInfo: (reason, metadata)."""
     with pytest.raises(grpc.RpcError) as info:

@@ -17,6 +17,10 @@ constexpr size_t kMagicLength = sizeof(kBlobMagic) - 1;
 constexpr uint8_t kBlobVersion = 1;
 constexpr size_t kLengthAt = 8, kHeadLength = 16, kDigestLength = SHA256_DIGEST_LENGTH;
 constexpr uint32_t kMaxRank = 8;
+// A model has a few states (LSTM: h and c); bounds what a blob that passes its checksum (anyone
+// can compute SHA-256) may make the server allocate, and how long an error naming them gets.
+constexpr uint32_t kMaxTensors = 64;
+constexpr size_t kMaxTensorName = 256;
 
 template <class T>
 void put(std::string& out, T value) {
@@ -88,11 +92,12 @@ std::vector<BlobTensor> tensors_of(const ModelSpec& m) {
 bool read_tensors(Cursor& in, std::vector<BlobTensor>* out, uint64_t* values) {
   const auto count = in.get<uint32_t>();
   *values = 0;
+  if (count > kMaxTensors) return false;
   for (uint32_t i = 0; i < count && in.ok(); ++i) {
     BlobTensor t;
     t.name = in.text();
     const auto rank = in.get<uint32_t>();
-    if (rank > kMaxRank) return false;
+    if (rank > kMaxRank || t.name.size() > kMaxTensorName) return false;
     uint64_t n = 1;
     for (uint32_t d = 0; d < rank; ++d) {
       t.shape.push_back(in.get<uint32_t>());
@@ -176,7 +181,10 @@ Result<SessionBlob> decode_blob(const std::string& bytes) {
   Cursor in(bytes, kHeadLength, body);
   SessionBlob blob;
   uint64_t values = 0;
-  if (!read_tensors(in, &blob.tensors, &values)) return bad_blob("is malformed: its tensor list is cut short");
+  if (!read_tensors(in, &blob.tensors, &values)) {
+    return bad_blob("is malformed: its tensor list is cut short or beyond any model's (at most " +
+                    std::to_string(kMaxTensors) + " tensors of rank " + std::to_string(kMaxRank) + ")");
+  }
   const std::string record = in.text();
   if (!in.at_end()) return bad_blob("is malformed: its fields do not add up");
   if (auto problem = parse_record(record, &blob.record)) return bad_blob("holds a session record that " + *problem);
