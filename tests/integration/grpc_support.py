@@ -49,8 +49,7 @@ def raw(reply: pb.StepResponse) -> np.ndarray:
 
 
 def batch_totals(metrics_port: int) -> tuple[float, float]:
-    """(rows, backend calls) over every model, from the server's Prometheus endpoint: the same
-    black-box reading for either data plane."""
+    """(rows, backend calls) over every model, from the server's Prometheus endpoint."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     rows = calls = 0.0

@@ -51,7 +51,7 @@ void access_log_line(const Core& core, const std::string& method, const std::str
 class CallScope {
  public:
   // `admit_now` false: the call counts as in flight only from admit() on (bridged calls, whose
-  // wait for a bridge thread is a queue, as the Python plane's calls wait in gRPC's).
+  // wait for a bridge thread is a queue, like a call's wait in gRPC's own queue).
   CallScope(Core* core, grpc::CallbackServerContext* ctx, std::string method, bool admit_now = true);
   std::optional<Error> admit();  // RESOURCE_EXHAUSTED past max_concurrent_rpcs
   ~CallScope();

@@ -1,6 +1,6 @@
 // What the core counts: RPCs by method and code, steps and their latency by model, batch sizes,
 // evictions. Lock-free counters on the hot path; Python reads a snapshot at scrape time and shows
-// it in Prometheus under the same names as the Python data plane.
+// it in Prometheus (serving/metrics.py names them).
 #pragma once
 
 #include <array>

@@ -1,4 +1,5 @@
-// Small text helpers that keep the native core's messages identical to the Python data plane's.
+// Small text helpers that word the core's messages as Python would (repr quoting, %g numbers),
+// so they read the same as the messages of the Python handlers behind the bridge.
 #pragma once
 
 #include <cstdint>
