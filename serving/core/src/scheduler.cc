@@ -11,8 +11,6 @@ namespace rnnserve {
 
 namespace {
 constexpr int kMaxReruns = 3;  // a session stepped on two replicas at once gives up after these
-constexpr double kLoneRows = 1.5;  // recent batches this small: a step runs on the thread that queued it
-constexpr double kRecentWeight = 0.2;  // of the latest batch in the moving average
 }
 
 Scheduler::Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMetrics* metrics,
@@ -54,25 +52,29 @@ void Scheduler::submit(std::vector<Job> jobs) {
 
 bool Scheduler::runs_here(const std::vector<Job>& jobs) const {
   if (!may_run_here_ || running_ || !queue_.empty() || jobs.empty() || jobs.size() > max_batch_) return false;
-  if (jobs.size() == 1) return recent_rows_ < kLoneRows;
+  if (jobs.size() == 1) return jobs.front().session.get() == alone_;
   const uint32_t steps = jobs.front().input.steps;
   return std::all_of(jobs.begin(), jobs.end(), [steps](const Job& j) { return j.input.steps == steps; });
 }
 
 void Scheduler::run_here(std::vector<Job>& jobs) {
-  const size_t rows = jobs.size();
+  const Session* alone = sole_session(jobs);
   run(jobs);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    ran(rows);
+    ran(alone);
     if (queue_.empty() && !stopping_) return;
   }
   wake_.notify_all();  // the worker takes what queued meanwhile; stop() waits for this batch
 }
 
-void Scheduler::ran(size_t rows) {
+void Scheduler::ran(const Session* alone) {
   running_ = false;
-  recent_rows_ += kRecentWeight * (static_cast<double>(rows) - recent_rows_);
+  alone_ = alone;
+}
+
+const Session* Scheduler::sole_session(const std::vector<Job>& jobs) {
+  return jobs.size() == 1 ? jobs.front().session.get() : nullptr;
 }
 
 void Scheduler::stop() {
@@ -110,12 +112,12 @@ void Scheduler::loop() {
       if (stopping_) return;
     }
     std::vector<Job> jobs = take(lock);
-    const size_t rows = jobs.size();
+    const Session* alone = sole_session(jobs);
     running_ = true;
     lock.unlock();
     run(jobs);
     lock.lock();
-    ran(rows);
+    ran(alone);
   }
 }
 

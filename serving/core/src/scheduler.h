@@ -4,9 +4,11 @@
 // * it takes what is queued when the worker wakes and never waits on a timer unless a queue delay
 //   is configured; while one batch runs, the next one forms in the queue;
 // * the thread that queues into an idle scheduler runs the batch itself when it is one already (a
-//   StepMany message's steps of one length) or when recent batches held one step each (a lone
-//   session): waking the worker would cost more than company could save. Only the memory store
-//   without a queue delay does this;
+//   StepMany message's steps of one length) or when it is the next step of the session that was
+//   the last batch's only one (a lone session): waking the worker would cost more than company
+//   could save. Only the memory store without a queue delay does this. (Not a moving average of
+//   batch sizes: at 16 callers, steps run this way come in batches of one or two, which would keep
+//   such an average low and the server in this mode, at about twice the CPU per step.);
 // * one time length T per batch (rows stack on the batch dim without padding, so outputs are
 //   exact); other lengths wait for the next turn, in arrival order;
 // * at most max_batch rows; at most one step per session (the session gate guarantees it);
@@ -75,7 +77,8 @@ class Scheduler {
   void loop();
   bool runs_here(const std::vector<Job>& jobs) const;  // under mu_: on the submitting thread
   void run_here(std::vector<Job>& jobs);
-  void ran(size_t rows);  // under mu_: the batch is done
+  void ran(const Session* alone);  // under mu_: the batch is done
+  static const Session* sole_session(const std::vector<Job>& jobs);  // the batch's only session
   std::vector<Job> take(std::unique_lock<std::mutex>& lock);
   void run(std::vector<Job>& jobs);
   bool call_model(std::vector<Job>& jobs, Batch& batch);
@@ -98,7 +101,7 @@ class Scheduler {
   std::deque<Job> queue_;
   bool stopping_ = false;
   bool running_ = false;  // a batch runs, on the worker or on a submitting thread
-  double recent_rows_ = 1.0;  // moving average of the batch sizes
+  const Session* alone_ = nullptr;  // the last batch's only session; compared, never dereferenced
   const bool may_run_here_;   // the memory store, no queue delay
   std::unique_ptr<Committer> committer_;  // a remote store only: commits overlap the next batch
   std::thread worker_;  // last: it starts once the members above exist
