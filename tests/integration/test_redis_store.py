@@ -214,6 +214,30 @@ def test_a_session_stepped_past_its_first_ttl_still_counts_toward_capacity(
     np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
 
 
+def test_capacity_frees_an_expired_session_behind_more_than_a_batch_of_live_ones(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    # 1,200 live sessions come due before an expired one: more than one sweep batch (1,000)
+    config = native_config(quick_store, redis.url, max_sessions=1201)
+    with Replica(config) as a:
+        opening = pb.OpenSessionRequest(model=MODEL)
+        futures = [a.api.OpenSession.future(opening) for _ in range(1200)]
+        live = [f.result(timeout=60).session_id for f in futures]
+        gone = a.open()
+        # as Redis would see them a TTL on: the live ones' deadlines passed (each step pushes its
+        # record's expiry, not its deadline), the other's record expired
+        due = [x for sid in live for x in (b"1", sid.encode())]
+        redis.raw(b"ZADD", b"rnnserve:live", *due, b"2", gone.encode())
+        redis.raw(b"DEL", f"rnnserve:s:{gone}".encode())
+        fresh = a.open()  # the expired one's place
+        details = expect_error(a.open, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "session capacity full (1201 open sessions)" in details
+        ys = [a.step(live[-1], 0, chunks[0]), a.step(fresh, 0, chunks[0])]
+    want = Reference(quick_store).run(MODEL, chunks[:1])
+    for y in ys:
+        np.testing.assert_allclose(y, want, atol=TOL, rtol=0)
+
+
 def writes_seen(redis: RedisProcess) -> dict[str, int]:
     """Calls so far of every command that creates, changes or removes a key."""
     stats = redis.raw(b"INFO", b"commandstats").decode()

@@ -14,6 +14,8 @@ const std::string kStaged = "rnnserve:w:";  // + replica nonce + ":" + session i
 const std::string kLive = "rnnserve:live";  // sorted set: session id -> idle deadline (ms, Redis's clock)
 const std::string kGone = "rnnserve:gone";  // sorted set: expired ids, so a late step hears "expired"
 const std::string kTombstones = "65536";
+constexpr int kSweepBatch = 1000;  // live-set entries one sweep script call looks at
+constexpr int kMaxSweepCalls = 1000;  // per sweep: time-boxes a backlog, the next sweep goes on
 
 // Redis's own clock, so every replica agrees on deadlines. A live set's score is a deadline no
 // later than the record's own expiry (a step pushes the record's expiry back, not the score), so
@@ -21,8 +23,8 @@ const std::string kTombstones = "65536";
 const std::string kLuaNow = R"(
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function sweep(live, gone, keep, prefix)
-  local old = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 1000)
+local function sweep(live, gone, keep, prefix, batch)
+  local old = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, tonumber(batch))
   local expired, alive = {}, {}
   for _, id in ipairs(old) do
     local left = redis.call('PTTL', prefix .. id)
@@ -35,21 +37,26 @@ local function sweep(live, gone, keep, prefix)
     end
   end
   if #alive > 0 then redis.call('ZADD', live, unpack(alive)) end
-  if #expired == 0 then return 0 end
-  redis.call('ZREM', live, unpack(expired))
-  redis.call('ZREMRANGEBYRANK', gone, 0, -tonumber(keep) - 1)
-  return #expired
+  if #expired > 0 then
+    redis.call('ZREM', live, unpack(expired))
+    redis.call('ZREMRANGEBYRANK', gone, 0, -tonumber(keep) - 1)
+  end
+  return {#expired, #old}
 end
 )";
 
 // KEYS: record, live, gone. ARGV: id, record, ttl ms, capacity, client-chosen id (1/0), tombstones,
-// record key prefix. -1: a client-chosen id is already open; -2: capacity full; 0: opened.
+// record key prefix, sweep batch. -1: a client-chosen id is already open; -2: capacity full; 0: opened.
 const std::string kOpen = kLuaNow + R"(
 if ARGV[5] == '1' and redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then
-  sweep(KEYS[2], KEYS[3], ARGV[6], ARGV[7])
-  if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return -2 end
+local full = redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4])
+for _ = 1, 10 do  -- sessions still live come first when due: look past them, up to 10 batches
+  if not full then break end
+  local looked = sweep(KEYS[2], KEYS[3], ARGV[6], ARGV[7], ARGV[8])[2]
+  full = redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4])
+  if looked < tonumber(ARGV[8]) then break end
 end
+if full then return -2 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
@@ -100,8 +107,9 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZSCORE', KEYS[2], ARGV[
 return 0
 )";
 
-// KEYS: live, gone. ARGV: tombstones, record key prefix. How many sessions expired since the last sweep.
-const std::string kSweep = kLuaNow + "return sweep(KEYS[1], KEYS[2], ARGV[1], ARGV[2])\n";
+// KEYS: live, gone. ARGV: tombstones, record key prefix, batch. {sessions expired, entries looked
+// at}: a full batch means more may be due.
+const std::string kSweep = kLuaNow + "return sweep(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])\n";
 
 std::string key_of(const std::string& id) { return kPrefix + id; }
 
@@ -156,7 +164,8 @@ Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id
   RedisReplyPtr r;
   try {
     r = redis_.command({"EVAL", kOpen, "3", key_of(id), kLive, kGone, id, record, ttl_ms_,
-                        std::to_string(max_sessions_), client_id.empty() ? "0" : "1", kTombstones, kPrefix});
+                        std::to_string(max_sessions_), client_id.empty() ? "0" : "1", kTombstones, kPrefix,
+                        std::to_string(kSweepBatch)});
   } catch (const RedisDown& e) {
     return unavailable("open a session", e);
   }
@@ -417,12 +426,21 @@ size_t RedisStore::sweep() {
       it = idle ? cached_.erase(it) : std::next(it);  // Redis keeps the session; this copy goes
     }
   }
+  // Every live session comes due once per TTL to be scored again, so with many sessions one
+  // batch may not cover what is due: calls go on while they find a full batch.
+  const std::string batch = std::to_string(kSweepBatch);
+  size_t expired = 0;
   try {
-    auto r = redis_.command({"EVAL", kSweep, "2", kLive, kGone, kTombstones, kPrefix});
-    return r->type == REDIS_REPLY_INTEGER ? static_cast<size_t>(r->integer) : 0;
+    for (int call = 0; call < kMaxSweepCalls; ++call) {
+      auto r = redis_.command({"EVAL", kSweep, "2", kLive, kGone, kTombstones, kPrefix, batch});
+      if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) break;
+      expired += static_cast<size_t>(r->element[0]->integer);
+      if (r->element[1]->integer < kSweepBatch) break;
+    }
   } catch (const RedisDown&) {
-    return 0;  // the next sweep catches up
+    // the next sweep catches up
   }
+  return expired;
 }
 
 size_t RedisStore::count(const std::string& model_name) const {
