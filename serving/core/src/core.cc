@@ -142,8 +142,10 @@ std::shared_ptr<const LoadedVersion> Core::loaded(const std::string& name, uint3
 
 std::vector<VersionState> Core::versions() const {
   std::vector<VersionState> out;
+  const auto live = store_->count_by_version();
   for (const auto& [key, v] : table()->versions) {
-    out.push_back(VersionState{v->spec, v->ready, store_->count_version(*v->spec)});
+    auto n = live.find(v->spec.get());
+    out.push_back(VersionState{v->spec, v->ready, n == live.end() ? 0 : n->second});
   }
   return out;
 }

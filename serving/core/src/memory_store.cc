@@ -162,6 +162,11 @@ size_t MemoryStore::count_version(const ModelSpec& model) const {
   return it == version_counts_.end() ? 0 : it->second;
 }
 
+std::unordered_map<const ModelSpec*, size_t> MemoryStore::count_by_version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return version_counts_;
+}
+
 size_t MemoryStore::size() const {
   std::lock_guard<std::mutex> lock(mu_);
   return live_.size();

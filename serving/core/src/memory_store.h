@@ -23,6 +23,7 @@ class MemoryStore final : public SessionStore {
   size_t sweep() override;
   size_t count(const std::string& model_name) const override;
   size_t count_version(const ModelSpec& model) const override;
+  std::unordered_map<const ModelSpec*, size_t> count_by_version() const override;
   size_t size() const override;
   double ttl_s() const override { return ttl_s_; }
   void close_all() override;

@@ -457,6 +457,13 @@ size_t RedisStore::count_version(const ModelSpec& model) const {
   return n;
 }
 
+std::unordered_map<const ModelSpec*, size_t> RedisStore::count_by_version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::unordered_map<const ModelSpec*, size_t> n;
+  for (const auto& [id, s] : cached_) n[s->model.get()] += 1;
+  return n;
+}
+
 size_t RedisStore::size() const {
   std::lock_guard<std::mutex> lock(mu_);
   return cached_.size();

@@ -7,6 +7,7 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "result.h"
@@ -57,6 +58,7 @@ class SessionStore {
   // Sessions of one model version this store holds here (a shared store: those this replica
   // has cached); a retired version is freed when it reaches 0.
   virtual size_t count_version(const ModelSpec& model) const = 0;
+  virtual std::unordered_map<const ModelSpec*, size_t> count_by_version() const = 0;  // one pass
   virtual size_t size() const = 0;
   virtual double ttl_s() const = 0;
   virtual void close_all() = 0;
