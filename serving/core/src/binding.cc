@@ -17,13 +17,29 @@ namespace {
 // A core thread (scheduler, bridge) keeps one Python thread state for its whole life. Without it
 // each py::gil_scoped_acquire creates and frees one, and Python 3.11 maps and unmaps a frame stack
 // with it: a munmap per model call, which interrupts the other core to flush its TLB.
+// Freed when its thread ends, so threads that come and go (gRPC's pool grows and shrinks with
+// load) do not leave one behind each; during interpreter shutdown Python frees them itself.
+struct KeptThreadState {
+  PyThreadState* state = nullptr;
+  KeptThreadState() = default;
+  KeptThreadState(const KeptThreadState&) = delete;
+  KeptThreadState& operator=(const KeptThreadState&) = delete;
+  ~KeptThreadState() {
+    if (state == nullptr || !Py_IsInitialized() || _Py_IsFinalizing()) return;
+    PyEval_RestoreThread(state);  // the GIL, with the state current
+    PyThreadState_Clear(state);
+    PyThreadState_DeleteCurrent();  // frees it and releases the GIL
+  }
+};
+
 void keep_thread_state() {
-  thread_local bool kept = false;
-  if (kept) return;
-  kept = true;
+  thread_local KeptThreadState kept;
+  thread_local bool tried = false;
+  if (tried) return;
+  tried = true;
   if (PyGILState_GetThisThreadState() != nullptr) return;  // a Python thread: Python keeps its own
-  PyThreadState* state = PyThreadState_New(PyInterpreterState_Main());
-  state->gilstate_counter = 1;  // our reference: pybind11's acquire/release pairs never free it
+  kept.state = PyThreadState_New(PyInterpreterState_Main());
+  kept.state->gilstate_counter = 1;  // our reference: pybind11's acquire/release pairs never free it
 }
 
 // The GIL, on a thread that keeps its Python thread state.
