@@ -264,6 +264,85 @@ def test_an_oip_sequence_stays_on_its_version_through_a_load_and_an_unload(
     assert "unloading" in refused.value.message()
 
 
+def oip_step(
+    c: triton.InferenceServerClient, sequence_id: int, x: np.ndarray, start: bool = False
+) -> np.ndarray:
+    """One step of an OIP sequence that names no version: its output (T, O)."""
+    tensor = triton.InferInput("x", [1, *x.shape], "FP32")
+    tensor.set_data_from_numpy(x[None])
+    return c.infer(MODEL, [tensor], sequence_id=sequence_id, sequence_start=start).as_numpy("y")[0]
+
+
+def test_live_sessions_keep_stepping_on_every_path_after_every_version_is_unloaded(
+    server: ServerThread, store: Path, triton_client
+) -> None:
+    """An OIP sequence step and a packed StepMany block name no version: they run on their
+    sessions' versions, so unloading every version stops new work only."""
+    v1_folder = store / MODEL / "1"
+    rng = np.random.default_rng(11)
+    oip_chunks = [rng.normal(size=(2, 1)).astype(np.float32) for _ in range(2)]
+    packed_chunks = [rng.normal(size=(3, 1)).astype(np.float32) for _ in range(2)]
+    with Client(server.address) as client:
+        packed = client.session(MODEL)
+        oip_out = [oip_step(triton_client, 21, oip_chunks[0], start=True)]
+        packed_out = [client.step_block(MODEL, [packed.id], packed_chunks[0][None]).y[0]]
+
+        triton_client.unload_model(MODEL)
+        assert index(triton_client) == {"1": ("UNAVAILABLE", "unloading: 2 live sessions")}
+        oip_out.append(oip_step(triton_client, 21, oip_chunks[1]))
+        block = client.step_block(MODEL, [packed.id], packed_chunks[1][None])
+        assert block.errors == {}
+        packed_out.append(block.y[0])
+        np.testing.assert_allclose(np.concatenate(oip_out), eager(v1_folder, oip_chunks), atol=TOL)
+        np.testing.assert_allclose(
+            np.concatenate(packed_out), eager(v1_folder, packed_chunks), atol=TOL
+        )
+        stats = triton_client.get_inference_statistics(MODEL).model_stats
+        assert [(s.name, s.version) for s in stats] == [(MODEL, "1")]
+
+        with pytest.raises(InferenceServerException) as refused:  # new work: none
+            oip_step(triton_client, 22, oip_chunks[0], start=True)
+        assert refused.value.status() == "StatusCode.NOT_FOUND"
+        assert "has no ready version; loaded: 1 (unloading)" in refused.value.message()
+        with pytest.raises(grpc.RpcError) as refused_open:
+            client.session(MODEL, 1)
+        assert refused_open.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "version 1 is unloading" in refused_open.value.details()
+
+
+def test_an_import_runs_on_an_unloading_version_and_is_refused_on_a_freed_one(
+    server: ServerThread, store: Path, triton_client
+) -> None:
+    """docs/operations.md: imports keep running on an unloaded version until it is freed; a
+    freed version never has a session. (The race of an import with the version's removal, which
+    the core closes again, has no deterministic black-box test: this covers both sides of it.)"""
+    v1_folder = store / MODEL / "1"
+    with Client(server.address) as client:
+        live = Stepped(client)
+        outputs = [live.step()]
+        blob = live.session.export()
+        triton_client.unload_model(MODEL)
+
+        imported = client.import_session(blob)
+        assert imported.info.version == 1
+        x = np.random.default_rng(5).normal(size=(4, 1)).astype(np.float32)
+        reply = imported.step(x)
+        y = np.array([list(o.raw) for o in reply.outputs], dtype=np.float32)
+        np.testing.assert_allclose(y, eager(v1_folder, [*live.chunks, x])[-4:], atol=TOL)
+        outputs.append(live.step())  # the original goes on too: the blob was a checkpoint
+        live.all_match(v1_folder, outputs)
+
+        imported.close()
+        live.session.close()
+        eventually(lambda: index(triton_client)["1"] == ("UNAVAILABLE", "unloaded"), "v1 freed")
+        with pytest.raises(grpc.RpcError) as refused:
+            client.import_session(blob)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = refused.value.details()
+        assert "version 1, which this server does not serve" in details
+        assert "unknown model 'sum_sign_rnn'" in details
+
+
 def test_a_corrupt_version_is_refused_and_changes_nothing(
     server: ServerThread, store: Path, v2_folder: Path, triton_client
 ) -> None:

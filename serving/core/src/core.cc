@@ -247,20 +247,24 @@ void Core::sweep_forever() {
   }
 }
 
-Result<ModelPtr> Core::model(const std::string& name, uint32_t version) const {
+Result<ModelPtr> Core::model(const std::string& name, uint32_t version, Newest newest_wanted) const {
   const auto t = table();
   std::set<std::string> names;
   std::string have;  // this model's loaded versions
+  uint32_t newest_loaded = 0;
   for (const auto& [key, v] : t->versions) {
     const ModelSpec& m = *v->spec;
     names.insert(m.name);
-    if (m.name == name) have += (have.empty() ? "" : ", ") + std::to_string(m.version) + (v->ready ? "" : " (unloading)");
+    if (m.name != name) continue;
+    have += (have.empty() ? "" : ", ") + std::to_string(m.version) + (v->ready ? "" : " (unloading)");
+    newest_loaded = std::max(newest_loaded, m.version);
   }
   if (have.empty()) {
     std::string known;
     for (const auto& n : names) known += (known.empty() ? "" : ", ") + n;
     return Error::of(ErrorKind::kModelNotFound, "unknown model " + py_repr(name) + "; this server has: " + known);
   }
+  if (version == 0 && newest_wanted == Newest::kLoaded) version = newest_loaded;
   if (version == 0) {
     auto newest = t->newest_ready.find(name);
     if (newest == t->newest_ready.end()) {
@@ -306,15 +310,25 @@ Result<SessionView> Core::open_session(const std::string& name, uint32_t version
                                        "use Predict with the whole sequence instead of sessions/Step");
   }
   // new sessions start on ready versions only; an imported one continues where it was (as the
-  // sessions already live on an unloading version do)
+  // sessions already live on an unloading version do), but never on a freed version
   if (auto err = from ? std::nullopt : not_ready(*m.value())) return *err;
   auto s = store_->open(m.value(), id, from);
   if (!s.ok()) return s.error();
-  if (auto err = from ? std::nullopt : not_ready(*m.value())) {  // retired meanwhile: its removal
-    store_->close(s.value()->id);                                // may have counted before this open
+  // retired or freed meanwhile: its removal may have counted its sessions before this open
+  if (auto err = from ? removed(*m.value()) : not_ready(*m.value())) {
+    store_->close(s.value()->id);
     return *err;
   }
   return view(*s.value());
+}
+
+// Read under the writers' lock: remove_model counts a version's sessions and unpublishes it in one
+// hold, so after an open either that count saw the session (the version stays) or it is gone here.
+std::optional<Error> Core::removed(const ModelSpec& m) {
+  std::lock_guard<std::mutex> lock(table_mu_);
+  auto found = loaded(m.name, m.version);
+  if (found && found->spec.get() == &m) return std::nullopt;
+  return not_ready(m);  // "... was unloaded; ..."
 }
 
 Result<SessionView> Core::reset_session(const std::string& id) {

@@ -92,9 +92,12 @@ class Core {
   void wait();
 
   // For the transports and the Python control plane.
-  // 0 = the newest ready version; a named version: any loaded one (a retired one too, for the
-  // sessions that still run on it; check not_ready() before starting new work on it).
-  Result<ModelPtr> model(const std::string& name, uint32_t version) const;
+  // Version 0 names the newest ready version (for new work), or with kLoaded the newest loaded
+  // one, ready or not (for work that continues live sessions: they keep running on a retired
+  // version). A named version: any loaded one (a retired one too, for the sessions that still run
+  // on it; check not_ready() before starting new work on it).
+  enum class Newest { kReady, kLoaded };
+  Result<ModelPtr> model(const std::string& name, uint32_t version, Newest newest = Newest::kReady) const;
   Result<SessionPtr> session(const std::string& id) { return store_->get(id); }
   // from: an imported session's record (ImportSession), checked against the model.
   Result<SessionView> open_session(const std::string& model, uint32_t version, const std::string& id,
@@ -125,6 +128,7 @@ class Core {
   ModelTablePtr table() const { return std::atomic_load(&table_); }
   void publish(std::shared_ptr<ModelTable> table);  // table_mu_ held
   std::shared_ptr<const LoadedVersion> loaded(const std::string& name, uint32_t version) const;
+  std::optional<Error> removed(const ModelSpec& m);  // `m` is no longer in the table
 
   const CoreConfig config_;
   Metrics metrics_;

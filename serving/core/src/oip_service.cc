@@ -35,12 +35,13 @@ const char* const kNative[] = {"ModelInfer", "ModelStreamInfer", "ModelStatistic
 // ---- models by name and version -------------------------------------------------------------------
 
 // Core::model, for a version given as text: one past 32 bits is not loaded, in the same words.
-Result<ModelPtr> find_model(Core* core, const std::string& name, const std::optional<std::string>& version) {
-  if (!version) return core->model(name, 0);
+Result<ModelPtr> find_model(Core* core, const std::string& name, const std::optional<std::string>& version,
+                            Core::Newest newest) {
+  if (!version) return core->model(name, 0, newest);
   if (version->size() <= 10 && std::stoull(*version) <= UINT32_MAX) {
     return core->model(name, static_cast<uint32_t>(std::stoull(*version)));
   }
-  auto known = core->model(name, 0);  // the unknown-model error comes first
+  auto known = core->model(name, 0, Core::Newest::kLoaded);  // the unknown-model error comes first
   if (!known.ok()) return known.error();
   std::string have;
   for (const auto& m : core->models()) {
@@ -55,12 +56,12 @@ Result<std::vector<ModelPtr>> models_named(Core* core, const std::string& name, 
   if (!name.empty() && !version.empty()) {
     auto v = parse_version(version);
     if (!v.ok()) return v.error();
-    auto m = find_model(core, name, v.value());
+    auto m = find_model(core, name, v.value(), Core::Newest::kLoaded);
     if (!m.ok()) return m.error();
     return std::vector<ModelPtr>{m.value()};
   }
   if (!name.empty()) {
-    auto known = core->model(name, 0);  // NOT_FOUND for an unknown name
+    auto known = core->model(name, 0, Core::Newest::kLoaded);  // NOT_FOUND for an unknown name
     if (!known.ok()) return known.error();
   }
   if (!version.empty()) return Error::invalid("model statistics of a version need the model's name", "version");
@@ -141,10 +142,13 @@ class Inference : public std::enable_shared_from_this<Inference> {
     control_ = control.value();
     auto version = parse_version(request().model_version());
     if (!version.ok()) return version.error();
-    auto model = find_model(core_, request().model_name(), version.value());
+    // an open sequence runs on its own version, ready or not: name one that is loaded
+    const bool continues = control_.id && !control_.start;
+    auto model = find_model(core_, request().model_name(), version.value(),
+                            continues ? Core::Newest::kLoaded : Core::Newest::kReady);
     if (!model.ok()) return model.error();
-    if (!control_.id || control_.start) {  // new work: a ready version only (an open sequence
-      if (auto err = core_->not_ready(*model.value())) return err;  // stays on its own)
+    if (!continues) {  // new work: a ready version only
+      if (auto err = core_->not_ready(*model.value())) return err;
     }
     if (!control_.id && !model.value()->streamable) {
       clock_.model = model.value();

@@ -359,7 +359,9 @@ void StepManyStream::StepPacked() {
                                      std::to_string(kMaxStepManyEntries),
                                  "packed.session_ids"));
   }
-  auto m = core_->model(p.model(), 0);
+  // the block's shapes: every entry's session runs on its own version (EntryProblem checks it),
+  // so a block keeps stepping the sessions of a model whose versions are all unloading
+  auto m = core_->model(p.model(), 0, Core::Newest::kLoaded);
   if (!m.ok()) return Fail(m.error());
   block_model_ = m.value();
   scope_.set_model(block_model_->name);

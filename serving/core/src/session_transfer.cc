@@ -37,17 +37,23 @@ std::string model_text(const std::string& name, uint32_t version) {
   return "model " + py_repr(name) + (version ? " version " + std::to_string(version) : "");
 }
 
+std::string held(const SessionRecord& r) {
+  return "the session blob holds a session of " + model_text(r.model, r.version);
+}
+
+Error not_served(const SessionRecord& r, const std::string& why) {
+  return Error::of(ErrorKind::kModelMismatch, held(r) + ", which this server does not serve (" + why + ")");
+}
+
 // The blob's model and version are the ones the caller expects and this server serves.
 Result<ModelPtr> served_model(Core& core, const SessionRecord& r, const ImportRequest& req) {
-  const std::string held = "the session blob holds a session of " + model_text(r.model, r.version);
   if ((!req.model.empty() && req.model != r.model) || (req.version && req.version != r.version)) {
-    return Error::of(ErrorKind::kModelMismatch,
-                     held + "; this call expects " + model_text(req.model.empty() ? r.model : req.model, req.version));
+    const std::string expected = model_text(req.model.empty() ? r.model : req.model, req.version);
+    return Error::of(ErrorKind::kModelMismatch, held(r) + "; this call expects " + expected);
   }
   auto m = core.model(r.model, r.version);
   if (!m.ok() || m.value()->version != r.version) {  // version 0 would name the latest
-    const std::string why = m.ok() ? "no version 0" : m.error().message;
-    return Error::of(ErrorKind::kModelMismatch, held + ", which this server does not serve (" + why + ")");
+    return not_served(r, m.ok() ? "no version 0" : m.error().message);
   }
   return m;
 }
@@ -70,7 +76,13 @@ Result<SessionView> import_session(Core& core, const ImportRequest& req) {
   auto m = served_model(core, record, req);
   if (!m.ok()) return m.error();
   if (auto err = blob_fits(blob.value(), *m.value())) return *err;
-  return core.open_session(record.model, record.version, req.session_id, &record);
+  auto opened = core.open_session(record.model, record.version, req.session_id, &record);
+  // its version was freed during the import: the answer an import arriving a moment later gets
+  const auto gone = [](ErrorKind k) { return k == ErrorKind::kVersionNotFound || k == ErrorKind::kModelNotFound; };
+  if (!opened.ok() && gone(opened.error().kind)) {
+    return not_served(record, opened.error().message);
+  }
+  return opened;
 }
 
 }  // namespace rnnserve
