@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "bytes.h"
 #include "text.h"
 
 namespace rnnserve {
@@ -22,49 +23,11 @@ constexpr uint32_t kMaxRank = 8;
 constexpr uint32_t kMaxTensors = 64;
 constexpr size_t kMaxTensorName = 256;
 
-template <class T>
-void put(std::string& out, T value) {
-  out.append(reinterpret_cast<const char*>(&value), sizeof value);
-}
-
-void put_text(std::string& out, const std::string& text) {
-  put<uint32_t>(out, static_cast<uint32_t>(text.size()));
-  out += text;
-}
-
 std::string sha256(const char* data, size_t n) {
   unsigned char digest[kDigestLength];
   SHA256(reinterpret_cast<const unsigned char*>(data), n, digest);
   return std::string(reinterpret_cast<const char*>(digest), kDigestLength);
 }
-
-// Reads fields front to back; a read past the end fails every later one.
-class Cursor {
- public:
-  Cursor(const std::string& bytes, size_t at, size_t end) : bytes_(bytes), at_(at), end_(end) {}
-  template <class T>
-  T get() {
-    T value{};
-    if (take(sizeof value)) std::memcpy(&value, bytes_.data() + at_ - sizeof value, sizeof value);
-    return value;
-  }
-  std::string text() {
-    const auto n = get<uint32_t>();
-    return take(n) ? bytes_.substr(at_ - n, n) : std::string();
-  }
-  bool ok() const { return ok_; }
-  bool at_end() const { return ok_ && at_ == end_; }
-
- private:
-  bool take(size_t n) {
-    if (!ok_ || end_ - at_ < n) return ok_ = false;
-    at_ += n;
-    return true;
-  }
-  const std::string& bytes_;
-  size_t at_, end_;
-  bool ok_ = true;
-};
 
 Error bad_blob(const std::string& why) { return Error::invalid("the session blob " + why, "blob"); }
 
@@ -89,7 +52,7 @@ std::vector<BlobTensor> tensors_of(const ModelSpec& m) {
 }
 
 // The tensors' directory; false when it is cut or a shape is absurd.
-bool read_tensors(Cursor& in, std::vector<BlobTensor>* out, uint64_t* values) {
+bool read_tensors(ByteReader& in, std::vector<BlobTensor>* out, uint64_t* values) {
   const auto count = in.get<uint32_t>();
   *values = 0;
   if (count > kMaxTensors) return false;
@@ -178,7 +141,7 @@ Result<SessionBlob> decode_blob(const std::string& bytes) {
   if (bytes.compare(body, kDigestLength, sha256(bytes.data(), body)) != 0) {
     return bad_blob("fails its SHA-256 checksum (corrupt or altered)");
   }
-  Cursor in(bytes, kHeadLength, body);
+  ByteReader in(bytes, kHeadLength, body);
   SessionBlob blob;
   uint64_t values = 0;
   if (!read_tensors(in, &blob.tensors, &values)) {

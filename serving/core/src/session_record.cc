@@ -4,6 +4,7 @@
 
 #include <cstring>
 
+#include "bytes.h"
 #include "text.h"
 
 namespace rnnserve {
@@ -12,51 +13,9 @@ namespace {
 
 constexpr size_t kMagicLength = sizeof(kRecordMagic) - 1;
 
-template <class T>
-void put(std::string& out, T value) {
-  out.append(reinterpret_cast<const char*>(&value), sizeof value);
-}
-
-void put_floats(std::string& out, const std::vector<float>& values) {
-  put<uint32_t>(out, static_cast<uint32_t>(values.size()));
-  out.append(reinterpret_cast<const char*>(values.data()), values.size() * sizeof(float));
-}
-
 uint32_t crc_of(const char* data, size_t n) {
   return static_cast<uint32_t>(crc32(0L, reinterpret_cast<const Bytef*>(data), static_cast<uInt>(n)));
 }
-
-// Reads fields front to back; any read past the end marks the record as cut.
-class Reader {
- public:
-  Reader(const std::string& bytes, size_t at, size_t end) : bytes_(bytes), at_(at), end_(end) {}
-  template <class T>
-  T get() {
-    T value{};
-    if (take(sizeof value)) std::memcpy(&value, bytes_.data() + at_ - sizeof value, sizeof value);
-    return value;
-  }
-  std::string text(size_t n) { return take(n) ? bytes_.substr(at_ - n, n) : std::string(); }
-  std::vector<float> floats() {
-    const uint32_t n = get<uint32_t>();
-    std::vector<float> values;
-    if (!take(static_cast<size_t>(n) * sizeof(float))) return values;
-    values.resize(n);
-    std::memcpy(values.data(), bytes_.data() + at_ - values.size() * sizeof(float), values.size() * sizeof(float));
-    return values;
-  }
-  bool ok() const { return ok_ && at_ == end_; }
-
- private:
-  bool take(size_t n) {
-    if (!ok_ || end_ - at_ < n) return ok_ = false;
-    at_ += n;
-    return true;
-  }
-  const std::string& bytes_;
-  size_t at_, end_;
-  bool ok_ = true;
-};
 
 Error bad_record(const std::string& id, const std::string& why) {
   return Error::of(ErrorKind::kInternal, "session " + py_repr(id) + ": its record in the session store " + why +
@@ -79,8 +38,7 @@ std::string encode_record(const std::string& model, uint32_t version, uint64_t n
   out.append(kRecordMagic, kMagicLength);
   out.append(kRecordIndexAt - kMagicLength, '\0');
   out += index_text(next_index);
-  put<uint32_t>(out, static_cast<uint32_t>(model.size()));
-  out += model;
+  put_text(out, model);
   put<uint32_t>(out, version);
   put<uint8_t>(out, last ? 1 : 0);
   if (last) {
@@ -113,8 +71,8 @@ std::optional<std::string> parse_record(const std::string& bytes, SessionRecord*
     if (digit < 0) return "is malformed (its step index is not hexadecimal)";
     r.next_index = (r.next_index << 4) | static_cast<uint64_t>(digit);
   }
-  Reader in(bytes, header, body);
-  r.model = in.text(in.get<uint32_t>());
+  ByteReader in(bytes, header, body);
+  r.model = in.text();
   r.version = in.get<uint32_t>();
   if (in.get<uint8_t>()) {
     auto last = std::make_shared<Reply>();
@@ -124,7 +82,7 @@ std::optional<std::string> parse_record(const std::string& bytes, SessionRecord*
     r.last = std::move(last);
   }
   r.state = in.floats();
-  if (!in.ok()) return "is malformed (its fields do not add up)";
+  if (!in.at_end()) return "is malformed (its fields do not add up)";
   *out = std::move(r);
   return std::nullopt;
 }
