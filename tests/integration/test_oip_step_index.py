@@ -8,6 +8,7 @@ PyTorch reference (tests/eager.py).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import tritonclient.grpc as triton
 from eager import TOL, Reference
 from grpc_support import manifest, random_chunk, server_config
+from redis_interleaving import InterleavingProxy
 from redis_support import RedisProcess
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -232,3 +234,39 @@ def replica_to_replica(a: str, b: str, chunks: list[np.ndarray]) -> list[np.ndar
         assert "expected 4 (or 3 to retry the last step)" in details
         ys.append(y_of(on_a.ModelInfer(request(306, chunks[4], 4, end=True))))
     return ys
+
+
+def test_a_late_write_of_a_restarted_sequence_never_lands_on_the_new_one(
+    quick_store: Path, tmp_path: Path, chunks: list[np.ndarray]
+) -> None:
+    """The old sequence's last step writes while the restart's first one does, in that order.
+
+    A proxy in front of Redis runs the two commits' writes interleaved (new SET, late SET, new
+    compare-and-set, late compare-and-set): both staged records exist at once, and the restart
+    must keep its own.
+    """
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    proxy = InterleavingProxy(redis.port, late_index=5, new_index=1)
+    proxy.start()
+    config = replace(server_config(quick_store), metrics_port=None, session_store=proxy.url)
+    try:
+        with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            for i in range(4):
+                stub.ModelInfer(request(401, chunks[i], i, start=i == 0), timeout=10)
+            proxy.armed.set()
+            late = stub.ModelInfer.future(request(401, chunks[4], 4), timeout=10)
+            assert proxy.late_held.wait(10)
+            ys = [y_of(stub.ModelInfer(request(401, chunks[0], 0, start=True), timeout=10))]
+            with contextlib.suppress(grpc.RpcError):
+                late.result()  # answered or refused: it ran on the sequence it found
+            proxy.armed.clear()
+            ys += [y_of(stub.ModelInfer(request(401, chunks[i], i), timeout=10)) for i in (1, 2, 3)]
+    finally:
+        proxy.stop()
+        redis.stop()
+    assert proxy.order == ["new SET", "late SET", "new CAS", "late CAS"]
+    np.testing.assert_allclose(
+        np.concatenate(ys), reference(quick_store, chunks[:4]), atol=TOL, rtol=0
+    )

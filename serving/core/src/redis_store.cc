@@ -10,7 +10,7 @@ namespace {
 constexpr size_t kMaxSessionIdLength = 256;
 constexpr double kCommandTimeoutS = 2.0;
 const std::string kPrefix = "rnnserve:s:";  // + session id: the session's record
-const std::string kStaged = "rnnserve:w:";  // + replica nonce + ":" + session id: a record being written
+const std::string kStaged = "rnnserve:w:";  // + replica nonce + ":" + write number + ":" + session id
 const std::string kLive = "rnnserve:live";  // sorted set: session id -> idle deadline (ms, Redis's clock)
 const std::string kGone = "rnnserve:gone";  // sorted set: expired ids, so a late step hears "expired"
 const std::string kTombstones = "65536";
@@ -293,7 +293,10 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
     }
     sent.push_back(i);
     keys.push_back(key_of(c.session->id));
-    staged.push_back(staged_prefix_ + c.session->id);
+    // Two Session objects can share an id (an OIP restart, a close and an import): each record is
+    // staged under its own key, so the compare-and-set never moves another write's record.
+    const uint64_t write = next_write_.fetch_add(1, std::memory_order_relaxed);
+    staged.push_back(staged_prefix_ + std::to_string(write) + ":" + c.session->id);
     indexes.push_back(index_text(c.index));
   }
   if (sent.empty()) return out;

@@ -13,6 +13,7 @@
 //   sorted set (id → idle deadline), so both hold across replicas.
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <mutex>
 #include <unordered_map>
@@ -64,8 +65,9 @@ class RedisStore final : public SessionStore {
   const size_t max_sessions_;
   ModelOf model_of_;
   EvictHook on_evict_;
-  const std::string staged_prefix_;  // this replica's staging keys: its commits never collide
-  std::string commit_sha_;           // the compare-and-set script, loaded at start
+  const std::string staged_prefix_;      // this replica's staging keys: its commits never collide
+  std::atomic<uint64_t> next_write_{0};  // numbers each staged record: no two writes share a key
+  std::string commit_sha_;               // the compare-and-set script, loaded at start
   mutable std::mutex mu_;
   std::unordered_map<std::string, SessionPtr> cached_;
 };

@@ -1,0 +1,150 @@
+"""A loopback TCP proxy in front of a real redis-server that lets a test order two commits.
+
+The server under test talks RESP to the proxy exactly as to Redis. The proxy reads each command a
+client connection sends and forwards it whole; once armed, it holds the staged-record writes
+(a ``SET rnnserve:w:…`` and the compare-and-set that follows it on that connection) of two
+commits so that Redis runs them interleaved: the new commit's SET, the late commit's SET, the
+new commit's compare-and-set, the late commit's compare-and-set. A commit is told apart by the
+step index in its record (bytes 8..24 of a session record, 16 hex digits).
+
+It runs in a process of its own: a server in the test's process holds the GIL while it connects.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import socket
+import threading
+import time
+from typing import Any, BinaryIO
+
+from ports import free_ports
+
+STAGING_PREFIX = b"rnnserve:w:"
+SETTLE_S = 0.05  # after a command is forwarded: Redis has run it before the next one arrives
+NAMES = ("new SET", "late SET", "new CAS", "late CAS")
+HOLD_S = 1.5  # under the server's 2 s Redis timeout: a missed interleaving fails, never hangs
+
+
+def read_command(stream: BinaryIO) -> tuple[list[bytes], bytes] | None:
+    """One RESP array of bulk strings (as hiredis sends): its words and its bytes; None at EOF."""
+    head = stream.readline()
+    if not head:
+        return None
+    raw, words = [head], []
+    for _ in range(int(head[1:])):
+        size_line = stream.readline()
+        word = stream.read(int(size_line[1:]) + 2)
+        raw += [size_line, word]
+        words.append(word[:-2])
+    return words, b"".join(raw)
+
+
+class InterleavingProxy:
+    """The test's handle: ``armed`` to start holding, ``late_held`` once the late SET waits."""
+
+    def __init__(self, redis_port: int, late_index: int, new_index: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.port = free_ports(1)[0]
+        self.armed = ctx.Event()
+        self.late_held = ctx.Event()
+        self._ready = ctx.Event()
+        self._sent = ctx.Array("i", len(NAMES))  # per name: its place in the order forwarded (1..)
+        args = (
+            self.port,
+            redis_port,
+            late_index,
+            new_index,
+            self.armed,
+            self.late_held,
+            self._ready,
+            self._sent,
+        )
+        self._process = ctx.Process(target=serve, args=args, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def order(self) -> list[str]:
+        """The held writes in the order they were forwarded."""
+        places = {place: name for name, place in zip(NAMES, self._sent[:], strict=True) if place}
+        return [places[p] for p in sorted(places)]
+
+    def start(self) -> None:
+        self._process.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the interleaving proxy did not start")
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(10)
+
+
+def serve(port: int, redis_port: int, late_index: int, new_index: int, *shared: Any) -> None:
+    _Proxy(port, redis_port, late_index, new_index, *shared).run()
+
+
+class _Proxy:
+    def __init__(
+        self, port: int, redis_port: int, late_index: int, new_index: int, *shared: Any
+    ) -> None:
+        self.redis_port = redis_port
+        self.late = f"{late_index:016x}".encode()  # the record index the late commit writes
+        self.new = f"{new_index:016x}".encode()
+        self.armed, self.late_held, self.ready, self.places = shared
+        self.sent = {name: threading.Event() for name in NAMES}
+        self.listener = socket.create_server(("127.0.0.1", port))
+
+    def run(self) -> None:
+        self.ready.set()
+        while True:
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.redis_port))
+            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._commands, args=(client, upstream), daemon=True).start()
+
+    def _replies(self, upstream: socket.socket, client: socket.socket) -> None:
+        try:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def _commands(self, client: socket.socket, upstream: socket.socket) -> None:
+        stream = client.makefile("rb")
+        cas_of: str | None = None  # the commit whose compare-and-set comes next on this connection
+        try:
+            while command := read_command(stream):
+                words, raw = command
+                name = self._held_write(words, cas_of)
+                cas_of = name.split()[0] if name and name.endswith("SET") else None
+                if name:
+                    self._forward_in_turn(name, raw, upstream)
+                else:
+                    upstream.sendall(raw)
+        except OSError:
+            pass
+
+    def _held_write(self, words: list[bytes], cas_of: str | None) -> str | None:
+        if not self.armed.is_set():
+            return None
+        if cas_of and words[0].upper() in (b"EVALSHA", b"EVAL"):
+            return f"{cas_of} CAS"
+        if words[0].upper() == b"SET" and words[1].startswith(STAGING_PREFIX):
+            index = words[2][8:24]
+            return "late SET" if index == self.late else "new SET" if index == self.new else None
+        return None
+
+    def _forward_in_turn(self, name: str, raw: bytes, upstream: socket.socket) -> None:
+        after = {"late SET": "new SET", "new CAS": "late SET", "late CAS": "new CAS"}.get(name)
+        if name == "late SET":
+            self.late_held.set()
+        if after:
+            self.sent[after].wait(HOLD_S)
+            time.sleep(SETTLE_S)
+        upstream.sendall(raw)
+        self.places[NAMES.index(name)] = sum(1 for place in self.places[:] if place) + 1
+        self.sent[name].set()
