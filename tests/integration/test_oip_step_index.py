@@ -9,6 +9,7 @@ PyTorch reference (tests/eager.py).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -234,6 +235,76 @@ def replica_to_replica(a: str, b: str, chunks: list[np.ndarray]) -> list[np.ndar
         assert "expected 4 (or 3 to retry the last step)" in details
         ys.append(y_of(on_a.ModelInfer(request(306, chunks[4], 4, end=True))))
     return ys
+
+
+RESTART_ROUNDS = 300  # per worker: the interleaving is the committer threads', not the test's
+
+
+def test_a_restart_racing_steps_of_the_old_sequence_starts_fresh_in_redis(
+    quick_store: Path, tmp_path: Path, chunks: list[np.ndarray]
+) -> None:
+    """A late write of the old sequence never drops the restarted one (same session id).
+
+    An old step's write that finds the record gone (the restart closed it) forgets that session
+    object only, not the new one cached under the id since, whose steps would then be kept
+    nowhere. The old sequence steps from index 4 on while the new one uses 0..3, so the
+    compare-and-set on the index keeps every old write off the new record. Which writes overlap
+    is up to the server's threads, so the race is repeated, not staged.
+    """
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    config = replace(server_config(quick_store), metrics_port=None, session_store=redis.url)
+    want = reference(quick_store, chunks[:4])
+    errors: list[str] = []
+    try:
+        with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            args = [(stub, 2000 + w * RESTART_ROUNDS, chunks, want, errors) for w in range(3)]
+            workers = [threading.Thread(target=restart_rounds, args=a) for a in args]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+    finally:
+        redis.stop()
+    assert not errors, errors[:3]
+
+
+def restart_rounds(
+    stub: Any, first_seq: int, chunks: list[np.ndarray], want: np.ndarray, errors: list[str]
+) -> None:
+    for seq in range(first_seq, first_seq + RESTART_ROUNDS):
+        try:
+            restart_round(stub, seq, chunks, want)
+        except (AssertionError, grpc.RpcError) as e:
+            errors.append(f"sequence {seq}: {e!r}")
+
+
+def restart_round(stub: Any, seq: int, chunks: list[np.ndarray], want: np.ndarray) -> None:
+    for i in range(4):
+        stub.ModelInfer(request(seq, chunks[i], i, start=i == 0), timeout=10)
+    stop = threading.Event()
+
+    def old_steps() -> None:  # until the restart refuses them (the new sequence is at 0..3)
+        for i in range(4, 4 + 50):
+            if stop.is_set():
+                return
+            try:
+                stub.ModelInfer(request(seq, chunks[i % 4], i), timeout=10)
+            except grpc.RpcError:
+                return
+
+    old = threading.Thread(target=old_steps)
+    old.start()
+    try:
+        ys = [y_of(stub.ModelInfer(request(seq, chunks[0], 0, start=True), timeout=10))]
+    finally:
+        stop.set()
+        old.join()
+    ys += [
+        y_of(stub.ModelInfer(request(seq, chunks[i], i, end=i == 3), timeout=10)) for i in (1, 2, 3)
+    ]
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
 
 
 def test_a_late_write_of_a_restarted_sequence_never_lands_on_the_new_one(

@@ -200,6 +200,18 @@ void RedisStore::forget(const std::string& id) {
   s->closed = true;  // a step in flight still answers; nobody finds it again
 }
 
+// Only this object: a late write of a session closed meanwhile must not drop the session since
+// reopened under its id from the cache (its steps would then be kept nowhere).
+void RedisStore::forget(Session& s) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = cached_.find(s.id);
+    if (it != cached_.end() && it->second.get() == &s) cached_.erase(it);
+  }
+  std::lock_guard<std::mutex> lock(s.mu);
+  s.closed = true;
+}
+
 Result<SessionPtr> RedisStore::get(const std::string& id) {
   const int64_t now = now_ns();
   {
@@ -361,14 +373,14 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
     return std::nullopt;
   }
   if (outcome.type != REDIS_REPLY_STRING) {
-    forget(s.id);
+    forget(s);
     return missing(s.id);
   }
   auto stored = decode_record(reply_text(outcome), s.id);
   if (!stored.ok()) return stored.error();
   SessionRecord& now = stored.value();
   if (now.model != s.model->name || now.version != s.model->version || !record_fits(now, *s.model)) {
-    forget(s.id);
+    forget(s);
     return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
                                                   " was reopened on another replica while this step ran; retry");
   }
@@ -416,7 +428,7 @@ std::optional<Error> RedisStore::save(Session& s) {
     return unavailable("record session " + py_repr(s.id), e);
   }
   if (r->type == REDIS_REPLY_INTEGER && r->integer == 1) return std::nullopt;
-  forget(s.id);
+  forget(s);
   return missing(s.id);
 }
 

@@ -52,7 +52,8 @@ class RedisStore final : public SessionStore {
   std::optional<Error> settle(Commit& c, const redisReply& outcome);
   void adopt(Session& s, SessionRecord record);  // the gate is held
   void cache(const SessionPtr& s);
-  void forget(const std::string& id);
+  void forget(const std::string& id);  // whichever session is cached under id
+  void forget(Session& s);
   std::string record_of(const Session& s) const;  // s.mu held
   std::vector<RedisReplyPtr> write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
                                          const std::vector<std::string>& keys, const std::vector<std::string>& staged,
