@@ -378,8 +378,15 @@ def test_perf_analyzer_runs_with_a_token_and_is_refused_without(auth_server: Ser
     except perf_analyzer.PerfAnalyzerUnavailable as e:
         pytest.skip(f"perf_analyzer cannot run on this machine: {e}")
     header = ["-H", f"authorization:Bearer {ALICE}"]
-    with_token = perf_analyzer.run(auth_server.address, "seq_lstm", concurrency=2, extra=header)
+    # one-step sequences (each request starts and ends its own): what is checked here is the
+    # token. With 20-step ones a CI run once got "sequence 726 ... is not open" for a sequence
+    # past the 724 perf_analyzer counted, every request the server counted having succeeded:
+    # most likely perf_analyzer's own stop sending a step of a sequence it had not started
+    # (docs/oip.md); not reproduced in 30 runs since
+    with_token = perf_analyzer.run(
+        auth_server.address, "seq_lstm", concurrency=2, sequence_length=1, extra=header
+    )
     assert with_token.ok, with_token.output
     assert ALICE not in with_token.output
-    without = perf_analyzer.run(auth_server.address, "seq_lstm", concurrency=2)
+    without = perf_analyzer.run(auth_server.address, "seq_lstm", concurrency=2, sequence_length=1)
     assert without.returncode != 0 and without.request_count == 0
