@@ -381,8 +381,8 @@ def test_perf_analyzer_runs_with_a_token_and_is_refused_without(auth_server: Ser
     # one-step sequences (each request starts and ends its own): what is checked here is the
     # token. With 20-step ones a CI run once got "sequence 726 ... is not open" for a sequence
     # past the 724 perf_analyzer counted, every request the server counted having succeeded:
-    # most likely perf_analyzer's own stop sending a step of a sequence it had not started
-    # (docs/oip.md); not reproduced in 30 runs since
+    # most likely perf_analyzer's own stop sending a step of a sequence it had not started;
+    # not reproduced in 30 runs since
     with_token = perf_analyzer.run(
         auth_server.address, "seq_lstm", concurrency=2, sequence_length=1, extra=header
     )
