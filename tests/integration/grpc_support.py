@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
@@ -61,3 +64,11 @@ def batch_totals(metrics_port: int) -> tuple[float, float]:
                 elif sample.name.endswith("_count"):
                     calls += sample.value
     return rows, calls
+
+
+def expect_error(call: Callable[[], object], code: grpc.StatusCode) -> str:
+    """The details of the RpcError ``call`` raises, which must carry ``code``."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    return info.value.details()

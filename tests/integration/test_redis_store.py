@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 from eager import TOL, Reference
-from grpc_support import manifest, random_chunk, raw, server_config, to_input
+from grpc_support import expect_error, manifest, random_chunk, raw, server_config, to_input
 from ports import free_ports
 from redis_support import RedisProcess
 
@@ -74,13 +74,6 @@ def chunks(quick_store: Path) -> list[np.ndarray]:
     rng = np.random.default_rng(7)
     m = manifest(quick_store, MODEL)
     return [random_chunk(m, rng, int(t)) for t in rng.integers(1, 5, size=8)]
-
-
-def expect_error(call, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    return info.value.details()
 
 
 def test_a_session_opened_on_one_replica_continues_on_another(
@@ -248,6 +241,17 @@ def writes_seen(redis: RedisProcess) -> dict[str, int]:
     return calls
 
 
+def store_contents(redis: RedisProcess) -> dict[bytes, bytes]:
+    """Every key and its serialized value (DUMP), read with redis-cli."""
+
+    def cli(*words: str) -> bytes:
+        args = ["redis-cli", "-p", str(redis.port), "--raw", *words]
+        return subprocess.run(args, capture_output=True, check=True, timeout=10).stdout
+
+    keys = cli("KEYS", "*").split()
+    return {key: cli("DUMP", key.decode()) for key in keys}
+
+
 def test_a_stateless_oip_request_never_touches_the_store(
     quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
 ) -> None:
@@ -258,9 +262,12 @@ def test_a_stateless_oip_request_never_touches_the_store(
         client = triton.InferenceServerClient(a.thread.address)
         tensor = triton.InferInput("x", [1, *chunks[0].shape], "FP32")
         tensor.set_data_from_numpy(chunks[0][None])
+        contents = store_contents(redis)
+        assert len(contents) >= 2  # the open session's record and the live set, to compare
         y = client.infer(MODEL, [tensor]).as_numpy("y")[0]
         client.close()
         assert writes_seen(redis) == before
+        assert store_contents(redis) == contents  # the EVAL-run writes (save, close) too
     want = Reference(quick_store).run(MODEL, chunks[:1])
     np.testing.assert_allclose(y, want, atol=TOL, rtol=0)
 

@@ -25,7 +25,7 @@ import torch
 from eager import TOL, Reference
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from grpc_support import manifest, random_chunk, raw, to_input
+from grpc_support import expect_error, manifest, random_chunk, raw, to_input
 from lb_support import Replica
 from redis_support import RedisProcess
 
@@ -204,13 +204,6 @@ def export(server: Server, sid: str, close: bool = False) -> pb.ExportSessionRes
 
 def import_(server: Server, blob: bytes, **fields: object) -> pb.ImportSessionResponse:
     return server.api.ImportSession(pb.ImportSessionRequest(blob=blob, **fields), timeout=10)
-
-
-def expect_error(call, code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, info.value.details()
-    return info.value.details()
 
 
 def eager_states(ref: Reference, model: str, chunks: list[np.ndarray]) -> list[np.ndarray]:
