@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +37,7 @@ from bench import native_tools
 from bench.run import (
     FEATURES,
     MODEL,
+    ROOT,
     Server,
     bounded,
     find_store,
@@ -47,63 +45,14 @@ from bench.run import (
     v1_measurement,
 )
 
+sys.path.insert(0, str(ROOT / "tests"))
+from redis_support import RedisProcess
+
 CELLS = (("stream", 64), ("packed", 64))
 GOALS = {"stream": 0.6, "packed": 0.5}
 IDLE_GOAL = 1.5
 SIDES = ("memory", "redis")
 OPEN_WINDOW = 256  # calls in flight while the idle sessions are opened and stepped
-
-
-# ---- Redis ------------------------------------------------------------------------------------
-
-
-class Redis:
-    """One redis-server on a free loopback port, stopped by its PID."""
-
-    def __init__(self, folder: Path, appendonly: str) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        persistence = ["--appendonly", "no"] if appendonly == "no" else [
-            "--appendonly", "yes", "--appendfsync", appendonly]  # fmt: skip
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir",
-             str(folder), *persistence],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + 10
-        while self.command("PING") != "+PONG":
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start on port {self.port}")
-            time.sleep(0.02)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def command(self, *words: str) -> str:
-        """One inline command; its reply as text ('' when Redis is not there)."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
-                s.sendall((" ".join(words) + "\r\n").encode())
-                return s.recv(1 << 16).decode(errors="replace").strip()
-        except OSError:
-            return ""
-
-    def info(self, field: str) -> int:
-        for line in self.command("INFO", "memory").splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split(":", 1)[1])
-        raise RuntimeError(f"INFO memory has no {field}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
-# ---- throughput, side by side -----------------------------------------------------------------
 
 
 def server_env() -> dict[str, str]:
@@ -165,7 +114,7 @@ def cell_line(cell: dict[str, Any]) -> str:
 # ---- idle sessions ----------------------------------------------------------------------------
 
 
-def idle_cost(store: Path, redis: Redis, count: int) -> dict[str, Any]:
+def idle_cost(store: Path, redis: RedisProcess, count: int) -> dict[str, Any]:
     """Opens ``count`` sessions on a Redis-backed server and steps each once; Redis's memory
     growth per session against its state and cached reply."""
     from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
@@ -219,7 +168,7 @@ def in_flight(count: int, call) -> list[Any]:
     return results
 
 
-def redis_serve(store: Path, redis: Redis, max_sessions: int) -> list[str]:
+def redis_serve(store: Path, redis: RedisProcess, max_sessions: int) -> list[str]:
     return [*serve_command(store), "--session-store", redis.url,
             "--max-sessions", str(max(max_sessions + 1000, 100_000))]  # fmt: skip
 
@@ -255,7 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: str(v) for k, v in vars(args).items()},
     }
     with tempfile.TemporaryDirectory(prefix="bench-redis-") as folder:
-        redis = Redis(Path(folder), args.appendonly)
+        appendonly = args.appendonly != "no"
+        redis = RedisProcess(Path(folder), appendonly, args.appendonly if appendonly else "always")
+        redis.start()
         memory = [*serve_command(store), "--session-store", "memory"]
         servers = {
             "memory": Server("memory", memory, server_env()),

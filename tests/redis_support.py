@@ -16,10 +16,11 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 class RedisProcess:
     """One redis-server; ``stop()`` and ``start()`` again keep its port (and its data with AOF)."""
 
-    def __init__(self, folder: Path, appendonly: bool = False) -> None:
+    def __init__(self, folder: Path, appendonly: bool = False, appendfsync: str = "always") -> None:
         self.folder = folder
         self.port = free_ports(1)[0]
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -30,7 +31,7 @@ class RedisProcess:
         args = [
             REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
             "--dir", str(self.folder), "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always",
+            "--appendfsync", self.appendfsync,
         ]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
@@ -61,3 +62,10 @@ class RedisProcess:
             s.sendall(out)
             time.sleep(0.05)
             return s.recv(1 << 20)
+
+    def info(self, field: str) -> int:
+        """One integer field of INFO memory (``used_memory``, …)."""
+        for line in self.raw(b"INFO", b"memory").decode(errors="replace").splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split(":", 1)[1])
+        raise RuntimeError(f"INFO memory has no {field}")
