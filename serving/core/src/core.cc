@@ -153,8 +153,8 @@ std::vector<VersionState> Core::versions() const {
 std::optional<Error> Core::not_ready(const ModelSpec& m) const {
   const auto t = table();
   auto it = t->versions.find(m.key());
-  const std::string which = "model " + py_repr(m.name) + " version " + std::to_string(m.version);
   if (it != t->versions.end() && it->second->spec.get() == &m && it->second->ready) return std::nullopt;
+  const std::string which = "model " + py_repr(m.name) + " version " + std::to_string(m.version);
   auto newest = t->newest_ready.find(m.name);
   const std::string instead = newest == t->newest_ready.end()
                                   ? "no version of it is ready"
@@ -247,8 +247,42 @@ void Core::sweep_forever() {
   }
 }
 
+namespace {
+
+// The newest version of `name` the table holds, ready or not (0: none). Keys are "name:version".
+uint32_t newest_loaded_version(const ModelTable& t, const std::string& name) {
+  const std::string prefix = name + ":";
+  uint32_t newest = 0;
+  for (auto it = t.versions.lower_bound(prefix); it != t.versions.end() && it->first.compare(0, prefix.size(), prefix) == 0;
+       ++it) {
+    newest = std::max(newest, it->second->spec->version);
+  }
+  return newest;
+}
+
+}  // namespace
+
+// Every request resolves its model here: the common case is two map lookups; the listing of
+// what exists is built only for an error.
 Result<ModelPtr> Core::model(const std::string& name, uint32_t version, Newest newest_wanted) const {
   const auto t = table();
+  uint32_t wanted = version;
+  if (wanted == 0 && newest_wanted == Newest::kLoaded) {
+    wanted = newest_loaded_version(*t, name);
+  } else if (wanted == 0) {
+    auto newest = t->newest_ready.find(name);
+    if (newest != t->newest_ready.end()) wanted = newest->second;
+  }
+  if (wanted != 0) {
+    auto it = t->versions.find(name + ":" + std::to_string(wanted));
+    if (it != t->versions.end()) return it->second->spec;
+  }
+  return model_error(*t, name, version, newest_wanted);
+}
+
+Result<ModelPtr> Core::model_error(const ModelTable& loaded, const std::string& name, uint32_t version,
+                                   Newest newest_wanted) {
+  const ModelTable* t = &loaded;
   std::set<std::string> names;
   std::string have;  // this model's loaded versions
   uint32_t newest_loaded = 0;

@@ -121,6 +121,9 @@ class Core {
   Error shutting_down() const;
 
  private:
+  // model()'s error when the lookup fails: what this server has instead.
+  static Result<ModelPtr> model_error(const ModelTable& loaded, const std::string& name, uint32_t version,
+                                      Newest newest_wanted);
   void sweep_forever();
   std::unique_ptr<SessionStore> make_store();  // throws when a shared store cannot be reached
   void set_health(bool serving);
