@@ -27,14 +27,14 @@ Scheduler::Scheduler(ModelPtr model, Runner runner, SessionStore* store, ModelMe
 
 Scheduler::~Scheduler() { stop(); }
 
-void Scheduler::submit(std::vector<Job> jobs) {
+void Scheduler::submit(std::vector<Job> jobs, bool may_run_here) {
   const int64_t now = now_ns();
   for (auto& job : jobs) job.queued_ns = now;
   bool here = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) {
-      here = runs_here(jobs);  // false while a batch runs: that batch keeps running_ set
+      here = may_run_here && runs_here(jobs);  // false while a batch runs: it keeps running_ set
       if (here) running_ = true;
       if (!here) {
         for (auto& job : jobs) queue_.push_back(std::move(job));

@@ -70,7 +70,9 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
-  void submit(std::vector<Job> jobs);  // one wake-up for all of them
+  // One wake-up for all of them. `may_run_here` false: never on the calling thread (a message's
+  // other models' batches are still to be handed out after this one).
+  void submit(std::vector<Job> jobs, bool may_run_here = true);
   void stop();                         // queued steps fail with UNAVAILABLE; joins the worker
 
  private:

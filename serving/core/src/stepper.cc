@@ -141,11 +141,15 @@ void Stepper::submit(std::vector<Job> jobs) {
     if (j.session->model.get() != model) found = scheduler_of_(*(model = j.session->model.get()));
     by_model[found].push_back(std::move(j));
   }
+  size_t left = by_model.size();
   for (auto& [scheduler, model_jobs] : by_model) {
     if (scheduler != nullptr) {
-      scheduler->submit(std::move(model_jobs));
+      // only the last model's batch may run on this thread: run here first, it would hold back
+      // the other models' batches instead of running beside them on their own workers
+      scheduler->submit(std::move(model_jobs), --left == 0);
       continue;
     }
+    --left;
     for (auto& j : model_jobs) {
       j.done(Error::of(ErrorKind::kNotStreamable, j.session->model->name + " has no step graph on this server"));
     }
