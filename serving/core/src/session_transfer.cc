@@ -61,10 +61,16 @@ Result<ModelPtr> served_model(Core& core, const SessionRecord& r, const ImportRe
 }  // namespace
 
 void export_session(Core& core, SessionPtr session, bool close, ExportDone done) {
-  core.stepper().hold(session, [&core, session, close, done = std::move(done)] {
-    auto result = exported(core, *session, close);
-    core.stepper().release(session);
-    done(std::move(result));
+  core.stepper().hold(session, [&core, session, close, done = std::move(done)]() mutable {
+    auto work = [&core, session, close, done = std::move(done)] {
+      auto result = exported(core, *session, close);
+      core.stepper().release(session);
+      done(std::move(result));
+    };
+    // The hold may come on a committer thread (the session's last step just landed); with a
+    // shared store the export's re-read and close are round trips that must not stall batches.
+    if (core.store().remote()) return core.bridge_pool().post(std::move(work));
+    work();
   });
 }
 
