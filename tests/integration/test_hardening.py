@@ -385,6 +385,31 @@ def test_malformed_bytes_log_one_line_per_interval_without_tracebacks(quick_stor
     assert "malformed" in records[0].getMessage()
 
 
+def test_invalid_utf8_strings_log_one_protobuf_line_per_interval(quick_store):
+    # protobuf's parser logs each string field that is not UTF-8 itself, below our handlers
+    bad_id = b"\x0a\x01\xff"  # StepRequest.session_id = b"\xff"
+    bad_name = b"\x0a\x01\xfe"  # ModelInferRequest.model_name = b"\xfe"
+    served = ServeProcess(quick_store)
+    try:
+        with grpc.insecure_channel(served.address) as ch:
+            codes = Counter(
+                call_raw(ch, path, False, False, [body])[0]
+                for _ in range(100)
+                for path, body in (
+                    (f"/{OUR_SERVICE.full_name}/Step", bad_id),
+                    (f"/{OIP_SERVICE.full_name}/ModelInfer", bad_name),
+                )
+            )
+    finally:
+        log = served.stop()
+    assert codes == Counter({grpc.StatusCode.INVALID_ARGUMENT: 200})
+    lines = [line for line in log.splitlines() if "invalid UTF-8" in line]
+    print("\n".join(lines))
+    assert len(lines) == 1, lines  # one a parse site and interval (before: one a call, 200)
+    assert "serving.core: protobuf: String field" in lines[0]
+    assert "(1 of these since the last report)" in lines[0]
+
+
 def test_a_malformed_message_inside_model_stream_infer_fails_the_stream(channel, quick_store):
     request = raw_infer("sine", "FP32", [1, 2, 1], np.ones(2, "<f4").tobytes())
     code, details = call_raw(

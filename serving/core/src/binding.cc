@@ -7,6 +7,7 @@
 
 #include <future>
 
+#include "call.h"
 #include "core.h"
 
 namespace py = pybind11;
@@ -297,6 +298,7 @@ using CorePtr = std::unique_ptr<Core, StopThenDelete>;
 
 PYBIND11_MODULE(_native, mod) {
   mod.doc() = "rnnserve's native data plane (see serving/core/__init__.py)";
+  route_protobuf_logs();
   py::class_<Core, CorePtr>(mod, "Core")
       .def(py::init([](const py::dict& cfg) { return CorePtr(std::make_unique<Core>(config_of(cfg)).release()); }))
       .def("add_model", [](Core& c, const py::dict& spec, py::object run) { c.add_model(spec_of(spec), runner_of(std::move(run))); })

@@ -1,5 +1,6 @@
 #include "call.h"
 
+#include <google/protobuf/stubs/logging.h>
 #include <openssl/crypto.h>
 #include <openssl/sha.h>
 
@@ -7,6 +8,7 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
+#include <mutex>
 
 #include "core.h"
 #include "session.h"
@@ -83,6 +85,18 @@ void log_line(const char* level, const std::string& message) {
   char stamp[32];
   std::strftime(stamp, sizeof stamp, "%Y-%m-%d %H:%M:%S", &local);
   std::fprintf(stderr, "%s,%03d %s serving.core: %s\n", stamp, static_cast<int>(ms), level, message.c_str());
+}
+
+void route_protobuf_logs() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    google::protobuf::SetLogHandler([](google::protobuf::LogLevel level, const char* file, int line,
+                                       const std::string& message) {
+      static RateLimitedLog log;  // every 10 s a site, with the count of what it held back
+      if (level < google::protobuf::LOGLEVEL_WARNING) return;
+      log.warn(std::string(file) + ":" + std::to_string(line), "protobuf: " + message);
+    });
+  });
 }
 
 void RateLimitedLog::warn(const std::string& key, const std::string& message) {

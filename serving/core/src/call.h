@@ -44,6 +44,9 @@ class RateLimitedLog {
 };
 
 void log_line(const char* level, const std::string& message);  // Python logging's format
+// protobuf's own log lines (an invalid UTF-8 string in a request is one) go through a
+// RateLimitedLog: a client sending malformed bytes in a loop must not flood the log. Once a process.
+void route_protobuf_logs();
 // One access-log line (serving/access_log.py's format), when the access log is on.
 void access_log_line(const Core& core, const std::string& method, const std::string& model, grpc::StatusCode code,
                      int64_t started_ns);
