@@ -307,27 +307,31 @@ def restart_round(stub: Any, seq: int, chunks: list[np.ndarray], want: np.ndarra
     np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("old_steps", [4, 1], ids=["other-index", "same-index"])
 def test_a_late_write_of_a_restarted_sequence_never_lands_on_the_new_one(
-    quick_store: Path, tmp_path: Path, chunks: list[np.ndarray]
+    quick_store: Path, tmp_path: Path, chunks: list[np.ndarray], old_steps: int
 ) -> None:
     """The old sequence's last step writes while the restart's first one does, in that order.
 
     A proxy in front of Redis runs the two commits' writes interleaved (new SET, late SET, new
     compare-and-set, late compare-and-set): both staged records exist at once, and the restart
-    must keep its own.
+    must keep its own. After one old step, the late write expects index 1, which is where the
+    restart's first step leaves the sequence: only the sequence's incarnation tells them apart
+    (compared on the index alone, the late write landed, and the restart's step 1 was answered
+    with the old sequence's reply as if it were a retry).
     """
     redis = RedisProcess(tmp_path)
     redis.start()
-    proxy = InterleavingProxy(redis.port, late_index=5, new_index=1)
+    proxy = InterleavingProxy(redis.port, late_index=old_steps + 1, new_index=1)
     proxy.start()
     config = replace(server_config(quick_store), metrics_port=None, session_store=proxy.url)
     try:
         with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
             stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            for i in range(4):
+            for i in range(old_steps):
                 stub.ModelInfer(request(401, chunks[i], i, start=i == 0), timeout=10)
             proxy.armed.set()
-            late = stub.ModelInfer.future(request(401, chunks[4], 4), timeout=10)
+            late = stub.ModelInfer.future(request(401, chunks[4], old_steps), timeout=10)
             assert proxy.late_held.wait(10)
             ys = [y_of(stub.ModelInfer(request(401, chunks[0], 0, start=True), timeout=10))]
             with contextlib.suppress(grpc.RpcError):

@@ -7,10 +7,12 @@ as replicas behind a load balancer would. Outputs are held to the eager PyTorch 
 from __future__ import annotations
 
 import re
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -287,6 +289,39 @@ def test_a_corrupt_or_foreign_record_is_a_clear_error_and_the_server_stays_up(
         assert "is not an rnnserve session record" in details
         y = b.step(neighbour, 0, chunks[0])
     np.testing.assert_allclose(y, Reference(quick_store).run(MODEL, chunks[:1]), atol=TOL, rtol=0)
+
+
+def record_in(redis: RedisProcess, sid: str) -> bytes:
+    reply = redis.raw(b"GET", f"rnnserve:s:{sid}".encode())  # $<n>\r\n<record>\r\n
+    head, _, rest = reply.partition(b"\r\n")
+    return rest[: int(head[1:])]
+
+
+def as_format_1(record: bytes) -> bytes:
+    """The record as rnnserve wrote it before records carried an incarnation (bytes 24..40)."""
+    body = record[:4] + b"\x01" + record[5:24] + record[40:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_a_record_of_the_previous_format_steps_on_and_is_rewritten_in_the_current_one(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a:
+        sid = a.open()
+        ys = [a.step(sid, 0, chunks[0])]
+    assert record_in(redis, sid)[:5] == b"RNSS\x02"
+    redis.raw(b"SET", f"rnnserve:s:{sid}".encode(), as_format_1(record_in(redis, sid)))
+    with Replica(config) as b:  # a replica that reads it through
+        ys += [b.step(sid, i, chunks[i]) for i in (1, 2)]
+        assert np.array_equal(b.step(sid, 2, chunks[2]), ys[2])  # a retry, from the record
+        rewritten = record_in(redis, sid)
+        redis.raw(b"SET", b"rnnserve:s:newer", rewritten[:4] + b"\x03" + rewritten[5:])
+        details = expect_error(lambda: b.step("newer", 0, chunks[0]), grpc.StatusCode.INTERNAL)
+    assert rewritten[:5] == b"RNSS\x02" and int(rewritten[8:24], 16) == 3
+    assert "has format version 3, this server reads versions 1 and 2" in details
+    want = Reference(quick_store).run(MODEL, chunks[:3])
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
 
 
 def serve(store: Path, *flags: str) -> subprocess.CompletedProcess[str]:

@@ -84,11 +84,13 @@ def read_blob(blob: bytes) -> Blob:
 
 
 def read_record(r: bytes, tensors: list[tuple[str, tuple[int, ...]]]) -> Blob:
-    assert r[:5] == b"RNSS\x01" and zlib.crc32(r[:-4]) == struct.unpack("<I", r[-4:])[0]
+    assert r[:4] == b"RNSS" and zlib.crc32(r[:-4]) == struct.unpack("<I", r[-4:])[0]
+    assert r[4] in (1, 2) and r[5:8] == b"\0\0\0"
     next_index = int(r[8:24], 16)
-    (n,) = struct.unpack_from("<I", r, 24)
-    model = r[28 : 28 + n].decode()
-    at = 28 + n
+    at = 24 if r[4] == 1 else 40  # format 2: the incarnation in 16 hex digits follows the index
+    (n,) = struct.unpack_from("<I", r, at)
+    model = r[at + 4 : at + 4 + n].decode()
+    at += 4 + n
     version, has_last = struct.unpack_from("<IB", r, at)
     at += 5
     last = None
@@ -103,8 +105,10 @@ def read_record(r: bytes, tensors: list[tuple[str, tuple[int, ...]]]) -> Blob:
     return Blob(tensors, model, version, next_index, last, state)
 
 
-def write_blob(b: Blob) -> bytes:
-    record = b"RNSS\x01\0\0\0" + b"%016x" % b.next_index
+def write_blob(b: Blob, record_format: int = 2) -> bytes:
+    record = b"RNSS%c\0\0\0" % record_format + b"%016x" % b.next_index
+    if record_format == 2:
+        record += b"%016x" % 0x5EED  # the incarnation: an import opens the session anew
     record += struct.pack("<I", len(b.model)) + b.model.encode() + struct.pack("<I", b.version)
     if b.last is None:
         record += b"\0"
@@ -285,6 +289,18 @@ def test_a_checkpoint_keeps_the_session_and_restores_as_a_new_one(
     zs = [step(first, restored.session_id, i, c) for i, c in enumerate(other, start=3)]
     want = ref.run("seq_gru", chunks[:3] + other)[sum(len(c) for c in chunks[:3]) :]
     np.testing.assert_allclose(np.concatenate(zs), want, atol=TOL, rtol=0)
+
+
+def test_a_blob_exported_before_records_had_an_incarnation_imports(
+    first: Server, second: Server, ref: Reference, quick_store: Path
+) -> None:
+    chunks = chunks_for(quick_store, "seq_lstm", 4)
+    sid = first.api.OpenSession(pb.OpenSessionRequest(model="seq_lstm")).session_id
+    ys = [step(first, sid, i, c) for i, c in enumerate(chunks[:2])]
+    old = write_blob(read_blob(export(first, sid).blob), record_format=1)
+    moved = import_(second, old).session_id
+    ys += [step(second, moved, i, c) for i, c in enumerate(chunks[2:], start=2)]
+    np.testing.assert_allclose(np.concatenate(ys), ref.run("seq_lstm", chunks), atol=TOL, rtol=0)
 
 
 def test_an_imported_session_answers_a_retry_of_its_last_step(

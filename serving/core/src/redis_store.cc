@@ -1,5 +1,7 @@
 #include "redis_store.h"
 
+#include <random>
+
 #include "memory_store.h"
 #include "text.h"
 
@@ -63,18 +65,30 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 0
 )";
 
+// A record's stamp: its next step index and incarnation, 32 hex digits (a version 1 record has
+// no incarnation: 0), read from its first 40 bytes; false when it is no session record.
+const std::string kLuaStamp = R"(
+local function stamp(head)
+  local magic = string.sub(head, 1, 5)
+  if magic == 'RNSS\2' then return string.sub(head, 9, 40) end
+  if magic == 'RNSS\1' then return string.sub(head, 9, 24) .. '0000000000000000' end
+  return false
+end
+)";
+
 // The compare-and-set of a batch, after the batch's new records were SET (with the TTL) under
 // staging keys in the same pipeline: the records never pass through Lua, which would copy and
 // hash every byte of them. KEYS: n records, then their n staging keys. ARGV: per record, the
-// index the step ran as (16 hex digits). Per record: 1 written (the staged record renamed over
-// it, its TTL with it); 0 no such session; -1 the staged record is missing (its SET failed);
-// otherwise the record as stored (another replica moved it on, or it is not ours).
-const std::string kCommit = R"(
+// stamp it must have (the index the step ran as and the session's incarnation). Per record: 1
+// written (the staged record renamed over it, its TTL with it); 0 no such session; -1 the staged
+// record is missing (its SET failed); otherwise the record as stored (another replica moved it
+// on, another opening of the id replaced it, or it is not ours).
+const std::string kCommit = kLuaStamp + R"(
 local n = #KEYS / 2
 local out = {}
 for i = 1, n do
-  local head = redis.call('GETRANGE', KEYS[i], 0, 23)  -- magic, version and index only
-  if head ~= '' and string.sub(head, 1, 5) == 'RNSS\1' and string.sub(head, 9, 24) == ARGV[i] then
+  local head = redis.call('GETRANGE', KEYS[i], 0, 39)  -- magic, version, index and incarnation
+  if head ~= '' and stamp(head) == ARGV[i] then
     local moved = redis.pcall('RENAME', KEYS[n + i], KEYS[i])
     out[i] = type(moved) == 'table' and moved.err and -1 or 1
   else
@@ -85,9 +99,13 @@ end
 return out
 )";
 
-// KEYS: record, live. ARGV: id, record, ttl ms. 1 written, 0 no such session.
-const std::string kSave = kLuaNow + R"(
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+// KEYS: record, live. ARGV: id, record, ttl ms, incarnation (16 hex digits). 1 written, 0 no
+// such session, -1 the id was opened again since (the record is another incarnation's).
+const std::string kSave = kLuaNow + kLuaStamp + R"(
+local head = redis.call('GETRANGE', KEYS[1], 0, 39)
+if head == '' then return 0 end
+local at = stamp(head)
+if at and string.sub(at, 17, 32) ~= ARGV[4] then return -1 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 return 1
@@ -114,6 +132,17 @@ const std::string kSweep = kLuaNow + "return sweep(KEYS[1], KEYS[2], ARGV[1], AR
 std::string key_of(const std::string& id) { return kPrefix + id; }
 
 std::string reply_text(const redisReply& r) { return std::string(r.str, r.len); }
+
+// Not 0: that is a version 1 record's. The kernel's CSPRNG, as for session ids.
+uint64_t new_incarnation() {
+  thread_local std::random_device entropy;
+  uint64_t n = 0;
+  while (n == 0) n = (uint64_t{entropy()} << 32) | entropy();
+  return n;
+}
+
+// The stamp a commit expects the record to have (see kLuaStamp).
+std::string stamp_text(uint64_t index, uint64_t incarnation) { return index_text(index) + index_text(incarnation); }
 
 bool is_noscript(const redisReply& r) {
   return r.type == REDIS_REPLY_ERROR && std::string_view(r.str, r.len).substr(0, 8) == "NOSCRIPT";
@@ -149,7 +178,7 @@ Error RedisStore::unavailable(const std::string& what, const std::exception& e) 
 }
 
 std::string RedisStore::record_of(const Session& s) const {
-  return encode_record(s.model->name, s.model->version, s.next_index, s.last.get(), s.state);
+  return encode_record(s.model->name, s.model->version, s.next_index, s.incarnation, s.last.get(), s.state);
 }
 
 Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id, const SessionRecord* from) {
@@ -160,6 +189,7 @@ Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id
   }
   auto s = std::make_shared<Session>(id, model);
   if (from) s->restore(*from);
+  s->incarnation = new_incarnation();  // an imported session is a new opening too
   const std::string record = record_of(*s);  // nobody else has it yet
   RedisReplyPtr r;
   try {
@@ -261,7 +291,13 @@ void RedisStore::adopt(Session& s, SessionRecord record) {
   std::lock_guard<std::mutex> lock(s.mu);
   s.state = std::move(record.state);
   s.next_index = record.next_index;
+  s.incarnation = record.incarnation;
   s.last = std::move(record.last);
+}
+
+Error RedisStore::reopened(const std::string& id) {
+  return Error::of(ErrorKind::kUnavailable,
+                   "session " + py_repr(id) + " was closed and opened again (perhaps on another replica) while this ran; retry");
 }
 
 Error RedisStore::missing(const std::string& id) {
@@ -295,7 +331,7 @@ std::optional<Error> RedisStore::close(const std::string& id) {
 std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commits) {
   std::vector<std::optional<Error>> out(commits.size());
   std::vector<size_t> sent;
-  std::vector<std::string> keys, staged, indexes;
+  std::vector<std::string> keys, staged, stamps;
   for (size_t i = 0; i < commits.size(); ++i) {
     Commit& c = commits[i];
     std::lock_guard<std::mutex> lock(c.session->mu);
@@ -309,12 +345,12 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
     // staged under its own key, so the compare-and-set never moves another write's record.
     const uint64_t write = next_write_.fetch_add(1, std::memory_order_relaxed);
     staged.push_back(staged_prefix_ + std::to_string(write) + ":" + c.session->id);
-    indexes.push_back(index_text(c.index));
+    stamps.push_back(stamp_text(c.index, c.session->incarnation));
   }
   if (sent.empty()) return out;
   std::vector<RedisReplyPtr> replies;
   try {
-    replies = write_batch(commits, sent, keys, staged, indexes);
+    replies = write_batch(commits, sent, keys, staged, stamps);
   } catch (const RedisDown& e) {
     for (size_t i : sent) out[i] = unavailable("record this step", e);
     return out;
@@ -339,17 +375,18 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
 std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
                                                    const std::vector<std::string>& keys,
                                                    const std::vector<std::string>& staged,
-                                                   const std::vector<std::string>& indexes) {
+                                                   const std::vector<std::string>& stamps) {
   const size_t n = keys.size();
   const std::string numkeys = std::to_string(2 * n);
   RedisPool::Command cas = {"EVALSHA", commit_sha_, numkeys};
   for (const auto& key : keys) cas.push_back(key);
   for (const auto& key : staged) cas.push_back(key);
-  for (const auto& index : indexes) cas.push_back(index);
+  for (const auto& stamp : stamps) cas.push_back(stamp);
   auto command = [&](size_t k, std::string& record) -> RedisPool::Command {
     if (k == n) return cas;
-    const Commit& c = commits[sent[k]];  // its new state and reply are its own: no lock
-    record = encode_record(c.session->model->name, c.session->model->version, c.index + 1, c.reply.get(), c.state);
+    const Commit& c = commits[sent[k]];  // its new state and reply are its own; an incarnation never changes
+    const Session& s = *c.session;
+    record = encode_record(s.model->name, s.model->version, c.index + 1, s.incarnation, c.reply.get(), c.state);
     return {"SET", staged[k], record, "PX", ttl_ms_};
   };
   std::vector<RedisReplyPtr> replies = redis_.pipeline(n + 1, command);
@@ -379,10 +416,10 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   auto stored = decode_record(reply_text(outcome), s.id);
   if (!stored.ok()) return stored.error();
   SessionRecord& now = stored.value();
-  if (now.model != s.model->name || now.version != s.model->version || !record_fits(now, *s.model)) {
+  if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
+      !record_fits(now, *s.model)) {
     forget(s);
-    return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
-                                                  " was reopened on another replica while this step ran; retry");
+    return reopened(s.id);
   }
   const uint64_t at = now.next_index;
   const bool same_step = at == c.index + 1 && now.last && now.last->step_index == c.index;
@@ -407,8 +444,8 @@ bool RedisStore::reload(Session& s) {
   }
   if (r->type != REDIS_REPLY_STRING) return false;
   auto record = decode_record(reply_text(*r), s.id);
-  if (!record.ok() || record.value().model != s.model->name || record.value().version != s.model->version ||
-      !record_fits(record.value(), *s.model)) {
+  if (!record.ok() || record.value().incarnation != s.incarnation || record.value().model != s.model->name ||
+      record.value().version != s.model->version || !record_fits(record.value(), *s.model)) {
     return false;
   }
   adopt(s, std::move(record.value()));
@@ -423,12 +460,13 @@ std::optional<Error> RedisStore::save(Session& s) {
   }
   RedisReplyPtr r;
   try {
-    r = redis_.command({"EVAL", kSave, "2", key_of(s.id), kLive, s.id, record, ttl_ms_});
+    r = redis_.command({"EVAL", kSave, "2", key_of(s.id), kLive, s.id, record, ttl_ms_, index_text(s.incarnation)});
   } catch (const RedisDown& e) {
     return unavailable("record session " + py_repr(s.id), e);
   }
   if (r->type == REDIS_REPLY_INTEGER && r->integer == 1) return std::nullopt;
   forget(s);
+  if (r->type == REDIS_REPLY_INTEGER && r->integer == -1) return reopened(s.id);
   return missing(s.id);
 }
 

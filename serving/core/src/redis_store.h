@@ -48,6 +48,7 @@ class RedisStore final : public SessionStore {
  private:
   Result<SessionPtr> read_through(const std::string& id);
   Error missing(const std::string& id);
+  static Error reopened(const std::string& id);  // a write found another opening of the id
   Error unavailable(const std::string& what, const std::exception& e) const;
   std::optional<Error> settle(Commit& c, const redisReply& outcome);
   void adopt(Session& s, SessionRecord record);  // the gate is held

@@ -58,6 +58,10 @@ struct Session {
   bool closed = false;
   bool transient = false;  // a stateless row's throwaway session: no store holds or records it
   uint64_t next_index = 0;
+  // Which opening of this id a shared store holds (a random number each open): an id closed and
+  // opened again can come back to the same index, and a late write of the earlier opening must
+  // not land on the later one. 0 in the memory store, which has one copy.
+  uint64_t incarnation = 0;
   ReplyPtr last;
   std::deque<PendingStep> waiting;
 

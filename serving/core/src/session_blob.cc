@@ -96,7 +96,7 @@ std::string encode_blob(Session& s) {
   std::string record;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    record = encode_record(s.model->name, s.model->version, s.next_index, s.last.get(), s.state);
+    record = encode_record(s.model->name, s.model->version, s.next_index, s.incarnation, s.last.get(), s.state);
   }
   std::string out(kBlobMagic, kMagicLength);
   put<uint8_t>(out, kBlobVersion);
