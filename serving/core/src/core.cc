@@ -372,8 +372,8 @@ Result<SessionView> Core::reset_session(const std::string& id) {
   {
     std::lock_guard<std::mutex> lock(s.mu);
     if (s.busy) {
-      return Error::out_of_order("session " + py_repr(id) + " has a step in flight; reset after it answers",
-                                 s.next_index);
+      return Error{ErrorKind::kStepOutOfOrder, "session " + py_repr(id) + " has a step in flight; reset after it answers",
+                   "", s.next_index};
     }
     s.busy = true;  // the gate, held until the reset is stored: no step may commit in between
     s.reset_state();

@@ -18,8 +18,12 @@ Error Error::of(ErrorKind kind, std::string message) {
   return Error{kind, std::move(message), "", std::nullopt};
 }
 
-Error Error::out_of_order(std::string message, uint64_t expected) {
-  return Error{ErrorKind::kStepOutOfOrder, std::move(message), "", expected};
+Error Error::out_of_order(const std::string& field, uint64_t got, const std::string& what, uint64_t expected,
+                          const std::string& why) {
+  std::string message = field + " " + std::to_string(got) + " is out of order for " + what + ": expected " +
+                        std::to_string(expected);
+  if (expected) message += " (or " + std::to_string(expected - 1) + " to retry the last step)";
+  return Error{ErrorKind::kStepOutOfOrder, message + why, "", expected};
 }
 
 grpc::StatusCode grpc_code(ErrorKind kind) {

@@ -37,7 +37,10 @@ struct Error {
   static Error invalid(std::string message, std::string field = "");
   static Error too_large(std::string message, std::string field);
   static Error of(ErrorKind kind, std::string message);
-  static Error out_of_order(std::string message, uint64_t expected);
+  // "<field> <got> is out of order for <what>: expected <expected> (or <expected - 1> to retry
+  // the last step)<why>": one wording for every API and store that refuses an index.
+  static Error out_of_order(const std::string& field, uint64_t got, const std::string& what, uint64_t expected,
+                            const std::string& why = "");
 };
 
 grpc::StatusCode grpc_code(ErrorKind kind);

@@ -234,12 +234,9 @@ class Inference : public std::enable_shared_from_this<Inference> {
   // sequence_step_index for a sequence.
   Error in_oip_words(const Error& err) const {
     if (err.kind != ErrorKind::kStepOutOfOrder || !err.expected_index || !control_.step_index) return err;
-    const uint64_t expected = *err.expected_index;
-    std::string msg = "sequence_step_index " + std::to_string(*control_.step_index) + " is out of order for sequence " +
-                      control_.id->repr() + " of model " + py_repr(model_->name) + ": expected " +
-                      std::to_string(expected);
-    if (expected) msg += " (or " + std::to_string(expected - 1) + " to retry the last step)";
-    return Error::out_of_order(std::move(msg), expected);
+    return Error::out_of_order("sequence_step_index", *control_.step_index,
+                               "sequence " + control_.id->repr() + " of model " + py_repr(model_->name),
+                               *err.expected_index);
   }
 
   // -- stateless rows: each from fresh state through a throwaway session that no store holds

@@ -430,9 +430,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
     c.stale = true;
     return std::nullopt;
   }
-  std::string msg = "step_index " + std::to_string(c.index) + " is out of order for session " + py_repr(s.id) +
-                    ": expected " + std::to_string(at) + " (another replica advanced it)";
-  return Error::out_of_order(std::move(msg), at);
+  return Error::out_of_order("step_index", c.index, "session " + py_repr(s.id), at, "; another replica advanced it");
 }
 
 bool RedisStore::reload(Session& s) {

@@ -49,10 +49,7 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
     } else if (*pending.want + 1 == expected && s->last) {
       cached = s->last;
     } else {
-      std::string msg = "step_index " + std::to_string(*pending.want) + " is out of order for session " +
-                        py_repr(s->id) + ": expected " + std::to_string(expected);
-      if (expected) msg += " (or " + std::to_string(expected - 1) + " to retry the last step)";
-      error = Error::out_of_order(std::move(msg), expected);
+      error = Error::out_of_order("step_index", *pending.want, "session " + py_repr(s->id), expected);
     }
     if (!error || error->kind != ErrorKind::kStepOutOfOrder || reloaded) break;
     lock.unlock();  // the gate is held: nobody else touches the session while it is re-read
