@@ -296,12 +296,17 @@ def verify_files(m: Manifest, version_dir: Path) -> None:
 
 
 def list_versions(store: Path, name: str) -> list[int]:
+    """The version folders of a model that hold a manifest: named by ASCII digits, 1 and up
+    (``str.isdigit`` alone also takes "²", which ``int`` refuses; a folder "0" is no version)."""
     d = Path(store) / name
     if not d.is_dir():
         return []
     return sorted(
-        int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
-    )
+        int(p.name)
+        for p in d.iterdir()
+        if p.name.isascii() and p.name.isdigit() and int(p.name) >= 1
+        and (p / MANIFEST_FILE).is_file()
+    )  # fmt: skip
 
 
 def list_models(store: Path) -> list[str]:

@@ -87,7 +87,8 @@ class Artifact:
 
 # ---- the version folder -------------------------------------------------------------------
 def next_version(model_dir: Path) -> int:
-    taken = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+    """One past every folder named by ASCII digits, with a manifest or not (one being written)."""
+    taken = [int(p.name) for p in model_dir.iterdir() if p.name.isascii() and p.name.isdigit()]
     return max(taken, default=0) + 1
 
 

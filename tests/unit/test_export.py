@@ -460,3 +460,9 @@ def test_export_graph_of_untrained_models_matches_eager() -> None:
         n = torch.tensor([5, 2, 1])
         with torch.no_grad():
             assert_close(model.sequence(x, n), graph(x, n), spec.name)
+
+
+def test_the_next_version_counts_only_folders_named_by_ascii_digits(tmp_path):
+    for folder in ("1", "²", "3", "notes"):  # "²" passes str.isdigit, and int() refuses it
+        (tmp_path / folder).mkdir()
+    assert exporter.next_version(tmp_path) == 4

@@ -48,3 +48,11 @@ def test_a_malformed_manifest_is_an_artifact_error(quick_store, tmp_path, change
 def test_the_good_manifest_still_loads(quick_store):
     m = Manifest.from_dict(good_manifest(quick_store))
     assert m.name == "seq_lstm" and m.streamable
+
+
+def test_only_folders_named_by_ascii_digits_from_1_are_versions(tmp_path):
+    for folder in ("1", "²", "0", "12", "v3", "٣"):  # superscript two, Arabic-Indic three
+        (tmp_path / "m" / folder).mkdir(parents=True)
+        (tmp_path / "m" / folder / MANIFEST_FILE).write_text("{}")
+    (tmp_path / "m" / "7").mkdir()  # no manifest: no version
+    assert list_versions(tmp_path, "m") == [1, 12]
