@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -110,6 +111,52 @@ def test_a_retried_start_restarts_the_sequence_with_the_same_outputs(
     np.testing.assert_allclose(
         np.concatenate(ys), reference(quick_store, chunks[:2]), atol=TOL, rtol=0
     )
+
+
+RACED_STARTS = 150
+
+
+@pytest.fixture(params=["memory", "redis"])
+def any_store_server(
+    request: pytest.FixtureRequest, server: ServerThread, quick_store: Path, tmp_path: Path
+) -> Iterator[ServerThread]:
+    if request.param == "memory":
+        yield server
+        return
+    redis = RedisProcess(tmp_path)
+    redis.start()
+    config = replace(server_config(quick_store), metrics_port=None, session_store=redis.url)
+    try:
+        with ServerThread(config) as running:
+            yield running
+    finally:
+        redis.stop()
+
+
+def test_a_start_racing_its_retry_leaves_the_sequence_open_on_one_of_them(
+    any_store_server: ServerThread, quick_store: Path, chunks: list[np.ndarray]
+) -> None:
+    """Two starts of one sequence at once (a client's retry while the first still runs): the
+    second one's restart closes the first one's opening, and that failed start must close its
+    own opening only, not the one that replaced it (by id, it closed the sequence for good)."""
+    want = reference(quick_store, chunks[:2])
+    problems: Counter[str] = Counter()
+    with grpc.insecure_channel(any_store_server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for seq in range(5000, 5000 + RACED_STARTS):
+            starts = [stub.ModelInfer.future(request(seq, chunks[0], 0, start=True)) for _ in "ab"]
+            answered = [y_of(f.result()) for f in starts if f.exception() is None]
+            if not answered:
+                problems["both starts failed"] += 1
+                continue
+            try:
+                ys = [answered[0], y_of(stub.ModelInfer(request(seq, chunks[1], 1), timeout=10))]
+            except grpc.RpcError as e:
+                problems[f"the next step: {e.code().name} {e.details()}"] += 1
+                continue
+            if not np.allclose(np.concatenate(ys), want, atol=TOL, rtol=0):
+                problems["outputs differ from eager"] += 1
+    assert not problems, problems
 
 
 def test_tritonclient_sends_the_index_as_an_int64_parameter(

@@ -350,7 +350,7 @@ Result<SessionView> Core::open_session(const std::string& name, uint32_t version
   if (!s.ok()) return s.error();
   // retired or freed meanwhile: its removal may have counted its sessions before this open
   if (auto err = from ? removed(*m.value()) : not_ready(*m.value())) {
-    store_->close(s.value()->id);
+    store_->close_opening(*s.value());
     return *err;
   }
   return view(*s.value());

@@ -211,7 +211,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
       auto opened = core_->store().open(model_, sid_);
       if (!opened.ok()) return fail(opened.error());
       if (auto err = core_->not_ready(*model_)) {  // retired meanwhile (see Core::open_session)
-        core_->store().close(sid_);
+        core_->store().close_opening(*opened.value());
         return fail(*err);
       }
       session_ = opened.value();
@@ -223,8 +223,9 @@ class Inference : public std::enable_shared_from_this<Inference> {
 
   void stepped(const StepOutcome& o) {
     // all or nothing: a failed first step leaves no sequence behind; an end closes exactly this
-    // sequence, after its last step
-    if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close(sid_);
+    // sequence, after its last step. This opening only: a retry of the start may have opened
+    // the sequence again meanwhile, and that one goes on.
+    if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close_opening(*session_);
     if (!o.ok()) return fail(in_oip_words(o.error));
     clock_.timed(*o.reply);
     answer(std::vector<float>(o.reply->y), 1, o.reply->steps);

@@ -111,9 +111,11 @@ redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 return 1
 )";
 
-// KEYS: record, live. ARGV: id. The record as it was (nil: there was none).
-const std::string kClose = R"(
+// KEYS: record, live. ARGV: id, the incarnation to close ('': whichever is open). The record as
+// it was (nil: there was none), or 0 when it is another incarnation's (then it stays).
+const std::string kClose = kLuaStamp + R"(
 local cur = redis.call('GET', KEYS[1])
+if ARGV[2] ~= '' and cur and string.sub(stamp(cur) or '', 17, 32) ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return cur
@@ -217,12 +219,12 @@ void RedisStore::cache(const SessionPtr& s) {
   cached_[s->id] = s;
 }
 
-void RedisStore::forget(const std::string& id) {
+void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnation) {
   SessionPtr s;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cached_.find(id);
-    if (it == cached_.end()) return;
+    if (it == cached_.end() || (incarnation && it->second->incarnation != *incarnation)) return;
     s = it->second;
     cached_.erase(it);
   }
@@ -278,6 +280,7 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
                                                std::to_string(model.value()->state_floats));
   }
   auto s = std::make_shared<Session>(id, model.value());
+  s->incarnation = record.value().incarnation;  // set once, before anyone shares it
   adopt(*s, std::move(record.value()));
   std::lock_guard<std::mutex> lock(mu_);
   auto [it, inserted] = cached_.try_emplace(id, s);
@@ -291,7 +294,6 @@ void RedisStore::adopt(Session& s, SessionRecord record) {
   std::lock_guard<std::mutex> lock(s.mu);
   s.state = std::move(record.state);
   s.next_index = record.next_index;
-  s.incarnation = record.incarnation;
   s.last = std::move(record.last);
 }
 
@@ -317,15 +319,31 @@ Error RedisStore::missing(const std::string& id) {
 std::optional<Error> RedisStore::close(const std::string& id) {
   RedisReplyPtr r;
   try {
-    r = redis_.command({"EVAL", kClose, "2", key_of(id), kLive, id});
+    r = redis_.command({"EVAL", kClose, "2", key_of(id), kLive, id, ""});
   } catch (const RedisDown& e) {
     return unavailable("close session " + py_repr(id), e);
   }
-  forget(id);
+  // Only the copy of what was closed: an open of the id (here or elsewhere) can land between the
+  // script and this line, and its session must stay. A copy with no record left learns at its
+  // next write.
   if (r->type != REDIS_REPLY_STRING) return missing(id);
   auto record = decode_record(reply_text(*r), id);  // a corrupt record is closed all the same
+  forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt);
   if (record.ok() && on_evict_) on_evict_(record.value().model, "closed");
   return std::nullopt;
+}
+
+void RedisStore::close_opening(Session& s) {
+  RedisReplyPtr r;
+  try {
+    r = redis_.command({"EVAL", kClose, "2", key_of(s.id), kLive, s.id, index_text(s.incarnation)});
+  } catch (const RedisDown&) {
+    // the record stays until its TTL: a later start closes it, a step finds the sequence it was
+  }
+  forget(s);
+  if (!r || r->type != REDIS_REPLY_STRING) return;
+  auto record = decode_record(reply_text(*r), s.id);
+  if (record.ok() && on_evict_) on_evict_(record.value().model, "closed");
 }
 
 std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commits) {

@@ -33,6 +33,7 @@ class RedisStore final : public SessionStore {
   Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
   std::optional<Error> close(const std::string& id) override;
+  void close_opening(Session& s) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   bool reload(Session& s) override;
   std::optional<Error> save(Session& s) override;
@@ -53,7 +54,8 @@ class RedisStore final : public SessionStore {
   std::optional<Error> settle(Commit& c, const redisReply& outcome);
   void adopt(Session& s, SessionRecord record);  // the gate is held
   void cache(const SessionPtr& s);
-  void forget(const std::string& id);  // whichever session is cached under id
+  // The session cached under id (only if it is that incarnation, when one is named).
+  void forget(const std::string& id, std::optional<uint64_t> incarnation);
   void forget(Session& s);
   std::string record_of(const Session& s) const;  // s.mu held
   std::vector<RedisReplyPtr> write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,

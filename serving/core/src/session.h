@@ -60,7 +60,8 @@ struct Session {
   uint64_t next_index = 0;
   // Which opening of this id a shared store holds (a random number each open): an id closed and
   // opened again can come back to the same index, and a late write of the earlier opening must
-  // not land on the later one. 0 in the memory store, which has one copy.
+  // not land on the later one. Set before the session is shared, never changed (read without
+  // `mu`). 0 in the memory store, which has one copy.
   uint64_t incarnation = 0;
   ReplyPtr last;
   std::deque<PendingStep> waiting;

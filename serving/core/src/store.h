@@ -40,6 +40,9 @@ class SessionStore {
   // The live session, its idle deadline pushed back; SessionNotFound / SessionExpired.
   virtual Result<SessionPtr> get(const std::string& id) = 0;
   virtual std::optional<Error> close(const std::string& id) = 0;
+  // Closes this opening of a session only: when its id was closed and opened again since (an OIP
+  // sequence restarted by a retry of its start), the newer opening stays.
+  virtual void close_opening(Session& s) = 0;
   // Called once per answered batch, before any reply leaves, with the gates of its sessions held:
   // the store records each new state and reply (a shared store in one round trip) and only then
   // moves the state into the session. An error fails that step's reply. A shared store may
