@@ -209,6 +209,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
     if (control_.start) {  // a start on an open sequence restarts it (as Triton does)
       core_->store().close(sid_);
       auto opened = core_->store().open(model_, sid_);
+      if (!opened.ok() && opened.error().kind == ErrorKind::kSessionExists) return fail(start_lost());
       if (!opened.ok()) return fail(opened.error());
       if (auto err = core_->not_ready(*model_)) {  // retired meanwhile (see Core::open_session)
         core_->store().close_opening(*opened.value());
@@ -222,13 +223,35 @@ class Inference : public std::enable_shared_from_this<Inference> {
   }
 
   void stepped(const StepOutcome& o) {
+    const bool lost = !o.ok() && control_.start && taken_away(o.error.kind) && closed(*session_);
     // all or nothing: a failed first step leaves no sequence behind; an end closes exactly this
     // sequence, after its last step. This opening only: a retry of the start may have opened
     // the sequence again meanwhile, and that one goes on.
     if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close_opening(*session_);
+    if (lost) return fail(start_lost());
     if (!o.ok()) return fail(in_oip_words(o.error));
     clock_.timed(*o.reply);
     answer(std::vector<float>(o.reply->y), 1, o.reply->steps);
+  }
+
+  // How a store answers a step whose session was closed under it (not a model or store fault).
+  static bool taken_away(ErrorKind kind) {
+    return kind == ErrorKind::kSessionNotFound || kind == ErrorKind::kSessionExpired ||
+           kind == ErrorKind::kUnavailable;
+  }
+
+  static bool closed(Session& s) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    return s.closed;
+  }
+
+  // Another request of this sequence (a retry of this start, or an end) closed what this start
+  // opened before its step was kept. The store's own words for it name the internal session id
+  // and differ by the moment it happened (already open, closed while waiting, unknown, reopened).
+  Error start_lost() const {
+    return Error::of(ErrorKind::kUnavailable,
+                     "sequence " + control_.id->repr() + " of model " + py_repr(model_->name) +
+                         " was started again or ended by another request while this start ran; retry the start");
   }
 
   // The stepper names rnnserve.v1's field and the session; an OIP client sent
