@@ -67,7 +67,6 @@ Result<SessionPtr> MemoryStore::open(ModelPtr model, const std::string& client_i
   if (from) session->restore(*from);  // before anyone can find it
   live_[id] = session;
   expired_.erase(id);
-  counts_[model->name] += 1;
   version_counts_[model.get()] += 1;
   return session;
 }
@@ -135,7 +134,6 @@ void MemoryStore::evict(const std::string& id, const char* why) {
 
 void MemoryStore::remove(const SessionPtr& s) {
   live_.erase(s->id);
-  counts_[s->model->name] -= 1;
   auto version = version_counts_.find(s->model.get());
   if (--version->second == 0) version_counts_.erase(version);  // a freed version leaves no key behind
   std::lock_guard<std::mutex> lock(s->mu);
@@ -164,8 +162,9 @@ size_t MemoryStore::sweep_locked() {
 
 size_t MemoryStore::count(const std::string& model_name) const {
   std::lock_guard<std::mutex> lock(mu_);
-  auto it = counts_.find(model_name);
-  return it == counts_.end() ? 0 : it->second;
+  size_t n = 0;  // a handful of versions: a pass beats a second count to keep in step
+  for (const auto& [model, live] : version_counts_) n += model->name == model_name ? live : 0;
+  return n;
 }
 
 size_t MemoryStore::count_version(const ModelSpec& model) const {

@@ -46,8 +46,7 @@ class MemoryStore final : public SessionStore {
   std::unordered_map<std::string, SessionPtr> live_;
   std::unordered_set<std::string> expired_;
   std::deque<std::string> expired_order_;  // oldest tombstone first
-  std::unordered_map<std::string, size_t> counts_;  // live sessions by model name
-  std::unordered_map<const ModelSpec*, size_t> version_counts_;  // ... and by model version
+  std::unordered_map<const ModelSpec*, size_t> version_counts_;  // live sessions by model version
 };
 
 std::string new_session_id();  // 128 random bits, url-safe base64 (as Python's token_urlsafe(16))
