@@ -295,18 +295,28 @@ def verify_files(m: Manifest, version_dir: Path) -> None:
             )
 
 
+def is_version_name(folder: str) -> bool:
+    """A version folder's name: a number from 1 to 2**32 - 1 as written, in ASCII digits without
+    leading zeros ("²" passes ``str.isdigit`` and ``int`` refuses it; "007" names version 7,
+    whose folder ``resolve`` looks for as "7"; the core keeps versions in 32 bits)."""
+    return (
+        folder.isascii()
+        and folder.isdigit()
+        and folder == str(int(folder))
+        and 1 <= int(folder) < 2**32
+    )
+
+
 def list_versions(store: Path, name: str) -> list[int]:
-    """The version folders of a model that hold a manifest: named by ASCII digits, 1 and up
-    (``str.isdigit`` alone also takes "²", which ``int`` refuses; a folder "0" is no version)."""
+    """The versions of a model in the store: its version folders that hold a manifest."""
     d = Path(store) / name
     if not d.is_dir():
         return []
     return sorted(
         int(p.name)
         for p in d.iterdir()
-        if p.name.isascii() and p.name.isdigit() and int(p.name) >= 1
-        and (p / MANIFEST_FILE).is_file()
-    )  # fmt: skip
+        if is_version_name(p.name) and (p / MANIFEST_FILE).is_file()
+    )
 
 
 def list_models(store: Path) -> list[str]:

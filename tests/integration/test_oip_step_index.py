@@ -116,13 +116,8 @@ def test_a_retried_start_restarts_the_sequence_with_the_same_outputs(
 RACED_STARTS = 150
 
 
-@pytest.fixture(params=["memory", "redis"])
-def any_store_server(
-    request: pytest.FixtureRequest, server: ServerThread, quick_store: Path, tmp_path: Path
-) -> Iterator[ServerThread]:
-    if request.param == "memory":
-        yield server
-        return
+@pytest.fixture
+def redis_server(quick_store: Path, tmp_path: Path) -> Iterator[ServerThread]:
     redis = RedisProcess(tmp_path)
     redis.start()
     config = replace(server_config(quick_store), metrics_port=None, session_store=redis.url)
@@ -141,15 +136,17 @@ def lost_start(e: grpc.RpcError, seq: int) -> bool:
 
 
 def test_a_start_racing_its_retry_leaves_the_sequence_open_on_one_of_them(
-    any_store_server: ServerThread, quick_store: Path, chunks: list[np.ndarray]
+    redis_server: ServerThread, quick_store: Path, chunks: list[np.ndarray]
 ) -> None:
     """Two starts of one sequence at once (a client's retry while the first still runs): the
     second one's restart closes the first one's opening, and that failed start must close its
     own opening only, not the one that replaced it (by id, it closed the sequence for good). A
-    start that lost says so in the sequence's words, whichever moment it lost at."""
+    start that lost says so in the sequence's words, whichever moment it lost at. (With the
+    Redis store: its round trips open the window; in memory a start's step claims the session
+    right after its open.)"""
     want = reference(quick_store, chunks[:2])
     problems: Counter[str] = Counter()
-    with grpc.insecure_channel(any_store_server.address) as channel:
+    with grpc.insecure_channel(redis_server.address) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         for seq in range(5000, 5000 + RACED_STARTS):
             starts = [stub.ModelInfer.future(request(seq, chunks[0], 0, start=True)) for _ in "ab"]

@@ -25,6 +25,7 @@ from eager import TOL, Reference
 from grpc_support import expect_error, manifest, random_chunk, raw, server_config, to_input
 from ports import free_ports
 from redis_support import RedisProcess
+from tritonclient.utils import InferenceServerException
 
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from serving._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -173,6 +174,61 @@ def test_oip_sequences_continue_on_another_replica(
             client.close()
     want = Reference(quick_store).run(MODEL, chunks)
     np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("numbered", [True, False], ids=["sequence_step_index", "next-step"])
+def test_a_sequence_restarted_on_another_replica_continues_from_the_restart_here(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray], numbered: bool
+) -> None:
+    """a holds a copy of the first run; b restarts the sequence. Numbered, the index a's copy
+    does not expect makes a re-read it, find the new run, and step that. Unnumbered, the step runs
+    on the copy and its write is refused: it may be a late request of the first run, so it fails
+    UNAVAILABLE, and its retry steps the new run."""
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        clients = [triton.InferenceServerClient(r.thread.address) for r in (a, b)]
+
+        def infer(client: triton.InferenceServerClient, i: int, start: bool = False) -> np.ndarray:
+            tensor = triton.InferInput("x", [1, *chunks[i].shape], "FP32")
+            tensor.set_data_from_numpy(chunks[i][None])
+            index = {"sequence_step_index": i} if numbered else None
+            result = client.infer(
+                MODEL, [tensor], sequence_id=9, sequence_start=start, parameters=index
+            )
+            return result.as_numpy("y")[0]
+
+        for i in range(5):
+            infer(clients[0], i, start=i == 0)
+        ys = [infer(clients[1], 0, start=True), infer(clients[1], 1)]
+        if not numbered:
+            with pytest.raises(InferenceServerException) as refused:
+                infer(clients[0], 2)
+            assert refused.value.status() == "StatusCode.UNAVAILABLE"
+            assert refused.value.message() == (
+                f"sequence 9 of model '{MODEL}' was started again (perhaps on another replica) "
+                "while this request ran; retry"
+            )
+        ys += [infer(clients[0], 2), infer(clients[0], 3)]
+        for client in clients:
+            client.close()
+    want = Reference(quick_store).run(MODEL, chunks[:4])
+    np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
+
+
+def test_a_copy_of_a_session_closed_elsewhere_answers_not_found_at_any_index(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a, Replica(config) as b:
+        sid = a.open()
+        for i in range(3):
+            a.step(sid, i, chunks[i])
+        b.api.CloseSession(pb.CloseSessionRequest(session_id=sid))
+        for index in (0, 3, 7):  # a's copy is at 3: none of them is "out of order"
+            details = expect_error(
+                lambda i=index: a.step(sid, i, chunks[0]), grpc.StatusCode.NOT_FOUND
+            )
+            assert details == f"unknown session '{sid}' (never opened or closed)"
 
 
 def test_idle_expiry_and_capacity_hold_across_replicas(

@@ -51,7 +51,8 @@ def test_the_good_manifest_still_loads(quick_store):
 
 
 def test_only_folders_named_by_ascii_digits_from_1_are_versions(tmp_path):
-    for folder in ("1", "²", "0", "12", "v3", "٣"):  # superscript two, Arabic-Indic three
+    odd = ("²", "0", "v3", "٣", "007", "01", str(2**32))  # superscript two, Arabic-Indic three
+    for folder in ("1", "12", *odd):
         (tmp_path / "m" / folder).mkdir(parents=True)
         (tmp_path / "m" / folder / MANIFEST_FILE).write_text("{}")
     (tmp_path / "m" / "7").mkdir()  # no manifest: no version

@@ -108,16 +108,18 @@ std::optional<Error> MemoryStore::close(const std::string& id) {
   return std::nullopt;
 }
 
-void MemoryStore::close_opening(Session& s) {
+std::optional<Error> MemoryStore::close_opening(Session& s) {
   SessionPtr live;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(s.id);
-    if (it == live_.end() || it->second.get() != &s) return;  // already closed, or opened again
+    if (it == live_.end()) return missing(s.id);
+    if (it->second.get() != &s) return session_reopened(s.id);
     live = it->second;
     remove(live);
   }
   if (on_evict_) on_evict_(live->model->name, "closed");
+  return std::nullopt;
 }
 
 void MemoryStore::evict(const std::string& id, const char* why) {

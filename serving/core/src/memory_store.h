@@ -19,7 +19,7 @@ class MemoryStore final : public SessionStore {
   Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
   std::optional<Error> close(const std::string& id) override;
-  void close_opening(Session& s) override;
+  std::optional<Error> close_opening(Session& s) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   size_t sweep() override;
   size_t count(const std::string& model_name) const override;

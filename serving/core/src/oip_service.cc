@@ -223,12 +223,13 @@ class Inference : public std::enable_shared_from_this<Inference> {
   }
 
   void stepped(const StepOutcome& o) {
-    const bool lost = !o.ok() && control_.start && taken_away(o.error.kind) && closed(*session_);
+    const bool lost = !o.ok() && taken_away(o.error.kind) && closed(*session_);
     // all or nothing: a failed first step leaves no sequence behind; an end closes exactly this
     // sequence, after its last step. This opening only: a retry of the start may have opened
     // the sequence again meanwhile, and that one goes on.
     if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close_opening(*session_);
-    if (lost) return fail(start_lost());
+    if (o.stale_copy && !control_.start && !looked_again_) return look_again();
+    if (lost) return fail(control_.start ? start_lost() : sequence_gone(o.error));
     if (!o.ok()) return fail(in_oip_words(o.error));
     clock_.timed(*o.reply);
     answer(std::vector<float>(o.reply->y), 1, o.reply->steps);
@@ -252,6 +253,27 @@ class Inference : public std::enable_shared_from_this<Inference> {
     return Error::of(ErrorKind::kUnavailable,
                      "sequence " + control_.id->repr() + " of model " + py_repr(model_->name) +
                          " was started again or ended by another request while this start ran; retry the start");
+  }
+
+  // The session this request found was a copy of an earlier run (another replica restarted the
+  // sequence, or ended it), found before the step ran: the request goes, once, to the sequence
+  // as it is now, as it would on a replica with no copy (its sequence_step_index, if any, is
+  // checked against that). Not a step that ran on its copy and found it replaced when writing:
+  // that one may be a late request of the earlier run, and must not land on the new one.
+  void look_again() {
+    looked_again_ = true;
+    auto version = parse_version(request().model_version());  // parsed before: it is valid
+    if (auto err = sequence_model(model_, version.value())) return fail(*err);
+    step_sequence();
+  }
+
+  // The session this request found was closed under it, or its id opened again: the store's
+  // words name the internal session id.
+  Error sequence_gone(const Error& err) const {
+    if (err.kind != ErrorKind::kUnavailable) return not_open(*control_.id, model_->name, err);
+    return Error::of(ErrorKind::kUnavailable, "sequence " + control_.id->repr() + " of model " + py_repr(model_->name) +
+                                                  " was started again (perhaps on another replica) while this request "
+                                                  "ran; retry");
   }
 
   // The stepper names rnnserve.v1's field and the session; an OIP client sent
@@ -356,6 +378,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
   std::vector<Wanted> wanted_;
   Rows rows_;
   SessionPtr session_;
+  bool looked_again_ = false;  // the sequence was looked up anew after its copy here was gone
   std::string sid_;
   // stateless
   size_t rows_done_ = 0;

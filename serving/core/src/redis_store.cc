@@ -244,6 +244,12 @@ void RedisStore::forget(Session& s) {
   s.closed = true;
 }
 
+SessionPtr RedisStore::cached(const std::string& id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = cached_.find(id);
+  return it == cached_.end() ? nullptr : it->second;
+}
+
 Result<SessionPtr> RedisStore::get(const std::string& id) {
   const int64_t now = now_ns();
   {
@@ -297,11 +303,6 @@ void RedisStore::adopt(Session& s, SessionRecord record) {
   s.last = std::move(record.last);
 }
 
-Error RedisStore::reopened(const std::string& id) {
-  return Error::of(ErrorKind::kUnavailable,
-                   "session " + py_repr(id) + " was closed and opened again (perhaps on another replica) while this ran; retry");
-}
-
 Error RedisStore::missing(const std::string& id) {
   RedisReplyPtr r;
   try {
@@ -317,15 +318,17 @@ Error RedisStore::missing(const std::string& id) {
 }
 
 std::optional<Error> RedisStore::close(const std::string& id) {
+  const SessionPtr held = cached(id);
   RedisReplyPtr r;
   try {
     r = redis_.command({"EVAL", kClose, "2", key_of(id), kLive, id, ""});
   } catch (const RedisDown& e) {
     return unavailable("close session " + py_repr(id), e);
   }
-  // Only the copy of what was closed: an open of the id (here or elsewhere) can land between the
-  // script and this line, and its session must stay. A copy with no record left learns at its
-  // next write.
+  // The copy held before the script has no record now, whatever the script found; of the ones
+  // cached since, only a copy of what was closed (a read in flight). An open of the id landing
+  // between the script and here (on this replica or another) is a session that must stay.
+  if (held) forget(*held);
   if (r->type != REDIS_REPLY_STRING) return missing(id);
   auto record = decode_record(reply_text(*r), id);  // a corrupt record is closed all the same
   forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt);
@@ -333,17 +336,19 @@ std::optional<Error> RedisStore::close(const std::string& id) {
   return std::nullopt;
 }
 
-void RedisStore::close_opening(Session& s) {
+std::optional<Error> RedisStore::close_opening(Session& s) {
   RedisReplyPtr r;
   try {
     r = redis_.command({"EVAL", kClose, "2", key_of(s.id), kLive, s.id, index_text(s.incarnation)});
-  } catch (const RedisDown&) {
-    // the record stays until its TTL: a later start closes it, a step finds the sequence it was
+  } catch (const RedisDown& e) {
+    return unavailable("close session " + py_repr(s.id), e);  // the record stays until its TTL
   }
   forget(s);
-  if (!r || r->type != REDIS_REPLY_STRING) return;
+  if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) return session_reopened(s.id);
+  if (r->type != REDIS_REPLY_STRING) return missing(s.id);
   auto record = decode_record(reply_text(*r), s.id);
   if (record.ok() && on_evict_) on_evict_(record.value().model, "closed");
+  return std::nullopt;
 }
 
 std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commits) {
@@ -437,7 +442,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
       !record_fits(now, *s.model)) {
     forget(s);
-    return reopened(s.id);
+    return session_reopened(s.id);
   }
   const uint64_t at = now.next_index;
   const bool same_step = at == c.index + 1 && now.last && now.last->step_index == c.index;
@@ -451,21 +456,27 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   return Error::out_of_order("step_index", c.index, "session " + py_repr(s.id), at, "; another replica advanced it");
 }
 
-bool RedisStore::reload(Session& s) {
+std::optional<Error> RedisStore::reload(Session& s) {
   RedisReplyPtr r;
   try {
     r = redis_.command({"GET", key_of(s.id)});
-  } catch (const RedisDown&) {
-    return false;  // the step answers from what this replica knows; its commit would fail anyway
+  } catch (const RedisDown& e) {
+    return unavailable("re-read session " + py_repr(s.id), e);
   }
-  if (r->type != REDIS_REPLY_STRING) return false;
+  if (r->type != REDIS_REPLY_STRING) {
+    forget(s);
+    return missing(s.id);
+  }
   auto record = decode_record(reply_text(*r), s.id);
-  if (!record.ok() || record.value().incarnation != s.incarnation || record.value().model != s.model->name ||
-      record.value().version != s.model->version || !record_fits(record.value(), *s.model)) {
-    return false;
+  if (!record.ok()) return record.error();
+  const SessionRecord& now = record.value();
+  if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
+      !record_fits(now, *s.model)) {
+    forget(s);  // the next lookup reads the session the id is now
+    return session_reopened(s.id);
   }
   adopt(s, std::move(record.value()));
-  return true;
+  return std::nullopt;
 }
 
 std::optional<Error> RedisStore::save(Session& s) {
@@ -482,7 +493,7 @@ std::optional<Error> RedisStore::save(Session& s) {
   }
   if (r->type == REDIS_REPLY_INTEGER && r->integer == 1) return std::nullopt;
   forget(s);
-  if (r->type == REDIS_REPLY_INTEGER && r->integer == -1) return reopened(s.id);
+  if (r->type == REDIS_REPLY_INTEGER && r->integer == -1) return session_reopened(s.id);
   return missing(s.id);
 }
 

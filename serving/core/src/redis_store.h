@@ -33,9 +33,9 @@ class RedisStore final : public SessionStore {
   Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
   std::optional<Error> close(const std::string& id) override;
-  void close_opening(Session& s) override;
+  std::optional<Error> close_opening(Session& s) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
-  bool reload(Session& s) override;
+  std::optional<Error> reload(Session& s) override;
   std::optional<Error> save(Session& s) override;
   bool remote() const override { return true; }
   size_t sweep() override;
@@ -49,7 +49,6 @@ class RedisStore final : public SessionStore {
  private:
   Result<SessionPtr> read_through(const std::string& id);
   Error missing(const std::string& id);
-  static Error reopened(const std::string& id);  // a write found another opening of the id
   Error unavailable(const std::string& what, const std::exception& e) const;
   std::optional<Error> settle(Commit& c, const redisReply& outcome);
   void adopt(Session& s, SessionRecord record);  // the gate is held
@@ -57,6 +56,7 @@ class RedisStore final : public SessionStore {
   // The session cached under id (only if it is that incarnation, when one is named).
   void forget(const std::string& id, std::optional<uint64_t> incarnation);
   void forget(Session& s);
+  SessionPtr cached(const std::string& id) const;
   std::string record_of(const Session& s) const;  // s.mu held
   std::vector<RedisReplyPtr> write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
                                          const std::vector<std::string>& keys, const std::vector<std::string>& staged,

@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "session_record.h"
+#include "text.h"
 
 namespace rnnserve {
 
@@ -25,6 +26,11 @@ void Session::reset_state() {
               state.begin() + static_cast<std::ptrdiff_t>(at + s.floats()), s.init);
     at += s.floats();
   }
+}
+
+Error session_reopened(const std::string& id) {
+  return Error::of(ErrorKind::kUnavailable,
+                   "session " + py_repr(id) + " was closed and opened again (perhaps on another replica) while this ran; retry");
 }
 
 void Session::restore(const SessionRecord& record) {

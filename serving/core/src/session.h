@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "codec.h"
+#include "errors.h"
 #include "model.h"
 
 namespace rnnserve {
@@ -31,6 +32,9 @@ using ReplyPtr = std::shared_ptr<const Reply>;
 struct StepOutcome {
   ReplyPtr reply;  // set when the step ran (or was a retry of the last one)
   Error error;     // otherwise
+  // The session found was a copy of an opening the store no longer holds (closed, or its id
+  // opened again elsewhere), found before anything ran: a lookup now finds what is.
+  bool stale_copy = false;
   bool ok() const { return reply != nullptr; }
 };
 using StepDone = std::function<void(StepOutcome)>;
@@ -73,5 +77,8 @@ struct Session {
   void restore(const SessionRecord& record);
 };
 using SessionPtr = std::shared_ptr<Session>;
+
+// A call's session was closed and its id opened again (perhaps on another replica) meanwhile.
+Error session_reopened(const std::string& id);
 
 }  // namespace rnnserve

@@ -16,19 +16,19 @@ Result<Exported> exported(Core& core, Session& s, bool close) {
     }
   }
   // A shared store's copy may be ahead of this replica's: export that one, or nothing.
-  if (!core.store().reload(s) && core.store().remote()) {
+  if (auto err = core.store().reload(s)) {
+    if (err->kind != ErrorKind::kUnavailable) return *err;
     return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
-                                                  " could not be re-read from the shared session store (it is "
-                                                  "unreachable, or the session was closed on another replica); "
-                                                  "nothing was exported, retry");
+                                                  " could not be re-read from the shared session store (" +
+                                                  err->message + "); nothing was exported");
   }
   Exported out{encode_blob(s), s.model->name, s.model->version, 0};
   {
     std::lock_guard<std::mutex> lock(s.mu);
     out.next_index = s.next_index;
   }
-  if (close) {
-    if (auto err = core.close_session(s.id)) return *err;
+  if (close) {  // this opening only: a newer one of the id is another client's session
+    if (auto err = core.store().close_opening(s)) return *err;
   }
   return out;
 }

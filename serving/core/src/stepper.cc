@@ -38,6 +38,7 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
   std::optional<Error> error;
   ReplyPtr cached;
   uint64_t index = 0;
+  bool stale_copy = false;
   for (bool reloaded = false;; reloaded = true) {
     error.reset();
     std::unique_lock<std::mutex> lock(s->mu);
@@ -51,12 +52,17 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
     } else {
       error = Error::out_of_order("step_index", *pending.want, "session " + py_repr(s->id), expected);
     }
-    if (!error || error->kind != ErrorKind::kStepOutOfOrder || reloaded) break;
+    if (!error || error->kind != ErrorKind::kStepOutOfOrder || reloaded || !store_->remote()) break;
     lock.unlock();  // the gate is held: nobody else touches the session while it is re-read
-    if (!store_->reload(*s)) break;
+    if (auto gone = store_->reload(*s)) {  // closed, or its id opened again: say that instead
+      error = std::move(gone);
+      lock.lock();
+      stale_copy = s->closed;  // forgotten by the store: gone from it, not just unreadable
+      break;
+    }
   }
   if (!error && !cached) return job(s, index, std::move(pending));
-  *answer = cached ? StepOutcome{cached, {}} : StepOutcome{nullptr, *error};
+  *answer = cached ? StepOutcome{cached, {}, false} : StepOutcome{nullptr, *error, stale_copy};
   return std::nullopt;
 }
 

@@ -41,17 +41,20 @@ class SessionStore {
   virtual Result<SessionPtr> get(const std::string& id) = 0;
   virtual std::optional<Error> close(const std::string& id) = 0;
   // Closes this opening of a session only: when its id was closed and opened again since (an OIP
-  // sequence restarted by a retry of its start), the newer opening stays.
-  virtual void close_opening(Session& s) = 0;
+  // sequence restarted by a retry of its start), the newer opening stays and the answer is
+  // session_reopened (or the store's "not found" when the id is not open at all).
+  virtual std::optional<Error> close_opening(Session& s) = 0;
   // Called once per answered batch, before any reply leaves, with the gates of its sessions held:
   // the store records each new state and reply (a shared store in one round trip) and only then
   // moves the state into the session. An error fails that step's reply. A shared store may
   // replace a commit's reply with the one already stored for that index (another replica ran the
   // same step first: the loser answers as a retry would), or mark it stale.
   virtual std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) = 0;
-  // Re-reads a session another replica may have advanced (its gate is held); false when this
-  // store is the only copy, so there is nothing newer to read.
-  virtual bool reload(Session&) { return false; }
+  // Re-reads a session another replica may have advanced (its gate is held). Nothing: the copy
+  // is what the store holds (re-read, or this store is the only copy). An error for the call to
+  // answer: the store could not be read, or the session is gone from it (closed, or its id
+  // opened again); a copy that is gone is forgotten here, so the next lookup finds what is.
+  virtual std::optional<Error> reload(Session&) { return std::nullopt; }
   // Records a session changed outside a step (a reset; its gate is free and its mutex is not held).
   virtual std::optional<Error> save(Session&) { return std::nullopt; }
   // True when a commit is a network round trip (worth overlapping with the next batch).
