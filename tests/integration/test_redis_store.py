@@ -177,58 +177,61 @@ def test_oip_sequences_continue_on_another_replica(
 
 
 @pytest.mark.parametrize("numbered", [True, False], ids=["sequence_step_index", "next-step"])
-def test_a_sequence_restarted_on_another_replica_continues_from_the_restart_here(
+def test_a_copy_of_a_sequence_restarted_on_another_replica_is_dropped_and_retried(
     quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray], numbered: bool
 ) -> None:
-    """a holds a copy of the first run; b restarts the sequence. Numbered, the index a's copy
-    does not expect makes a re-read it, find the new run, and step that. Unnumbered, the step runs
-    on the copy and its write is refused: it may be a late request of the first run, so it fails
-    UNAVAILABLE, and its retry steps the new run."""
+    """a holds a copy of the first run; b restarts the sequence. The copy is found stale before
+    the step runs (numbered: even a retry of the last step, which the copy could answer with the
+    first run's reply, is checked against the record first) or when its write is refused
+    (unnumbered: it may be a late request of the first run): either way it answers UNAVAILABLE
+    in the sequence's words, and the retry reads the new run."""
     config = native_config(quick_store, redis.url)
     with Replica(config) as a, Replica(config) as b:
         clients = [triton.InferenceServerClient(r.thread.address) for r in (a, b)]
 
-        def infer(client: triton.InferenceServerClient, i: int, start: bool = False) -> np.ndarray:
-            tensor = triton.InferInput("x", [1, *chunks[i].shape], "FP32")
-            tensor.set_data_from_numpy(chunks[i][None])
+        def infer(on: int, chunk: np.ndarray, i: int) -> np.ndarray:
+            tensor = triton.InferInput("x", [1, *chunk.shape], "FP32")
+            tensor.set_data_from_numpy(chunk[None])
             index = {"sequence_step_index": i} if numbered else None
-            result = client.infer(
-                MODEL, [tensor], sequence_id=9, sequence_start=start, parameters=index
+            result = clients[on].infer(
+                MODEL, [tensor], sequence_id=9, sequence_start=i == 0, parameters=index
             )
             return result.as_numpy("y")[0]
 
         for i in range(5):
-            infer(clients[0], i, start=i == 0)
-        ys = [infer(clients[1], 0, start=True), infer(clients[1], 1)]
-        if not numbered:
-            with pytest.raises(InferenceServerException) as refused:
-                infer(clients[0], 2)
-            assert refused.value.status() == "StatusCode.UNAVAILABLE"
-            assert refused.value.message() == (
-                f"sequence 9 of model '{MODEL}' was started again (perhaps on another replica) "
-                "while this request ran; retry"
-            )
-        ys += [infer(clients[0], 2), infer(clients[0], 3)]
+            infer(0, chunks[7 - i], i)  # the first run, on a
+        ys = [infer(1, chunks[i], i) for i in range(5)]  # the restart, on b
+        first = (4, chunks[4]) if numbered else (5, chunks[5])  # a retry of step 4, or step 5
+        with pytest.raises(InferenceServerException) as refused:
+            infer(0, first[1], first[0])
+        assert refused.value.status() == "StatusCode.UNAVAILABLE"
+        assert refused.value.message() == (
+            f"sequence 9 of model '{MODEL}' was started again (perhaps on another replica) "
+            "while this request ran; retry"
+        )
+        if numbered:
+            assert np.array_equal(infer(0, chunks[4], 4), ys[4])  # the new run's stored reply
+        ys.append(infer(0, chunks[5], 5))
         for client in clients:
             client.close()
-    want = Reference(quick_store).run(MODEL, chunks[:4])
+    want = Reference(quick_store).run(MODEL, chunks[:6])
     np.testing.assert_allclose(np.concatenate(ys), want, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("index", [3, 2, 0, 7], ids=["next", "retry", "behind", "ahead"])
 def test_a_copy_of_a_session_closed_elsewhere_answers_not_found_at_any_index(
-    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray], index: int
 ) -> None:
+    """a's copy is at 3: 3 runs on it and its write finds no record; 2 would be answered from
+    it and 0 and 7 do not match it, so those ask the store first."""
     config = native_config(quick_store, redis.url)
     with Replica(config) as a, Replica(config) as b:
         sid = a.open()
         for i in range(3):
             a.step(sid, i, chunks[i])
         b.api.CloseSession(pb.CloseSessionRequest(session_id=sid))
-        for index in (0, 3, 7):  # a's copy is at 3: none of them is "out of order"
-            details = expect_error(
-                lambda i=index: a.step(sid, i, chunks[0]), grpc.StatusCode.NOT_FOUND
-            )
-            assert details == f"unknown session '{sid}' (never opened or closed)"
+        details = expect_error(lambda: a.step(sid, index, chunks[0]), grpc.StatusCode.NOT_FOUND)
+    assert details == f"unknown session '{sid}' (never opened or closed)"
 
 
 def test_idle_expiry_and_capacity_hold_across_replicas(

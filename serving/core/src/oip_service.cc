@@ -228,7 +228,6 @@ class Inference : public std::enable_shared_from_this<Inference> {
     // sequence, after its last step. This opening only: a retry of the start may have opened
     // the sequence again meanwhile, and that one goes on.
     if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close_opening(*session_);
-    if (o.stale_copy && !control_.start && !looked_again_) return look_again();
     if (lost) return fail(control_.start ? start_lost() : sequence_gone(o.error));
     if (!o.ok()) return fail(in_oip_words(o.error));
     clock_.timed(*o.reply);
@@ -253,18 +252,6 @@ class Inference : public std::enable_shared_from_this<Inference> {
     return Error::of(ErrorKind::kUnavailable,
                      "sequence " + control_.id->repr() + " of model " + py_repr(model_->name) +
                          " was started again or ended by another request while this start ran; retry the start");
-  }
-
-  // The session this request found was a copy of an earlier run (another replica restarted the
-  // sequence, or ended it), found before the step ran: the request goes, once, to the sequence
-  // as it is now, as it would on a replica with no copy (its sequence_step_index, if any, is
-  // checked against that). Not a step that ran on its copy and found it replaced when writing:
-  // that one may be a late request of the earlier run, and must not land on the new one.
-  void look_again() {
-    looked_again_ = true;
-    auto version = parse_version(request().model_version());  // parsed before: it is valid
-    if (auto err = sequence_model(model_, version.value())) return fail(*err);
-    step_sequence();
   }
 
   // The session this request found was closed under it, or its id opened again: the store's
@@ -378,7 +365,6 @@ class Inference : public std::enable_shared_from_this<Inference> {
   std::vector<Wanted> wanted_;
   Rows rows_;
   SessionPtr session_;
-  bool looked_again_ = false;  // the sequence was looked up anew after its copy here was gone
   std::string sid_;
   // stateless
   size_t rows_done_ = 0;

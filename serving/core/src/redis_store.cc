@@ -234,13 +234,14 @@ void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnati
 
 // Only this object: a late write of a session closed meanwhile must not drop the session since
 // reopened under its id from the cache (its steps would then be kept nowhere).
-void RedisStore::forget(Session& s) {
+void RedisStore::forget(Session& s, bool reopened) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = cached_.find(s.id);
     if (it != cached_.end() && it->second.get() == &s) cached_.erase(it);
   }
   std::lock_guard<std::mutex> lock(s.mu);
+  s.reopened = s.reopened || (reopened && !s.closed);  // why it closed first is why it closed
   s.closed = true;
 }
 
@@ -343,8 +344,9 @@ std::optional<Error> RedisStore::close_opening(Session& s) {
   } catch (const RedisDown& e) {
     return unavailable("close session " + py_repr(s.id), e);  // the record stays until its TTL
   }
-  forget(s);
-  if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) return session_reopened(s.id);
+  const bool reopened = r->type == REDIS_REPLY_INTEGER && r->integer == 0;
+  forget(s, reopened);
+  if (reopened) return session_reopened(s.id);
   if (r->type != REDIS_REPLY_STRING) return missing(s.id);
   auto record = decode_record(reply_text(*r), s.id);
   if (record.ok() && on_evict_) on_evict_(record.value().model, "closed");
@@ -441,7 +443,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   SessionRecord& now = stored.value();
   if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
       !record_fits(now, *s.model)) {
-    forget(s);
+    forget(s, /*reopened=*/true);
     return session_reopened(s.id);
   }
   const uint64_t at = now.next_index;
@@ -463,16 +465,19 @@ std::optional<Error> RedisStore::reload(Session& s) {
   } catch (const RedisDown& e) {
     return unavailable("re-read session " + py_repr(s.id), e);
   }
-  if (r->type != REDIS_REPLY_STRING) {
+  if (r->type == REDIS_REPLY_NIL) {
     forget(s);
     return missing(s.id);
+  }
+  if (r->type != REDIS_REPLY_STRING) {
+    return unavailable("re-read session " + py_repr(s.id), RedisDown(r->type == REDIS_REPLY_ERROR ? reply_text(*r) : "odd reply"));
   }
   auto record = decode_record(reply_text(*r), s.id);
   if (!record.ok()) return record.error();
   const SessionRecord& now = record.value();
   if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
       !record_fits(now, *s.model)) {
-    forget(s);  // the next lookup reads the session the id is now
+    forget(s, /*reopened=*/true);  // the next lookup reads the session the id is now
     return session_reopened(s.id);
   }
   adopt(s, std::move(record.value()));
@@ -492,8 +497,9 @@ std::optional<Error> RedisStore::save(Session& s) {
     return unavailable("record session " + py_repr(s.id), e);
   }
   if (r->type == REDIS_REPLY_INTEGER && r->integer == 1) return std::nullopt;
-  forget(s);
-  if (r->type == REDIS_REPLY_INTEGER && r->integer == -1) return session_reopened(s.id);
+  const bool reopened = r->type == REDIS_REPLY_INTEGER && r->integer == -1;
+  forget(s, reopened);
+  if (reopened) return session_reopened(s.id);
   return missing(s.id);
 }
 

@@ -55,7 +55,7 @@ class RedisStore final : public SessionStore {
   void cache(const SessionPtr& s);
   // The session cached under id (only if it is that incarnation, when one is named).
   void forget(const std::string& id, std::optional<uint64_t> incarnation);
-  void forget(Session& s);
+  void forget(Session& s, bool reopened = false);  // reopened: the store holds another opening
   SessionPtr cached(const std::string& id) const;
   std::string record_of(const Session& s) const;  // s.mu held
   std::vector<RedisReplyPtr> write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,

@@ -32,9 +32,6 @@ using ReplyPtr = std::shared_ptr<const Reply>;
 struct StepOutcome {
   ReplyPtr reply;  // set when the step ran (or was a retry of the last one)
   Error error;     // otherwise
-  // The session found was a copy of an opening the store no longer holds (closed, or its id
-  // opened again elsewhere), found before anything ran: a lookup now finds what is.
-  bool stale_copy = false;
   bool ok() const { return reply != nullptr; }
 };
 using StepDone = std::function<void(StepOutcome)>;
@@ -60,6 +57,7 @@ struct Session {
   std::mutex mu;  // guards everything below but `state`, which the gate's holder owns
   bool busy = false;
   bool closed = false;
+  bool reopened = false;  // closed because a shared store holds another opening of its id
   bool transient = false;  // a stateless row's throwaway session: no store holds or records it
   uint64_t next_index = 0;
   // Which opening of this id a shared store holds (a random number each open): an id closed and

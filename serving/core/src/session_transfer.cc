@@ -7,6 +7,11 @@ namespace rnnserve {
 
 namespace {
 
+bool is_closed(Session& s) {
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.closed;
+}
+
 // The gate is held.
 Result<Exported> exported(Core& core, Session& s, bool close) {
   {
@@ -17,10 +22,11 @@ Result<Exported> exported(Core& core, Session& s, bool close) {
   }
   // A shared store's copy may be ahead of this replica's: export that one, or nothing.
   if (auto err = core.store().reload(s)) {
+    if (is_closed(s)) return *err;  // gone from the store, or another opening of the id by now
     if (err->kind != ErrorKind::kUnavailable) return *err;
     return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
-                                                  " could not be re-read from the shared session store (" +
-                                                  err->message + "); nothing was exported");
+                                                  " could not be re-read from the shared session store (it is "
+                                                  "unreachable); nothing was exported, retry");
   }
   Exported out{encode_blob(s), s.model->name, s.model->version, 0};
   {

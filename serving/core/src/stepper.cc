@@ -38,13 +38,14 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
   std::optional<Error> error;
   ReplyPtr cached;
   uint64_t index = 0;
-  bool stale_copy = false;
   for (bool reloaded = false;; reloaded = true) {
     error.reset();
     std::unique_lock<std::mutex> lock(s->mu);
     const uint64_t expected = s->next_index;
     if (s->closed) {
-      error = Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s->id) + " was closed while this call waited");
+      error = s->reopened ? session_reopened(s->id)
+                          : Error::of(ErrorKind::kSessionNotFound,
+                                      "session " + py_repr(s->id) + " was closed while this call waited");
     } else if (!pending.want || *pending.want == expected) {
       index = expected;
     } else if (*pending.want + 1 == expected && s->last) {
@@ -52,17 +53,20 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
     } else {
       error = Error::out_of_order("step_index", *pending.want, "session " + py_repr(s->id), expected);
     }
-    if (!error || error->kind != ErrorKind::kStepOutOfOrder || reloaded || !store_->remote()) break;
+    // An index this copy does not expect, or a retry answered from it, is checked against the
+    // shared store's record first: another replica may have moved the session on, or it may be
+    // another opening of the id by now (a stored reply of an earlier run must not answer it).
+    const bool ask_store = (cached || (error && error->kind == ErrorKind::kStepOutOfOrder)) && !reloaded;
+    if (!ask_store || !store_->remote()) break;
+    cached = nullptr;
     lock.unlock();  // the gate is held: nobody else touches the session while it is re-read
     if (auto gone = store_->reload(*s)) {  // closed, or its id opened again: say that instead
       error = std::move(gone);
-      lock.lock();
-      stale_copy = s->closed;  // forgotten by the store: gone from it, not just unreadable
       break;
     }
   }
   if (!error && !cached) return job(s, index, std::move(pending));
-  *answer = cached ? StepOutcome{cached, {}, false} : StepOutcome{nullptr, *error, stale_copy};
+  *answer = cached ? StepOutcome{cached, {}} : StepOutcome{nullptr, *error};
   return std::nullopt;
 }
 
