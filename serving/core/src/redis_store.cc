@@ -299,6 +299,7 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
 
 void RedisStore::adopt(Session& s, SessionRecord record) {
   std::lock_guard<std::mutex> lock(s.mu);
+  s.synced_ns = now_ns();
   s.state = std::move(record.state);
   s.next_index = record.next_index;
   s.last = std::move(record.last);
@@ -318,7 +319,7 @@ Error RedisStore::missing(const std::string& id) {
   return Error::of(ErrorKind::kSessionNotFound, "unknown session " + py_repr(id) + " (never opened or closed)");
 }
 
-std::optional<Error> RedisStore::close(const std::string& id) {
+std::optional<Error> RedisStore::close(const std::string& id, bool reopening) {
   const SessionPtr held = cached(id);
   RedisReplyPtr r;
   try {
@@ -329,7 +330,7 @@ std::optional<Error> RedisStore::close(const std::string& id) {
   // The copy held before the script has no record now, whatever the script found; of the ones
   // cached since, only a copy of what was closed (a read in flight). An open of the id landing
   // between the script and here (on this replica or another) is a session that must stay.
-  if (held) forget(*held);
+  if (held) forget(*held, reopening);
   if (r->type != REDIS_REPLY_STRING) return missing(id);
   auto record = decode_record(reply_text(*r), id);  // a corrupt record is closed all the same
   forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt);
@@ -431,6 +432,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   Session& s = *c.session;
   if (outcome.type == REDIS_REPLY_INTEGER && outcome.integer == 1) {
     std::lock_guard<std::mutex> lock(s.mu);
+    s.synced_ns = now_ns();  // the record is this copy once the stepper records the reply
     s.state.swap(c.state);
     return std::nullopt;
   }

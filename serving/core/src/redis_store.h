@@ -32,7 +32,7 @@ class RedisStore final : public SessionStore {
 
   Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
-  std::optional<Error> close(const std::string& id) override;
+  std::optional<Error> close(const std::string& id, bool reopening) override;
   std::optional<Error> close_opening(Session& s) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   std::optional<Error> reload(Session& s) override;
