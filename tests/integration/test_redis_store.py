@@ -256,6 +256,28 @@ def test_a_copy_of_a_session_closed_elsewhere_answers_not_found_at_any_index(
     assert details == f"unknown session '{sid}' (never opened or closed)"
 
 
+def test_a_retry_queued_behind_its_step_is_answered_from_what_that_step_wrote(
+    quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
+) -> None:
+    """One message names step 1 twice: the second waits for the first's gate, so it was
+    received before the first's write, and the copy that write made answers it without a read
+    (a client's retry of a step still running, or thousands of them, would otherwise each make
+    a blocking read on the thread that commits the model's batches)."""
+    config = native_config(quick_store, redis.url)
+    with Replica(config) as a:
+        sid = a.open()
+        ys = [a.step(sid, 0, chunks[0])]
+        step = pb.StepRequest(session_id=sid, step_index=1, input=to_input(chunks[1]))
+        reads_before = commands_seen(redis).get("get", 0)
+        (message,) = a.api.StepMany(iter([pb.StepManyRequest(steps=[step, step])]), timeout=10)
+        reads = commands_seen(redis).get("get", 0) - reads_before
+    first, again = (raw(r.reply) for r in message.results)
+    assert reads == 0
+    assert np.array_equal(first, again)
+    want = Reference(quick_store).run(MODEL, chunks[:2])
+    np.testing.assert_allclose(np.concatenate([*ys, first]), want, atol=TOL, rtol=0)
+
+
 def test_idle_expiry_and_capacity_hold_across_replicas(
     quick_store: Path, redis: RedisProcess, chunks: list[np.ndarray]
 ) -> None:
@@ -314,14 +336,16 @@ def test_capacity_frees_an_expired_session_behind_more_than_a_batch_of_live_ones
         np.testing.assert_allclose(y, want, atol=TOL, rtol=0)
 
 
+def commands_seen(redis: RedisProcess) -> dict[str, int]:
+    """Calls so far of every command Redis has run, by name."""
+    stats = redis.raw(b"INFO", b"commandstats").decode()
+    return {name: int(n) for name, n in re.findall(r"cmdstat_(\w+):calls=(\d+)", stats)}
+
+
 def writes_seen(redis: RedisProcess) -> dict[str, int]:
     """Calls so far of every command that creates, changes or removes a key."""
-    stats = redis.raw(b"INFO", b"commandstats").decode()
-    calls = {}
-    for name, count in re.findall(r"cmdstat_(\w+):calls=(\d+)", stats):
-        if name in ("set", "evalsha", "rename", "del", "zadd", "zrem"):
-            calls[name] = int(count)
-    return calls
+    writes = ("set", "evalsha", "rename", "del", "zadd", "zrem")
+    return {name: n for name, n in commands_seen(redis).items() if name in writes}
 
 
 def store_contents(redis: RedisProcess) -> dict[bytes, bytes]:

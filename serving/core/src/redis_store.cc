@@ -219,7 +219,7 @@ void RedisStore::cache(const SessionPtr& s) {
   cached_[s->id] = s;
 }
 
-void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnation) {
+void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnation, bool reopened) {
   SessionPtr s;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -229,6 +229,7 @@ void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnati
     cached_.erase(it);
   }
   std::lock_guard<std::mutex> lock(s->mu);
+  s->reopened = s->reopened || (reopened && !s->closed);  // why it closed first is why it closed
   s->closed = true;  // a step in flight still answers; nobody finds it again
 }
 
@@ -265,6 +266,7 @@ Result<SessionPtr> RedisStore::get(const std::string& id) {
 }
 
 Result<SessionPtr> RedisStore::read_through(const std::string& id) {
+  const int64_t read_ns = now_ns();
   RedisReplyPtr r;
   try {
     r = redis_.command({"GET", key_of(id)});
@@ -288,7 +290,7 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
   }
   auto s = std::make_shared<Session>(id, model.value());
   s->incarnation = record.value().incarnation;  // set once, before anyone shares it
-  adopt(*s, std::move(record.value()));
+  adopt(*s, std::move(record.value()), read_ns);
   std::lock_guard<std::mutex> lock(mu_);
   auto [it, inserted] = cached_.try_emplace(id, s);
   const int64_t now = now_ns();
@@ -297,9 +299,9 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
   return it->second;  // another call that read it through at the same time shares one gate
 }
 
-void RedisStore::adopt(Session& s, SessionRecord record) {
+void RedisStore::adopt(Session& s, SessionRecord record, int64_t read_ns) {
   std::lock_guard<std::mutex> lock(s.mu);
-  s.synced_ns = now_ns();
+  s.synced_ns = read_ns;
   s.state = std::move(record.state);
   s.next_index = record.next_index;
   s.last = std::move(record.last);
@@ -333,7 +335,7 @@ std::optional<Error> RedisStore::close(const std::string& id, bool reopening) {
   if (held) forget(*held, reopening);
   if (r->type != REDIS_REPLY_STRING) return missing(id);
   auto record = decode_record(reply_text(*r), id);  // a corrupt record is closed all the same
-  forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt);
+  forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt, reopening);
   if (record.ok() && on_evict_) on_evict_(record.value().model, "closed");
   return std::nullopt;
 }
@@ -375,6 +377,7 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
   }
   if (sent.empty()) return out;
   std::vector<RedisReplyPtr> replies;
+  const int64_t sent_ns = now_ns();
   try {
     replies = write_batch(commits, sent, keys, staged, stamps);
   } catch (const RedisDown& e) {
@@ -390,7 +393,7 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
                                                                                             : "the record was not staged"));
       continue;
     }
-    out[sent[k]] = settle(commits[sent[k]], outcome);
+    out[sent[k]] = settle(commits[sent[k]], outcome, sent_ns);
   }
   return out;
 }
@@ -428,11 +431,11 @@ std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& co
   return replies;
 }
 
-std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
+std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome, int64_t sent_ns) {
   Session& s = *c.session;
   if (outcome.type == REDIS_REPLY_INTEGER && outcome.integer == 1) {
     std::lock_guard<std::mutex> lock(s.mu);
-    s.synced_ns = now_ns();  // the record is this copy once the stepper records the reply
+    s.synced_ns = sent_ns;  // the record is this copy once the stepper records the reply
     s.state.swap(c.state);
     return std::nullopt;
   }
@@ -451,7 +454,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   const uint64_t at = now.next_index;
   const bool same_step = at == c.index + 1 && now.last && now.last->step_index == c.index;
   if (same_step && c.explicit_index) c.reply = now.last;  // this very step ran elsewhere: a retry
-  adopt(s, std::move(now));
+  adopt(s, std::move(now), sent_ns);
   if (same_step && c.explicit_index) return std::nullopt;
   if (!c.explicit_index) {  // "the next step": run it again on the state just read
     c.stale = true;
@@ -461,6 +464,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
 }
 
 std::optional<Error> RedisStore::reload(Session& s) {
+  const int64_t read_ns = now_ns();
   RedisReplyPtr r;
   try {
     r = redis_.command({"GET", key_of(s.id)});
@@ -482,7 +486,7 @@ std::optional<Error> RedisStore::reload(Session& s) {
     forget(s, /*reopened=*/true);  // the next lookup reads the session the id is now
     return session_reopened(s.id);
   }
-  adopt(s, std::move(record.value()));
+  adopt(s, std::move(record.value()), read_ns);
   return std::nullopt;
 }
 
