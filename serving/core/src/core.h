@@ -102,7 +102,7 @@ class Core {
   // from: an imported session's record (ImportSession), checked against the model.
   Result<SessionView> open_session(const std::string& model, uint32_t version, const std::string& id,
                                    const SessionRecord* from = nullptr);
-  std::optional<Error> close_session(const std::string& id) { return store_->close(id, false); }
+  std::optional<Error> close_session(const std::string& id) { return store_->close(id); }
   Result<SessionView> reset_session(const std::string& id);
   SessionView view(const Session& s);
   double expires_at(const Session& s) const;

@@ -95,14 +95,14 @@ Error MemoryStore::missing(const std::string& id) {
                    "unknown session " + py_repr(id) + " (never opened or closed)");
 }
 
-std::optional<Error> MemoryStore::close(const std::string& id, bool reopening) {
+std::optional<Error> MemoryStore::close(const std::string& id) {
   SessionPtr s;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = live_.find(id);
     if (it == live_.end() || idle(*it->second, now_ns())) return missing(id);
     s = it->second;
-    remove(s, reopening);
+    remove(s);
   }
   if (on_evict_) on_evict_(s->model->name, "closed");
   return std::nullopt;
@@ -134,12 +134,11 @@ void MemoryStore::evict(const std::string& id, const char* why) {
   if (on_evict_) on_evict_(s->model->name, why);
 }
 
-void MemoryStore::remove(const SessionPtr& s, bool reopening) {
+void MemoryStore::remove(const SessionPtr& s) {
   live_.erase(s->id);
   auto version = version_counts_.find(s->model.get());
   if (--version->second == 0) version_counts_.erase(version);  // a freed version leaves no key behind
   std::lock_guard<std::mutex> lock(s->mu);
-  s->reopened = reopening;
   s->closed = true;  // a step in flight still commits into it; nobody finds it again
 }
 

@@ -18,7 +18,7 @@ class MemoryStore final : public SessionStore {
 
   Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
-  std::optional<Error> close(const std::string& id, bool reopening) override;
+  std::optional<Error> close(const std::string& id) override;
   std::optional<Error> close_opening(Session& s) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   size_t sweep() override;
@@ -33,7 +33,7 @@ class MemoryStore final : public SessionStore {
   bool idle(Session& s, int64_t now) const;
   Error missing(const std::string& id);  // mu_ held
   void evict(const std::string& id, const char* why);  // mu_ held
-  void remove(const SessionPtr& s, bool reopening = false);  // mu_ held
+  void remove(const SessionPtr& s);  // mu_ held
   size_t sweep_locked();
   std::optional<Error> check_client_id(const std::string& id) const;
 

@@ -207,7 +207,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
     }
     sid_ = session_id_for(call_->identity, model_->name, *control_.id);
     if (control_.start) {  // a start on an open sequence restarts it (as Triton does)
-      core_->store().close(sid_, /*reopening=*/true);
+      core_->store().close(sid_);
       auto opened = core_->store().open(model_, sid_);
       if (!opened.ok() && opened.error().kind == ErrorKind::kSessionExists) return fail(start_lost());
       if (!opened.ok()) return fail(opened.error());
@@ -223,16 +223,12 @@ class Inference : public std::enable_shared_from_this<Inference> {
   }
 
   void stepped(const StepOutcome& o) {
-    const auto [closed, reopened] = closed_state(*session_);  // before this request's own close
+    const bool lost = !o.ok() && taken_away(o.error.kind) && closed(*session_);
     // all or nothing: a failed first step leaves no sequence behind; an end closes exactly this
     // sequence, after its last step. This opening only: a retry of the start may have opened
     // the sequence again meanwhile, and that one goes on.
     if ((!o.ok() && control_.start) || (o.ok() && control_.end)) core_->store().close_opening(*session_);
-    if (!o.ok() && closed && taken_away(o.error.kind)) {  // in the sequence's words, not the session's
-      if (control_.start) return fail(start_lost());
-      if (reopened) return fail(started_again());
-      if (o.error.kind != ErrorKind::kUnavailable) return fail(not_open(*control_.id, model_->name, o.error));
-    }
+    if (lost) return fail(control_.start ? start_lost() : sequence_gone(o.error));
     if (!o.ok()) return fail(in_oip_words(o.error));
     clock_.timed(*o.reply);
     answer(std::vector<float>(o.reply->y), 1, o.reply->steps);
@@ -244,22 +240,24 @@ class Inference : public std::enable_shared_from_this<Inference> {
            kind == ErrorKind::kUnavailable;
   }
 
-  static std::pair<bool, bool> closed_state(Session& s) {
+  static bool closed(Session& s) {
     std::lock_guard<std::mutex> lock(s.mu);
-    return {s.closed, s.reopened};
+    return s.closed;
   }
 
   // Another request of this sequence (a retry of this start, or an end) closed what this start
-  // opened before its step was kept.
+  // opened before its step was kept. The store's own words for it name the internal session id
+  // and differ by the moment it happened (already open, closed while waiting, unknown, reopened).
   Error start_lost() const {
     return Error::of(ErrorKind::kUnavailable,
                      "sequence " + control_.id->repr() + " of model " + py_repr(model_->name) +
                          " was started again or ended by another request while this start ran; retry the start");
   }
 
-  // The sequence this request found was started again (a start here, or on another replica
-  // whose record this copy found) before the request's step was kept.
-  Error started_again() const {
+  // The session this request found was closed under it, or its id opened again: the store's
+  // words name the internal session id.
+  Error sequence_gone(const Error& err) const {
+    if (err.kind != ErrorKind::kUnavailable) return not_open(*control_.id, model_->name, err);
     return Error::of(ErrorKind::kUnavailable, "sequence " + control_.id->repr() + " of model " + py_repr(model_->name) +
                                                   " was started again (perhaps on another replica) while this request "
                                                   "ran; retry");

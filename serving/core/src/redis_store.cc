@@ -219,7 +219,7 @@ void RedisStore::cache(const SessionPtr& s) {
   cached_[s->id] = s;
 }
 
-void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnation, bool reopened) {
+void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnation) {
   SessionPtr s;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -229,7 +229,6 @@ void RedisStore::forget(const std::string& id, std::optional<uint64_t> incarnati
     cached_.erase(it);
   }
   std::lock_guard<std::mutex> lock(s->mu);
-  s->reopened = s->reopened || (reopened && !s->closed);  // why it closed first is why it closed
   s->closed = true;  // a step in flight still answers; nobody finds it again
 }
 
@@ -266,7 +265,6 @@ Result<SessionPtr> RedisStore::get(const std::string& id) {
 }
 
 Result<SessionPtr> RedisStore::read_through(const std::string& id) {
-  const int64_t read_ns = now_ns();
   RedisReplyPtr r;
   try {
     r = redis_.command({"GET", key_of(id)});
@@ -290,7 +288,7 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
   }
   auto s = std::make_shared<Session>(id, model.value());
   s->incarnation = record.value().incarnation;  // set once, before anyone shares it
-  adopt(*s, std::move(record.value()), read_ns);
+  adopt(*s, std::move(record.value()));
   std::lock_guard<std::mutex> lock(mu_);
   auto [it, inserted] = cached_.try_emplace(id, s);
   const int64_t now = now_ns();
@@ -299,9 +297,8 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
   return it->second;  // another call that read it through at the same time shares one gate
 }
 
-void RedisStore::adopt(Session& s, SessionRecord record, int64_t read_ns) {
+void RedisStore::adopt(Session& s, SessionRecord record) {
   std::lock_guard<std::mutex> lock(s.mu);
-  s.synced_ns = read_ns;
   s.state = std::move(record.state);
   s.next_index = record.next_index;
   s.last = std::move(record.last);
@@ -321,7 +318,7 @@ Error RedisStore::missing(const std::string& id) {
   return Error::of(ErrorKind::kSessionNotFound, "unknown session " + py_repr(id) + " (never opened or closed)");
 }
 
-std::optional<Error> RedisStore::close(const std::string& id, bool reopening) {
+std::optional<Error> RedisStore::close(const std::string& id) {
   const SessionPtr held = cached(id);
   RedisReplyPtr r;
   try {
@@ -332,10 +329,10 @@ std::optional<Error> RedisStore::close(const std::string& id, bool reopening) {
   // The copy held before the script has no record now, whatever the script found; of the ones
   // cached since, only a copy of what was closed (a read in flight). An open of the id landing
   // between the script and here (on this replica or another) is a session that must stay.
-  if (held) forget(*held, reopening);
+  if (held) forget(*held);
   if (r->type != REDIS_REPLY_STRING) return missing(id);
   auto record = decode_record(reply_text(*r), id);  // a corrupt record is closed all the same
-  forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt, reopening);
+  forget(id, record.ok() ? std::optional<uint64_t>(record.value().incarnation) : std::nullopt);
   if (record.ok() && on_evict_) on_evict_(record.value().model, "closed");
   return std::nullopt;
 }
@@ -377,7 +374,6 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
   }
   if (sent.empty()) return out;
   std::vector<RedisReplyPtr> replies;
-  const int64_t sent_ns = now_ns();
   try {
     replies = write_batch(commits, sent, keys, staged, stamps);
   } catch (const RedisDown& e) {
@@ -393,7 +389,7 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
                                                                                             : "the record was not staged"));
       continue;
     }
-    out[sent[k]] = settle(commits[sent[k]], outcome, sent_ns);
+    out[sent[k]] = settle(commits[sent[k]], outcome);
   }
   return out;
 }
@@ -431,11 +427,10 @@ std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& co
   return replies;
 }
 
-std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome, int64_t sent_ns) {
+std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   Session& s = *c.session;
   if (outcome.type == REDIS_REPLY_INTEGER && outcome.integer == 1) {
     std::lock_guard<std::mutex> lock(s.mu);
-    s.synced_ns = sent_ns;  // the record is this copy once the stepper records the reply
     s.state.swap(c.state);
     return std::nullopt;
   }
@@ -454,7 +449,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome, in
   const uint64_t at = now.next_index;
   const bool same_step = at == c.index + 1 && now.last && now.last->step_index == c.index;
   if (same_step && c.explicit_index) c.reply = now.last;  // this very step ran elsewhere: a retry
-  adopt(s, std::move(now), sent_ns);
+  adopt(s, std::move(now));
   if (same_step && c.explicit_index) return std::nullopt;
   if (!c.explicit_index) {  // "the next step": run it again on the state just read
     c.stale = true;
@@ -464,7 +459,6 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome, in
 }
 
 std::optional<Error> RedisStore::reload(Session& s) {
-  const int64_t read_ns = now_ns();
   RedisReplyPtr r;
   try {
     r = redis_.command({"GET", key_of(s.id)});
@@ -486,7 +480,7 @@ std::optional<Error> RedisStore::reload(Session& s) {
     forget(s, /*reopened=*/true);  // the next lookup reads the session the id is now
     return session_reopened(s.id);
   }
-  adopt(s, std::move(record.value()), read_ns);
+  adopt(s, std::move(record.value()));
   return std::nullopt;
 }
 

@@ -32,7 +32,7 @@ class RedisStore final : public SessionStore {
 
   Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from) override;
   Result<SessionPtr> get(const std::string& id) override;
-  std::optional<Error> close(const std::string& id, bool reopening) override;
+  std::optional<Error> close(const std::string& id) override;
   std::optional<Error> close_opening(Session& s) override;
   std::vector<std::optional<Error>> commit(std::vector<Commit>& commits) override;
   std::optional<Error> reload(Session& s) override;
@@ -50,13 +50,11 @@ class RedisStore final : public SessionStore {
   Result<SessionPtr> read_through(const std::string& id);
   Error missing(const std::string& id);
   Error unavailable(const std::string& what, const std::exception& e) const;
-  // sent_ns: when the write was sent (before Redis ran it, so no later than the record matched)
-  std::optional<Error> settle(Commit& c, const redisReply& outcome, int64_t sent_ns);
-  void adopt(Session& s, SessionRecord record, int64_t read_ns);  // the gate is held; read_ns: GET sent
+  std::optional<Error> settle(Commit& c, const redisReply& outcome);
+  void adopt(Session& s, SessionRecord record);  // the gate is held
   void cache(const SessionPtr& s);
-  // The session cached under id (only if it is that incarnation, when one is named); reopened:
-  // the id is being opened again (its waiting calls hear that).
-  void forget(const std::string& id, std::optional<uint64_t> incarnation, bool reopened);
+  // The session cached under id (only if it is that incarnation, when one is named).
+  void forget(const std::string& id, std::optional<uint64_t> incarnation);
   void forget(Session& s, bool reopened = false);  // reopened: the store holds another opening
   SessionPtr cached(const std::string& id) const;
   std::string record_of(const Session& s) const;  // s.mu held

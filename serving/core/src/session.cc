@@ -33,11 +33,6 @@ Error session_reopened(const std::string& id) {
                    "session " + py_repr(id) + " was closed and opened again (perhaps on another replica) while this ran; retry");
 }
 
-Error closed_while_waiting(const Session& s) {
-  if (s.reopened) return session_reopened(s.id);
-  return Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s.id) + " was closed while this call waited");
-}
-
 void Session::restore(const SessionRecord& record) {
   std::lock_guard<std::mutex> lock(mu);
   next_index = record.next_index;

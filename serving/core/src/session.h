@@ -36,15 +36,14 @@ struct StepOutcome {
 };
 using StepDone = std::function<void(StepOutcome)>;
 
-int64_t now_ns();  // steady clock
-
 struct PendingStep {
   StepInput input;
   std::optional<uint64_t> want;  // the client's step_index; none = "the next one"
   StepDone done;
   std::function<void()> hold = nullptr;  // set: not a step but a holder of the gate (Stepper::hold)
-  int64_t received_ns = now_ns();
 };
+
+int64_t now_ns();  // steady clock
 
 struct SessionRecord;
 
@@ -61,10 +60,6 @@ struct Session {
   bool reopened = false;  // closed because a shared store holds another opening of its id
   bool transient = false;  // a stateless row's throwaway session: no store holds or records it
   uint64_t next_index = 0;
-  // When this copy last matched a shared store's record (read from it, or written to it): a step
-  // received before then may be answered from the copy (a retry, or "out of order") without
-  // asking the store again; it is as if it had run at that moment.
-  int64_t synced_ns = 0;
   // Which opening of this id a shared store holds (a random number each open): an id closed and
   // opened again can come back to the same index, and a late write of the earlier opening must
   // not land on the later one. Set before the session is shared, never changed (read without
@@ -83,7 +78,5 @@ using SessionPtr = std::shared_ptr<Session>;
 
 // A call's session was closed and its id opened again (perhaps on another replica) meanwhile.
 Error session_reopened(const std::string& id);
-// What a call that waited for a session's gate answers when the session closed meanwhile (mu held).
-Error closed_while_waiting(const Session& s);
 
 }  // namespace rnnserve

@@ -16,7 +16,9 @@ bool is_closed(Session& s) {
 Result<Exported> exported(Core& core, Session& s, bool close) {
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    if (s.closed) return closed_while_waiting(s);
+    if (s.closed) {
+      return Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s.id) + " was closed while this call waited");
+    }
   }
   // A shared store's copy may be ahead of this replica's: export that one, or nothing.
   if (auto err = core.store().reload(s)) {

@@ -43,7 +43,9 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
     std::unique_lock<std::mutex> lock(s->mu);
     const uint64_t expected = s->next_index;
     if (s->closed) {
-      error = closed_while_waiting(*s);
+      error = s->reopened ? session_reopened(s->id)
+                          : Error::of(ErrorKind::kSessionNotFound,
+                                      "session " + py_repr(s->id) + " was closed while this call waited");
     } else if (!pending.want || *pending.want == expected) {
       index = expected;
     } else if (*pending.want + 1 == expected && s->last) {
@@ -54,8 +56,7 @@ std::optional<Job> Stepper::check(const SessionPtr& s, PendingStep& pending, Ste
     // An index this copy does not expect, or a retry answered from it, is checked against the
     // shared store's record first: another replica may have moved the session on, or it may be
     // another opening of the id by now (a stored reply of an earlier run must not answer it).
-    const bool ask_store = (cached || (error && error->kind == ErrorKind::kStepOutOfOrder)) && !reloaded &&
-                           s->synced_ns < pending.received_ns;
+    const bool ask_store = (cached || (error && error->kind == ErrorKind::kStepOutOfOrder)) && !reloaded;
     if (!ask_store || !store_->remote()) break;
     cached = nullptr;
     lock.unlock();  // the gate is held: nobody else touches the session while it is re-read

@@ -39,9 +39,7 @@ class SessionStore {
   virtual Result<SessionPtr> open(ModelPtr model, const std::string& id, const SessionRecord* from = nullptr) = 0;
   // The live session, its idle deadline pushed back; SessionNotFound / SessionExpired.
   virtual Result<SessionPtr> get(const std::string& id) = 0;
-  // reopening: the caller opens the id again right after (an OIP start); the calls waiting on
-  // the closed session hear that it was opened again, not that it is gone.
-  virtual std::optional<Error> close(const std::string& id, bool reopening) = 0;
+  virtual std::optional<Error> close(const std::string& id) = 0;
   // Closes this opening of a session only: when its id was closed and opened again since (an OIP
   // sequence restarted by a retry of its start), the newer opening stays and the answer is
   // session_reopened (or the store's "not found" when the id is not open at all).
