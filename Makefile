@@ -58,7 +58,8 @@ test: setup lint
 ASAN_TESTS := tests/integration/test_grpc_api.py tests/integration/test_grpc_packed.py \
   tests/integration/test_grpc_stepmany.py tests/integration/test_grpc_invariant.py \
   tests/integration/test_oip.py tests/integration/test_hardening.py tests/integration/test_core_gate.py \
-  tests/integration/test_session_transfer.py tests/integration/test_oip_step_index.py
+  tests/integration/test_session_transfer.py tests/integration/test_oip_step_index.py \
+  tests/integration/test_redis_store.py
 test-asan: setup
 	cmake -S serving/core -B build/asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRNNSERVE_SANITIZE=ON \
 	  -Dpybind11_DIR=$$($(BIN)/python -c 'import pybind11; print(pybind11.get_cmake_dir())') \
