@@ -99,7 +99,10 @@ class Nginx:
         self.address = f"127.0.0.1:{self.port}"
         self.folder = folder
         self.config = folder / "nginx.conf"
-        servers = "\n        ".join(f"server {a} max_fails=1 fail_timeout=2s;" for a in upstreams)
+        # max_fails=0: on loopback a stopped replica refuses at once and nginx moves on to the
+        # next; counting failures instead took live replicas out too (a kill cuts many streams
+        # at once), and for 2 s at a time nginx answered 502 "no live upstreams" to every call
+        servers = "\n        ".join(f"server {a} max_fails=0;" for a in upstreams)
         self.config.write_text(render(self.address, servers, folder, folder / "error.log"))
         self.process: subprocess.Popen[bytes] | None = None
 
