@@ -223,7 +223,7 @@ class Inference : public std::enable_shared_from_this<Inference> {
   }
 
   void stepped(const StepOutcome& o) {
-    const bool lost = !o.ok() && taken_away(o.error.kind) && closed(*session_);
+    const bool lost = !o.ok() && taken_away(o.error.kind) && session_->is_closed();
     // all or nothing: a failed first step leaves no sequence behind; an end closes exactly this
     // sequence, after its last step. This opening only: a retry of the start may have opened
     // the sequence again meanwhile, and that one goes on.
@@ -238,11 +238,6 @@ class Inference : public std::enable_shared_from_this<Inference> {
   static bool taken_away(ErrorKind kind) {
     return kind == ErrorKind::kSessionNotFound || kind == ErrorKind::kSessionExpired ||
            kind == ErrorKind::kUnavailable;
-  }
-
-  static bool closed(Session& s) {
-    std::lock_guard<std::mutex> lock(s.mu);
-    return s.closed;
   }
 
   // Another request of this sequence (a retry of this start, or an end) closed what this start

@@ -146,6 +146,12 @@ uint64_t new_incarnation() {
 // The stamp a commit expects the record to have (see kLuaStamp).
 std::string stamp_text(uint64_t index, uint64_t incarnation) { return index_text(index) + index_text(incarnation); }
 
+// The record is of the opening this copy is (the same incarnation), on the model it runs.
+bool same_opening(const SessionRecord& r, const Session& s) {
+  return r.incarnation == s.incarnation && r.model == s.model->name && r.version == s.model->version &&
+         record_fits(r, *s.model);
+}
+
 bool is_noscript(const redisReply& r) {
   return r.type == REDIS_REPLY_ERROR && std::string_view(r.str, r.len).substr(0, 8) == "NOSCRIPT";
 }
@@ -441,8 +447,7 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
   auto stored = decode_record(reply_text(outcome), s.id);
   if (!stored.ok()) return stored.error();
   SessionRecord& now = stored.value();
-  if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
-      !record_fits(now, *s.model)) {
+  if (!same_opening(now, s)) {
     forget(s, /*reopened=*/true);
     return session_reopened(s.id);
   }
@@ -474,9 +479,7 @@ std::optional<Error> RedisStore::reload(Session& s) {
   }
   auto record = decode_record(reply_text(*r), s.id);
   if (!record.ok()) return record.error();
-  const SessionRecord& now = record.value();
-  if (now.incarnation != s.incarnation || now.model != s.model->name || now.version != s.model->version ||
-      !record_fits(now, *s.model)) {
+  if (!same_opening(record.value(), s)) {
     forget(s, /*reopened=*/true);  // the next lookup reads the session the id is now
     return session_reopened(s.id);
   }

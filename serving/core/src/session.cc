@@ -33,6 +33,11 @@ Error session_reopened(const std::string& id) {
                    "session " + py_repr(id) + " was closed and opened again (perhaps on another replica) while this ran; retry");
 }
 
+bool Session::is_closed() {
+  std::lock_guard<std::mutex> lock(mu);
+  return closed;
+}
+
 void Session::restore(const SessionRecord& record) {
   std::lock_guard<std::mutex> lock(mu);
   next_index = record.next_index;

@@ -71,6 +71,7 @@ struct Session {
   std::vector<float> state;  // (L, H) per state tensor, concatenated; written by the gate's holder
 
   void reset_state();
+  bool is_closed();  // takes mu
   // Takes an imported session's index, last reply and state (sized for this model: checked).
   void restore(const SessionRecord& record);
 };

@@ -7,22 +7,14 @@ namespace rnnserve {
 
 namespace {
 
-bool is_closed(Session& s) {
-  std::lock_guard<std::mutex> lock(s.mu);
-  return s.closed;
-}
-
 // The gate is held.
 Result<Exported> exported(Core& core, Session& s, bool close) {
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    if (s.closed) {
-      return Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s.id) + " was closed while this call waited");
-    }
+  if (s.is_closed()) {
+    return Error::of(ErrorKind::kSessionNotFound, "session " + py_repr(s.id) + " was closed while this call waited");
   }
   // A shared store's copy may be ahead of this replica's: export that one, or nothing.
   if (auto err = core.store().reload(s)) {
-    if (is_closed(s)) return *err;  // gone from the store, or another opening of the id by now
+    if (s.is_closed()) return *err;  // gone from the store, or another opening of the id by now
     if (err->kind != ErrorKind::kUnavailable) return *err;
     return Error::of(ErrorKind::kUnavailable, "session " + py_repr(s.id) +
                                                   " could not be re-read from the shared session store (it is "
