@@ -295,7 +295,7 @@ RESTART_ROUNDS = 300  # per worker: the interleaving is the committer threads', 
 
 
 def test_a_restart_racing_steps_of_the_old_sequence_starts_fresh_in_redis(
-    quick_store: Path, tmp_path: Path, chunks: list[np.ndarray]
+    redis_server: ServerThread, quick_store: Path, chunks: list[np.ndarray]
 ) -> None:
     """A late write of the old sequence never drops the restarted one (same session id).
 
@@ -305,22 +305,16 @@ def test_a_restart_racing_steps_of_the_old_sequence_starts_fresh_in_redis(
     compare-and-set on the index keeps every old write off the new record. Which writes overlap
     is up to the server's threads, so the race is repeated, not staged.
     """
-    redis = RedisProcess(tmp_path)
-    redis.start()
-    config = replace(server_config(quick_store), metrics_port=None, session_store=redis.url)
     want = reference(quick_store, chunks[:4])
     errors: list[str] = []
-    try:
-        with ServerThread(config) as server, grpc.insecure_channel(server.address) as channel:
-            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-            args = [(stub, 2000 + w * RESTART_ROUNDS, chunks, want, errors) for w in range(3)]
-            workers = [threading.Thread(target=restart_rounds, args=a) for a in args]
-            for worker in workers:
-                worker.start()
-            for worker in workers:
-                worker.join()
-    finally:
-        redis.stop()
+    with grpc.insecure_channel(redis_server.address) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        args = [(stub, 2000 + w * RESTART_ROUNDS, chunks, want, errors) for w in range(3)]
+        workers = [threading.Thread(target=restart_rounds, args=a) for a in args]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
     assert not errors, errors[:3]
 
 
