@@ -23,6 +23,7 @@ from eager import Reference
 from grpc_support import manifest, raw, server_config, to_input
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from serving import oip_api
 from serving._proto.rnnserve.v1 import rnnserve_pb2 as pb
@@ -280,24 +281,19 @@ def call(channel: grpc.Channel, method: Method, messages: list[bytes]) -> grpc.S
 def reload_every_model(channel: grpc.Channel) -> None:
     """Load back what the fuzzing unloaded: a fuzzed RepositoryModelUnload may name a real model
     ("char" is one of the odd texts), and this module's later tests open sessions on them."""
-
-    def oip(method: str, request, reply_type):
-        rpc = channel.unary_unary(
-            f"/{OIP_SERVICE.full_name}/{method}",
-            request_serializer=type(request).SerializeToString,
-            response_deserializer=reply_type.FromString,
-        )
-        return rpc(request, timeout=CALL_TIMEOUT_S)
+    control = service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
     def not_ready() -> dict[str, str]:
-        index = oip("RepositoryIndex", OIP.RepositoryIndexRequest(), OIP.RepositoryIndexResponse)
+        index = control.RepositoryIndex(
+            service_pb2.RepositoryIndexRequest(), timeout=CALL_TIMEOUT_S
+        )
         return {m.name: m.state for m in index.models if m.state != "READY"}
 
     unloaded = sorted(not_ready())
     print("loading back what the fuzzing unloaded:", unloaded or "nothing")
     for name in unloaded:
-        load = OIP.RepositoryModelLoadRequest(model_name=name)
-        oip("RepositoryModelLoad", load, OIP.RepositoryModelLoadResponse)
+        load = service_pb2.RepositoryModelLoadRequest(model_name=name)
+        control.RepositoryModelLoad(load, timeout=CALL_TIMEOUT_S)
     assert not_ready() == {}
 
 
