@@ -35,6 +35,7 @@ from serving.manifest import (
     Sampling,
     StateSpec,
     ValueRange,
+    is_version_name,
     load_manifest,
     sha256_file,
 )
@@ -87,8 +88,8 @@ class Artifact:
 
 # ---- the version folder -------------------------------------------------------------------
 def next_version(model_dir: Path) -> int:
-    """One past every folder named by ASCII digits, with a manifest or not (one being written)."""
-    taken = [int(p.name) for p in model_dir.iterdir() if p.name.isascii() and p.name.isdigit()]
+    """One past every version folder, with a manifest or not (one being written)."""
+    taken = [int(p.name) for p in model_dir.iterdir() if is_version_name(p.name)]
     return max(taken, default=0) + 1
 
 
