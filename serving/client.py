@@ -51,6 +51,22 @@ RETRYABLE = (
 )
 
 
+class ReplyMismatch(Exception):
+    """A reply that does not answer the request it came back for: another session or step_index,
+    or another number of entries. rnnserve never sends one; a proxy can (nginx 1.22, retrying a
+    gRPC call on its next upstream, was seen handing the client an empty message with status OK).
+    The step's real reply is lost, as with a retryable error: it may have run or not, and sending
+    it again with the same step_index is answered once."""
+
+
+def answers(request: pb.StepRequest, reply: pb.StepResponse) -> bool:
+    """Whether ``reply`` is the answer to ``request`` (its session, and its step_index if it named
+    one): a reply is acknowledged only then, since a lost step is found only by the next one."""
+    if not reply.session_id or reply.session_id != (request.session_id or reply.session_id):
+        return False  # every reply names its session; a request may leave it to its stream
+    return not request.HasField("step_index") or reply.step_index == request.step_index
+
+
 def retryable(error: grpc.RpcError) -> bool:
     """Whether a step that failed so may be sent again with the same step_index: its reply was
     lost on the way (or it never ran). A proxy (nginx) reports a stream its upstream replica cut
@@ -112,8 +128,20 @@ class PackedReply:
     expires_at: float
 
     @classmethod
-    def from_message(cls, r: pb.PackedResults, n: int, steps: int) -> PackedReply:
-        """``n`` sessions of ``steps`` time steps each, as the block that was sent."""
+    def from_message(
+        cls, r: pb.PackedResults, n: int, steps: int, step_indexes: Sequence[int] = ()
+    ) -> PackedReply:
+        """``n`` sessions of ``steps`` time steps each, as the block that was sent (and its
+        ``step_indexes``, if it named them). ``ReplyMismatch``: the reply is not that block's."""
+        failed = {e.position for e in r.errors}
+        answered = [i for i in range(len(r.step_indexes)) if i not in failed]
+        if len(r.step_indexes) != n or (
+            step_indexes and any(r.step_indexes[i] != step_indexes[i] for i in answered)
+        ):
+            raise ReplyMismatch(
+                f"a packed block of {n} sessions at step_indexes {list(step_indexes)[:8]} got a "
+                f"reply of {len(r.step_indexes)} entries at {list(r.step_indexes)[:8]}"
+            )
         probabilities = index = None
         if r.probabilities:
             probabilities = _block(r.probabilities, n, steps)
@@ -264,18 +292,18 @@ class Client:
         (session_ids, x, step_indexes or None); the iterable may be a generator fed as replies
         arrive. A message-level error ends the stream (``grpc.RpcError``); ``timeout`` bounds
         the whole stream (None: no deadline)."""
-        shapes: deque[tuple[int, int]] = deque()  # (N, T) of each block sent, oldest first
+        sent: deque[tuple[int, int, list[int]]] = deque()  # (N, T, indexes) of each block sent
 
         def requests() -> Iterator[pb.StepManyRequest]:
             for session_ids, x, step_indexes in blocks:
                 packed = pack_steps(model, session_ids, x, step_indexes)
-                shapes.append((len(session_ids), packed.steps))
+                sent.append((len(session_ids), packed.steps, list(packed.step_indexes)))
                 yield pb.StepManyRequest(packed=packed)
 
         call = self.stub.StepMany(requests(), timeout=timeout)
         try:
             for reply in call:
-                yield PackedReply.from_message(reply.packed, *shapes.popleft())
+                yield PackedReply.from_message(reply.packed, *sent.popleft())
         finally:
             call.cancel()  # a no-op once the stream has ended; else the caller stopped early
 
@@ -309,7 +337,7 @@ class Session:
         affinity = (("x-session-id", self.id),)
         for attempt in range(self.client.retries + 1):
             try:
-                return self.client.stub.Step(req, timeout=self.client.timeout, metadata=affinity)
+                reply = self.client.stub.Step(req, timeout=self.client.timeout, metadata=affinity)
             except grpc.RpcError as e:
                 if not retryable(e):
                     self.next_index -= 1  # refused: the server did not advance either
@@ -318,12 +346,41 @@ class Session:
                     raise  # unknown whether it ran; the next step's error names the index
                 if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                     self.client.fail_over()
-                time.sleep(min(0.05 * 2**attempt, 1.0))
+            else:
+                if answers(req, reply):
+                    return reply
+                if attempt == self.client.retries:  # unknown whether it ran, as above
+                    raise ReplyMismatch(
+                        f"step {req.step_index} of session {self.id!r} got a reply for session "
+                        f"{reply.session_id!r} step {reply.step_index}, {attempt + 1} times"
+                    )
+                self.client.fail_over()  # the path that mangled it may be this address's
+            time.sleep(min(0.05 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
 
     def stream(self, requests: Iterable[pb.StepRequest]) -> Iterator[pb.StepResponse]:
-        """The bidi ``Session`` stream; build requests with ``request()``. Replies come in order."""
-        return self.client.stub.Session(iter(requests), metadata=(("x-session-id", self.id),))
+        """The bidi ``Session`` stream; build requests with ``request()``. Replies come in order,
+        each checked against its request (``ReplyMismatch`` ends the stream: open another and send
+        the unanswered requests again)."""
+        sent: deque[pb.StepRequest] = deque()
+
+        def recorded() -> Iterator[pb.StepRequest]:
+            for request in requests:
+                sent.append(request)
+                yield request
+
+        call = self.client.stub.Session(recorded(), metadata=(("x-session-id", self.id),))
+        try:
+            for reply in call:
+                request = sent.popleft()
+                if not answers(request, reply):
+                    raise ReplyMismatch(
+                        f"step {request.step_index} of session {self.id!r} got a reply for "
+                        f"session {reply.session_id!r} step {reply.step_index}"
+                    )
+                yield reply
+        finally:
+            call.cancel()  # a no-op once the stream has ended; else the caller stopped early
 
     def generate(
         self,
