@@ -111,6 +111,7 @@ def report(per_kill: list[list[float]], load: Load, sessions: int) -> dict[str, 
         "load_average": os.getloadavg()[0],
         "all": summary([s for kill in per_kill for s in kill]),
         "kills": [summary(kill) for kill in per_kill],
+        "replies_resent": {t: n for t, n in load.mismatched.items() if n},
     }
 
 
@@ -125,6 +126,11 @@ def table(results: dict[str, Any]) -> str:
         f"steps, outputs equal to the offline run; {results['cpus']} CPUs, "
         f"load average {results['load_average']:.1f}"
     )
+    resent = results["replies_resent"]
+    if resent:  # a proxy's fault the clients caught: see docs/operations.md
+        head += "; replies that answered no request, sent again: " + ", ".join(
+            f"{t} {n}" for t, n in resent.items()
+        )
     return head + "\n" + "\n".join(rows)
 
 
