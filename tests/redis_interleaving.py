@@ -7,7 +7,10 @@ commits so that Redis runs them interleaved: the new commit's SET, the late comm
 new commit's compare-and-set, the late commit's compare-and-set. A commit is told apart by the
 step index in its record (bytes 8..24 of a session record, 16 hex digits).
 
-It runs in a process of its own: a server in the test's process holds the GIL while it connects.
+``StallingProxy`` instead lets one commit run and holds back Redis's replies to it past the
+server's 2 s command timeout: the write landed, its confirmation is lost.
+
+Each runs in a process of its own: a server in the test's process holds the GIL while it connects.
 """
 
 from __future__ import annotations
@@ -148,3 +151,77 @@ class _Proxy:
         upstream.sendall(raw)
         self.places[NAMES.index(name)] = sum(1 for place in self.places[:] if place) + 1
         self.sent[name].set()
+
+
+STALL_S = 2.5  # past the server's 2 s Redis command timeout
+
+
+class StallingProxy:
+    """Once ``armed``, the first connection that writes a staged record (a commit) gets no reply
+    from Redis for ``STALL_S``, though Redis has run its commands; ``stalled`` is set then."""
+
+    def __init__(self, redis_port: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.port = free_ports(1)[0]
+        self.armed = ctx.Event()
+        self.stalled = ctx.Event()
+        self._ready = ctx.Event()
+        args = (self.port, redis_port, self.armed, self.stalled, self._ready)
+        self._process = ctx.Process(target=serve_stalling, args=args, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._process.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the stalling proxy did not start")
+
+    def stop(self) -> None:
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join(10)
+
+
+def serve_stalling(port: int, redis_port: int, armed: Any, stalled: Any, ready: Any) -> None:
+    listener = socket.create_server(("127.0.0.1", port))
+    ready.set()
+    while True:
+        client, _ = listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", redis_port))
+        stall = threading.Event()  # this connection's: set when its commit is the one held up
+        threading.Thread(
+            target=_stalled_replies, args=(upstream, client, stall), daemon=True
+        ).start()
+        args = (client, upstream, armed, stalled, stall)
+        threading.Thread(target=_watched_commands, args=args, daemon=True).start()
+
+
+def _watched_commands(client: socket.socket, upstream: socket.socket, *events: Any) -> None:
+    armed, stalled, stall = events
+    stream = client.makefile("rb")
+    try:
+        while command := read_command(stream):
+            words, raw = command
+            is_commit = words[0].upper() == b"SET" and words[1].startswith(STAGING_PREFIX)
+            if is_commit and armed.is_set():
+                armed.clear()
+                stall.set()
+                stalled.set()
+            upstream.sendall(raw)
+    except OSError:
+        pass
+
+
+def _stalled_replies(
+    upstream: socket.socket, client: socket.socket, stall: threading.Event
+) -> None:
+    try:
+        while data := upstream.recv(65536):
+            if stall.is_set():
+                time.sleep(STALL_S)  # the server has given up on this connection by now
+                stall.clear()
+            client.sendall(data)
+    except OSError:
+        pass

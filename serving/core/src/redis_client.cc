@@ -54,16 +54,16 @@ RedisPool::RedisPool(RedisAddress address, double timeout_s, size_t max_idle)
 
 RedisContextPtr RedisPool::connect() const {
   RedisContextPtr c(redisConnectWithTimeout(address_.host.c_str(), address_.port, as_timeval(timeout_s_)));
-  if (!c) throw RedisDown("cannot allocate a Redis connection");
-  if (c->err) throw RedisDown(std::string(c->errstr));
+  if (!c) throw RedisDown("cannot allocate a Redis connection", /*sent=*/false);
+  if (c->err) throw RedisDown(std::string(c->errstr), /*sent=*/false);
   redisSetTimeout(c.get(), as_timeval(timeout_s_));
   if (address_.db != 0) {
     const std::string db = std::to_string(address_.db);
     const char* argv[] = {"SELECT", db.c_str()};
     const size_t len[] = {6, db.size()};
     RedisReplyPtr r(static_cast<redisReply*>(redisCommandArgv(c.get(), 2, argv, len)));
-    if (!r) throw RedisDown(std::string(c->errstr));
-    if (r->type == REDIS_REPLY_ERROR) throw RedisDown("SELECT " + db + ": " + std::string(r->str, r->len));
+    if (!r) throw RedisDown(std::string(c->errstr), /*sent=*/false);
+    if (r->type == REDIS_REPLY_ERROR) throw RedisDown("SELECT " + db + ": " + std::string(r->str, r->len), false);
   }
   return c;
 }
@@ -92,13 +92,21 @@ std::vector<RedisReplyPtr> RedisPool::pipeline(const std::vector<Command>& comma
   return pipeline(commands.size(), [&commands](size_t i, std::string&) { return commands[i]; });
 }
 
-std::vector<RedisReplyPtr> RedisPool::pipeline(size_t n, const MakeCommand& make) {
+std::vector<RedisReplyPtr> RedisPool::pipeline(size_t n, const MakeCommand& make, bool* resent) {
   // A pooled connection may have died with a Redis restart; then the pool is stale as a whole and
-  // the commands go once more over a fresh connection (the store's writes are compare-and-set,
-  // so a write that did land the first time is recognised, not applied twice).
+  // the commands go once more over a fresh connection. Its replies may also just have come too
+  // late, the commands run: the caller learns that they were resent (the store's commit then
+  // recognises its own write instead of taking it for another replica's).
   for (int attempt = 0;; ++attempt) {
     bool pooled = false;
-    RedisContextPtr c = acquire(&pooled);
+    RedisContextPtr c;
+    try {
+      c = acquire(&pooled);
+    } catch (const RedisDown& e) {
+      if (attempt == 0) throw;
+      throw RedisDown(e.what());  // the first try's commands went out: they may have run
+    }
+    if (resent) *resent = attempt > 0;
     std::vector<RedisReplyPtr> replies = send_all(c.get(), n, make);
     if (replies.size() == n) {
       give_back(std::move(c));

@@ -39,7 +39,10 @@ using RedisContextPtr = std::unique_ptr<redisContext, RedisContextFree>;
 // Thrown when Redis cannot be reached or a command's reply cannot be read (the connection is
 // then dropped). A reply of type error is not thrown: the caller reads it.
 struct RedisDown : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  explicit RedisDown(const std::string& why, bool sent = true) : std::runtime_error(why), sent(sent) {}
+  // false: the commands never left this process (no connection), so none of them ran; true: they
+  // may have run, their replies lost (a timeout, a connection cut after writing)
+  bool sent;
 };
 
 class RedisPool {
@@ -54,7 +57,9 @@ class RedisPool {
   // scratch, which lives until the next call): they go out a few at a time, so Redis works on
   // the first while the rest are made. make may be called again for a retry.
   using MakeCommand = std::function<Command(size_t i, std::string& scratch)>;
-  std::vector<RedisReplyPtr> pipeline(size_t n, const MakeCommand& make);
+  // *resent (if given): the commands went out a second time, on a fresh connection, after the
+  // first try lost its replies; writes among them may have run twice.
+  std::vector<RedisReplyPtr> pipeline(size_t n, const MakeCommand& make, bool* resent = nullptr);
   const RedisAddress& address() const { return address_; }
 
  private:

@@ -185,6 +185,19 @@ Error RedisStore::unavailable(const std::string& what, const std::exception& e) 
                                                 "): could not " + what + "; no state was changed, retry");
 }
 
+Error RedisStore::unconfirmed(const RedisDown& e) const {
+  if (!e.sent) return unavailable("record this step", e);
+  return Error::of(ErrorKind::kUnavailable, "session store unavailable (" + redis_.address().url + ": " + e.what() +
+                                                "): this step's write went out but was not confirmed, so it may "
+                                                "have been recorded; send it again with the same step_index, "
+                                                "which is answered once");
+}
+
+std::string RedisStore::record_of(const Commit& c) {
+  const Session& s = *c.session;  // its model and incarnation never change
+  return encode_record(s.model->name, s.model->version, c.index + 1, s.incarnation, c.reply.get(), c.state);
+}
+
 std::string RedisStore::record_of(const Session& s) const {
   return encode_record(s.model->name, s.model->version, s.next_index, s.incarnation, s.last.get(), s.state);
 }
@@ -380,10 +393,11 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
   }
   if (sent.empty()) return out;
   std::vector<RedisReplyPtr> replies;
+  bool resent = false;
   try {
-    replies = write_batch(commits, sent, keys, staged, stamps);
+    replies = write_batch(commits, sent, keys, staged, stamps, &resent);
   } catch (const RedisDown& e) {
-    for (size_t i : sent) out[i] = unavailable("record this step", e);
+    for (size_t i : sent) out[i] = unconfirmed(e);
     return out;
   }
   const redisReply& outcomes = *replies.back();
@@ -395,7 +409,7 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
                                                                                             : "the record was not staged"));
       continue;
     }
-    out[sent[k]] = settle(commits[sent[k]], outcome);
+    out[sent[k]] = settle(commits[sent[k]], outcome, resent);
   }
   return out;
 }
@@ -406,7 +420,7 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
 std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
                                                    const std::vector<std::string>& keys,
                                                    const std::vector<std::string>& staged,
-                                                   const std::vector<std::string>& stamps) {
+                                                   const std::vector<std::string>& stamps, bool* resent) {
   const size_t n = keys.size();
   const std::string numkeys = std::to_string(2 * n);
   RedisPool::Command cas = {"EVALSHA", commit_sha_, numkeys};
@@ -415,12 +429,10 @@ std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& co
   for (const auto& stamp : stamps) cas.push_back(stamp);
   auto command = [&](size_t k, std::string& record) -> RedisPool::Command {
     if (k == n) return cas;
-    const Commit& c = commits[sent[k]];  // its new state and reply are its own; an incarnation never changes
-    const Session& s = *c.session;
-    record = encode_record(s.model->name, s.model->version, c.index + 1, s.incarnation, c.reply.get(), c.state);
+    record = record_of(commits[sent[k]]);  // its new state and reply are its own
     return {"SET", staged[k], record, "PX", ttl_ms_};
   };
-  std::vector<RedisReplyPtr> replies = redis_.pipeline(n + 1, command);
+  std::vector<RedisReplyPtr> replies = redis_.pipeline(n + 1, command, resent);
   if (is_noscript(*replies.back())) {
     cas[0] = "EVAL";
     cas[1] = kCommit;
@@ -433,9 +445,12 @@ std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& co
   return replies;
 }
 
-std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome) {
+std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome, bool resent) {
   Session& s = *c.session;
-  if (outcome.type == REDIS_REPLY_INTEGER && outcome.integer == 1) {
+  // A resent write finds the record its first try wrote (the replies were lost, not the write):
+  // this step is done. Taken for another replica's, a step without an index would run again.
+  const bool landed_first_time = resent && outcome.type == REDIS_REPLY_STRING && reply_text(outcome) == record_of(c);
+  if ((outcome.type == REDIS_REPLY_INTEGER && outcome.integer == 1) || landed_first_time) {
     std::lock_guard<std::mutex> lock(s.mu);
     s.state.swap(c.state);
     return std::nullopt;

@@ -50,7 +50,11 @@ class RedisStore final : public SessionStore {
   Result<SessionPtr> read_through(const std::string& id);
   Error missing(const std::string& id);
   Error unavailable(const std::string& what, const std::exception& e) const;
-  std::optional<Error> settle(Commit& c, const redisReply& outcome);
+  Error unconfirmed(const RedisDown& e) const;  // a step's write went out; its outcome is unknown
+  // resent: the batch's write went out twice (see RedisPool::pipeline)
+  std::optional<Error> settle(Commit& c, const redisReply& outcome, bool resent);
+  // The record a commit writes (the session's next index is the step's + 1).
+  static std::string record_of(const Commit& c);
   void adopt(Session& s, SessionRecord record);  // the gate is held
   void cache(const SessionPtr& s);
   // The session cached under id (only if it is that incarnation, when one is named).
@@ -60,7 +64,7 @@ class RedisStore final : public SessionStore {
   std::string record_of(const Session& s) const;  // s.mu held
   std::vector<RedisReplyPtr> write_batch(const std::vector<Commit>& commits, const std::vector<size_t>& sent,
                                          const std::vector<std::string>& keys, const std::vector<std::string>& staged,
-                                         const std::vector<std::string>& indexes);
+                                         const std::vector<std::string>& indexes, bool* resent);
 
   RedisPool redis_;
   const double ttl_s_;
