@@ -153,25 +153,31 @@ class _Proxy:
         self.sent[name].set()
 
 
-STALL_S = 2.5  # past the server's 2 s Redis command timeout
+STALL_S = 4.0  # well past the server's 2 s Redis command timeout, even on a busy machine
 
 
 class StallingProxy:
     """Once ``armed``, the first connection that writes a staged record (a commit) gets no reply
-    from Redis for ``STALL_S``, though Redis has run its commands; ``stalled`` is set then."""
+    from Redis for ``STALL_S``, though Redis has run its commands. ``commits_after_stall`` counts
+    the commits seen on other connections since (a resend of the stalled one, say)."""
 
     def __init__(self, redis_port: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.port = free_ports(1)[0]
         self.armed = ctx.Event()
-        self.stalled = ctx.Event()
+        self._after = ctx.Value("i", -1)  # -1 until the stall; then commits seen since
         self._ready = ctx.Event()
-        args = (self.port, redis_port, self.armed, self.stalled, self._ready)
+        args = (self.port, redis_port, self.armed, self._after, self._ready)
         self._process = ctx.Process(target=serve_stalling, args=args, daemon=True)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def commits_after_stall(self) -> int:
+        """-1 while nothing was stalled."""
+        return self._after.value
 
     def start(self) -> None:
         self._process.start()
@@ -184,7 +190,7 @@ class StallingProxy:
         self._process.join(10)
 
 
-def serve_stalling(port: int, redis_port: int, armed: Any, stalled: Any, ready: Any) -> None:
+def serve_stalling(port: int, redis_port: int, armed: Any, after: Any, ready: Any) -> None:
     listener = socket.create_server(("127.0.0.1", port))
     ready.set()
     while True:
@@ -194,12 +200,12 @@ def serve_stalling(port: int, redis_port: int, armed: Any, stalled: Any, ready: 
         threading.Thread(
             target=_stalled_replies, args=(upstream, client, stall), daemon=True
         ).start()
-        args = (client, upstream, armed, stalled, stall)
+        args = (client, upstream, armed, after, stall)
         threading.Thread(target=_watched_commands, args=args, daemon=True).start()
 
 
 def _watched_commands(client: socket.socket, upstream: socket.socket, *events: Any) -> None:
-    armed, stalled, stall = events
+    armed, after, stall = events
     stream = client.makefile("rb")
     try:
         while command := read_command(stream):
@@ -208,7 +214,10 @@ def _watched_commands(client: socket.socket, upstream: socket.socket, *events: A
             if is_commit and armed.is_set():
                 armed.clear()
                 stall.set()
-                stalled.set()
+                after.value = 0
+            elif is_commit and after.value >= 0:
+                with after.get_lock():  # connections have a thread each
+                    after.value += 1
             upstream.sendall(raw)
     except OSError:
         pass

@@ -63,7 +63,9 @@ RedisContextPtr RedisPool::connect() const {
     const size_t len[] = {6, db.size()};
     RedisReplyPtr r(static_cast<redisReply*>(redisCommandArgv(c.get(), 2, argv, len)));
     if (!r) throw RedisDown(std::string(c->errstr), /*sent=*/false);
-    if (r->type == REDIS_REPLY_ERROR) throw RedisDown("SELECT " + db + ": " + std::string(r->str, r->len), false);
+    if (r->type == REDIS_REPLY_ERROR) {
+      throw RedisDown("SELECT " + db + ": " + std::string(r->str, r->len), /*sent=*/false);
+    }
   }
   return c;
 }
@@ -86,7 +88,9 @@ void RedisPool::give_back(RedisContextPtr c) {
   if (idle_.size() < max_idle_) idle_.push_back(std::move(c));
 }
 
-RedisReplyPtr RedisPool::command(const Command& args) { return std::move(pipeline({args}).front()); }
+RedisReplyPtr RedisPool::command(const Command& args, bool* resent) {
+  return std::move(pipeline(1, [&args](size_t, std::string&) { return args; }, resent).front());
+}
 
 std::vector<RedisReplyPtr> RedisPool::pipeline(const std::vector<Command>& commands) {
   return pipeline(commands.size(), [&commands](size_t i, std::string&) { return commands[i]; });

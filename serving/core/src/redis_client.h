@@ -50,7 +50,7 @@ class RedisPool {
   RedisPool(RedisAddress address, double timeout_s, size_t max_idle = 16);
 
   using Command = std::vector<std::string_view>;  // its arguments, as binary-safe strings
-  RedisReplyPtr command(const Command& args);
+  RedisReplyPtr command(const Command& args, bool* resent = nullptr);  // resent: see pipeline
   // Several commands sent in one go and their replies read in order: one round trip.
   std::vector<RedisReplyPtr> pipeline(const std::vector<Command>& commands);
   // The same for n commands made one at a time by make(i, scratch) (the command may point into

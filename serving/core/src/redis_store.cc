@@ -185,12 +185,13 @@ Error RedisStore::unavailable(const std::string& what, const std::exception& e) 
                                                 "): could not " + what + "; no state was changed, retry");
 }
 
-Error RedisStore::unconfirmed(const RedisDown& e) const {
+Error RedisStore::unconfirmed(const RedisDown& e, bool numbered) const {
   if (!e.sent) return unavailable("record this step", e);
+  const std::string retry = numbered ? "send it again with the same step_index, which is answered once"
+                                     : "this step named no step_index, so sent again it may run twice";
   return Error::of(ErrorKind::kUnavailable, "session store unavailable (" + redis_.address().url + ": " + e.what() +
-                                                "): this step's write went out but was not confirmed, so it may "
-                                                "have been recorded; send it again with the same step_index, "
-                                                "which is answered once");
+                                                "): this step's write may have reached Redis but was not "
+                                                "confirmed, so it may have been recorded; " + retry);
 }
 
 std::string RedisStore::record_of(const Commit& c) {
@@ -397,7 +398,7 @@ std::vector<std::optional<Error>> RedisStore::commit(std::vector<Commit>& commit
   try {
     replies = write_batch(commits, sent, keys, staged, stamps, &resent);
   } catch (const RedisDown& e) {
-    for (size_t i : sent) out[i] = unconfirmed(e);
+    for (size_t i : sent) out[i] = unconfirmed(e, commits[i].explicit_index);
     return out;
   }
   const redisReply& outcomes = *replies.back();
@@ -436,7 +437,9 @@ std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& co
   if (is_noscript(*replies.back())) {
     cas[0] = "EVAL";
     cas[1] = kCommit;
-    replies.back() = redis_.command(cas);  // the staged records are still there
+    bool again = false;
+    replies.back() = redis_.command(cas, &again);  // the staged records are still there
+    *resent = *resent || again;
   }
   const redisReply& outcomes = *replies.back();
   if (outcomes.type != REDIS_REPLY_ARRAY || outcomes.elements != n) {

@@ -50,7 +50,8 @@ class RedisStore final : public SessionStore {
   Result<SessionPtr> read_through(const std::string& id);
   Error missing(const std::string& id);
   Error unavailable(const std::string& what, const std::exception& e) const;
-  Error unconfirmed(const RedisDown& e) const;  // a step's write went out; its outcome is unknown
+  // A step's write went out and its outcome is unknown (numbered: the step named its index).
+  Error unconfirmed(const RedisDown& e, bool numbered) const;
   // resent: the batch's write went out twice (see RedisPool::pipeline)
   std::optional<Error> settle(Commit& c, const redisReply& outcome, bool resent);
   // The record a commit writes (the session's next index is the step's + 1).
