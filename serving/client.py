@@ -52,11 +52,16 @@ RETRYABLE = (
 
 
 class ReplyMismatch(Exception):
-    """A reply that does not answer the request it came back for: another session or step_index,
-    or another number of entries. rnnserve never sends one; a proxy can (nginx 1.22, retrying a
-    gRPC call on its next upstream, was seen handing the client an empty message with status OK).
-    The step's real reply is lost, as with a retryable error: it may have run or not, and sending
-    it again with the same step_index is answered once."""
+    """A reply that does not answer the request it came back for (another session or step_index,
+    another number of entries), or a stream that ended with requests unanswered. rnnserve never
+    sends one; a proxy can: nginx 1.22, answering 502 for a stream, was seen handing the client a
+    zero-length message first. The step's real reply is lost, as with a retryable error: it may
+    have run or not, and sending it again with the same step_index is answered once.
+    ``unanswered``: a stream's requests still without their reply, oldest first."""
+
+    def __init__(self, message: str, unanswered: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.unanswered = list(unanswered)
 
 
 def answers(request: pb.StepRequest, reply: pb.StepResponse) -> bool:
@@ -136,7 +141,7 @@ class PackedReply:
         failed = {e.position for e in r.errors}
         answered = [i for i in range(len(r.step_indexes)) if i not in failed]
         if len(r.step_indexes) != n or (
-            step_indexes and any(r.step_indexes[i] != step_indexes[i] for i in answered)
+            len(step_indexes) and any(r.step_indexes[i] != step_indexes[i] for i in answered)
         ):
             raise ReplyMismatch(
                 f"a packed block of {n} sessions at step_indexes {list(step_indexes)[:8]} got a "
@@ -303,7 +308,11 @@ class Client:
         call = self.stub.StepMany(requests(), timeout=timeout)
         try:
             for reply in call:
+                if not sent:
+                    raise ReplyMismatch("a packed reply came with no block waiting for one")
                 yield PackedReply.from_message(reply.packed, *sent.popleft())
+            if sent:
+                raise ReplyMismatch(f"the stream ended with {len(sent)} blocks unanswered")
         finally:
             call.cancel()  # a no-op once the stream has ended; else the caller stopped early
 
@@ -335,6 +344,7 @@ class Session:
     def step(self, values: Any = None, *, text=None, tokens=None, top_k=0) -> pb.StepResponse:
         req = self.request(values, text=text, tokens=tokens, top_k=top_k)
         affinity = (("x-session-id", self.id),)
+        mismatched = 0
         for attempt in range(self.client.retries + 1):
             try:
                 reply = self.client.stub.Step(req, timeout=self.client.timeout, metadata=affinity)
@@ -349,10 +359,12 @@ class Session:
             else:
                 if answers(req, reply):
                     return reply
+                mismatched += 1
                 if attempt == self.client.retries:  # unknown whether it ran, as above
                     raise ReplyMismatch(
                         f"step {req.step_index} of session {self.id!r} got a reply for session "
-                        f"{reply.session_id!r} step {reply.step_index}, {attempt + 1} times"
+                        f"{reply.session_id!r} step {reply.step_index} (replies that answered "
+                        f"another request: {mismatched} of {attempt + 1} tries)"
                     )
                 self.client.fail_over()  # the path that mangled it may be this address's
             time.sleep(min(0.05 * 2**attempt, 1.0))
@@ -360,8 +372,8 @@ class Session:
 
     def stream(self, requests: Iterable[pb.StepRequest]) -> Iterator[pb.StepResponse]:
         """The bidi ``Session`` stream; build requests with ``request()``. Replies come in order,
-        each checked against its request (``ReplyMismatch`` ends the stream: open another and send
-        the unanswered requests again)."""
+        each checked against its request. ``ReplyMismatch`` ends the stream: open another and send
+        its ``unanswered`` requests again, as after a cut stream."""
         sent: deque[pb.StepRequest] = deque()
 
         def recorded() -> Iterator[pb.StepRequest]:
@@ -372,13 +384,18 @@ class Session:
         call = self.client.stub.Session(recorded(), metadata=(("x-session-id", self.id),))
         try:
             for reply in call:
-                request = sent.popleft()
-                if not answers(request, reply):
+                if not sent:
+                    raise ReplyMismatch(f"session {self.id!r}: a reply came with no step waiting")
+                if reply.session_id != self.id or not answers(sent[0], reply):
                     raise ReplyMismatch(
-                        f"step {request.step_index} of session {self.id!r} got a reply for "
-                        f"session {reply.session_id!r} step {reply.step_index}"
+                        f"step {sent[0].step_index} of session {self.id!r} got a reply for "
+                        f"session {reply.session_id!r} step {reply.step_index}",
+                        sent,
                     )
+                sent.popleft()
                 yield reply
+            if sent:
+                raise ReplyMismatch(f"the stream ended with {len(sent)} steps unanswered", sent)
         finally:
             call.cancel()  # a no-op once the stream has ended; else the caller stopped early
 

@@ -1,12 +1,12 @@
 """A reply is acknowledged only when it answers the request it came back for.
 
-nginx 1.22 (Debian 12), retrying a gRPC call on its next upstream while a replica restarts, was
-seen handing the client an empty message with status OK, for a step no replica ever received
-(docs/operations.md, "Replies that answer nothing"). A client that took it as the step's reply
-sent the next step_index and heard "out of order": one step lost. Here a real server sits behind a
-proxy that answers chosen calls with an empty message, either without passing the call on (as
-nginx did) or after the server ran it (the step ran, its reply is lost). Our client must resend
-each with the same step_index and end with outputs equal to the offline run."""
+nginx 1.22 (Debian 12), answering 502 for a stream while replicas restarted, was seen handing the
+client a zero-length message before the 502, for a step no replica had received (docs/operations.md,
+"Check that a reply answers the step you sent"). A client that took it as the step's reply sent the
+next step_index and heard "out of order": one step lost. Here a real server sits behind a proxy
+that answers chosen calls with an empty message, either without passing the call on (as nginx
+did) or after the server ran it (the step ran, its reply is lost). Our client must resend each
+with the same step_index and end with outputs equal to the offline run."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ SERVICE = "/rnnserve.v1.RnnServe/"
 class ManglingProxy:
     """Passes rnnserve.v1 calls to ``upstream`` as bytes, except that the next calls queued in
     ``faults`` (one per call) are answered with an empty message: "drop" without passing the
-    request on, "after" once the server has answered it."""
+    request on, "after" once the server has answered it; "end" ends the stream with status OK and
+    no reply ("pass": passed on untouched)."""
 
     def __init__(self, upstream: str) -> None:
         self.channel = grpc.insecure_channel(upstream)
@@ -56,10 +57,11 @@ class ManglingProxy:
 
     def stream(self, method: str, requests: Iterator[bytes], context) -> Iterator[bytes]:
         fault = self.next_fault()
-        if fault == "drop":
+        if fault in ("drop", "end"):
             next(requests, None)  # read, never passed on
-            yield b""
-            return
+            if fault == "drop":
+                yield b""
+            return  # "end": the stream ends OK, nothing answered
         upstream = self.channel.stream_stream(method)(requests, timeout=10)
         for i, reply in enumerate(upstream):
             yield b"" if fault == "after" and i == 0 else reply
@@ -117,7 +119,8 @@ def test_a_step_answered_by_an_empty_message_is_sent_again_and_runs_once(
 ) -> None:
     with Client(proxy.address, retries=4) as client:
         session = client.session(MODEL)
-        proxy.faults = ["drop", "after", "drop", "after"]  # steps 0 and 1, each mangled twice
+        # steps 0 and 1 each mangled twice: never passed on, then run with the reply lost
+        proxy.faults = ["drop", "after", "pass", "drop", "after"]
         ys = [raw(session.step(c)) for c in chunks]
         assert not proxy.faults  # every fault was met, and retried past
         assert next_index(server, session.id) == len(chunks)  # none ran twice
@@ -131,9 +134,8 @@ def test_a_step_mangled_on_every_try_raises_reply_mismatch_naming_both(
     with Client(proxy.address, retries=2) as client:
         session = client.session(MODEL)
         proxy.faults = ["drop"] * 3
-        with pytest.raises(
-            ReplyMismatch, match=r"step 0 of session .* got a reply for session '' step 0, 3 times"
-        ):
+        wanted = r"step 0 of session .* got a reply for session '' step 0 \(.*: 3 of 3 tries\)"
+        with pytest.raises(ReplyMismatch, match=wanted):
             session.step(chunks[0])
 
 
@@ -144,11 +146,24 @@ def test_a_session_stream_reply_that_answers_nothing_ends_the_stream(
         session = client.session(MODEL)
         proxy.faults = ["after"]
         replies = session.stream(iter([session.request(chunks[0])]))
-        with pytest.raises(ReplyMismatch, match="step 0 of session"):
+        with pytest.raises(ReplyMismatch, match="step 0 of session") as mismatch:
             next(replies)
+        assert [r.step_index for r in mismatch.value.unanswered] == [0]
         resent = Session(client, pb.SessionInfo(session_id=session.id, next_step_index=0))
         (reply,) = list(resent.stream(iter([resent.request(chunks[0])])))  # a retry: answered once
         assert reply.step_index == 0 and next_index(server, session.id) == 1
+
+
+def test_a_session_stream_that_ends_with_a_step_unanswered_raises_reply_mismatch(
+    server: ServerThread, proxy: ManglingProxy, chunks: list[np.ndarray]
+) -> None:
+    with Client(proxy.address) as client:
+        session = client.session(MODEL)
+        proxy.faults = ["end"]
+        with pytest.raises(ReplyMismatch, match="ended with 1 steps unanswered") as mismatch:
+            list(session.stream(iter([session.request(chunks[0])])))
+        assert [r.step_index for r in mismatch.value.unanswered] == [0]
+        assert next_index(server, session.id) == 0
 
 
 @pytest.mark.parametrize("fault", ["drop", "after"])
