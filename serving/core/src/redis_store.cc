@@ -135,6 +135,9 @@ std::string key_of(const std::string& id) { return kPrefix + id; }
 
 std::string reply_text(const redisReply& r) { return std::string(r.str, r.len); }
 
+// A reply of a type the command never returns: Redis's error text, if it is one.
+RedisDown odd(const redisReply& r) { return RedisDown(r.type == REDIS_REPLY_ERROR ? reply_text(r) : "odd reply"); }
+
 // Not 0: that is a version 1 record's. The kernel's CSPRNG, as for session ids.
 uint64_t new_incarnation() {
   thread_local std::random_device entropy;
@@ -180,18 +183,21 @@ RedisStore::RedisStore(const std::string& url, double ttl_s, size_t max_sessions
   }
 }
 
+Error RedisStore::down(const std::exception& e, const std::string& outcome) const {
+  return Error::of(ErrorKind::kUnavailable,
+                   "session store unavailable (" + redis_.address().url + ": " + e.what() + "): " + outcome);
+}
+
 Error RedisStore::unavailable(const std::string& what, const std::exception& e) const {
-  return Error::of(ErrorKind::kUnavailable, "session store unavailable (" + redis_.address().url + ": " + e.what() +
-                                                "): could not " + what + "; no state was changed, retry");
+  return down(e, "could not " + what + "; no state was changed, retry");
 }
 
 Error RedisStore::unconfirmed(const RedisDown& e, bool numbered) const {
   if (!e.sent) return unavailable("record this step", e);
   const std::string retry = numbered ? "send it again with the same step_index, which is answered once"
                                      : "this step named no step_index, so sent again it may run twice";
-  return Error::of(ErrorKind::kUnavailable, "session store unavailable (" + redis_.address().url + ": " + e.what() +
-                                                "): this step's write may have reached Redis but was not "
-                                                "confirmed, so it may have been recorded; " + retry);
+  return down(e, "this step's write may have reached Redis but was not confirmed, so it may have been recorded; " +
+                     retry);
 }
 
 std::string RedisStore::record_of(const Commit& c) {
@@ -222,7 +228,7 @@ Result<SessionPtr> RedisStore::open(ModelPtr model, const std::string& client_id
     return unavailable("open a session", e);
   }
   if (r->type != REDIS_REPLY_INTEGER) {
-    return unavailable("open a session", RedisDown(r->type == REDIS_REPLY_ERROR ? reply_text(*r) : "odd reply"));
+    return unavailable("open a session", odd(*r));
   }
   if (r->integer == -1) return Error::of(ErrorKind::kSessionExists, "session " + py_repr(id) + " is already open");
   if (r->integer == -2) {
@@ -292,7 +298,7 @@ Result<SessionPtr> RedisStore::read_through(const std::string& id) {
     return unavailable("read session " + py_repr(id), e);
   }
   if (r->type == REDIS_REPLY_NIL) return missing(id);
-  if (r->type != REDIS_REPLY_STRING) return unavailable("read session " + py_repr(id), RedisDown("odd reply"));
+  if (r->type != REDIS_REPLY_STRING) return unavailable("read session " + py_repr(id), odd(*r));
   auto record = decode_record(reply_text(*r), id);
   if (!record.ok()) return record.error();
   auto model = model_of_(record.value().model, record.value().version);
@@ -443,7 +449,7 @@ std::vector<RedisReplyPtr> RedisStore::write_batch(const std::vector<Commit>& co
   }
   const redisReply& outcomes = *replies.back();
   if (outcomes.type != REDIS_REPLY_ARRAY || outcomes.elements != n) {
-    throw RedisDown(outcomes.type == REDIS_REPLY_ERROR ? reply_text(outcomes) : "odd reply");
+    throw odd(outcomes);
   }
   return replies;
 }
@@ -452,7 +458,8 @@ std::optional<Error> RedisStore::settle(Commit& c, const redisReply& outcome, bo
   Session& s = *c.session;
   // A resent write finds the record its first try wrote (the replies were lost, not the write):
   // this step is done. Taken for another replica's, a step without an index would run again.
-  const bool landed_first_time = resent && outcome.type == REDIS_REPLY_STRING && reply_text(outcome) == record_of(c);
+  const bool landed_first_time =
+      resent && outcome.type == REDIS_REPLY_STRING && std::string_view(outcome.str, outcome.len) == record_of(c);
   if ((outcome.type == REDIS_REPLY_INTEGER && outcome.integer == 1) || landed_first_time) {
     std::lock_guard<std::mutex> lock(s.mu);
     s.state.swap(c.state);
@@ -493,7 +500,7 @@ std::optional<Error> RedisStore::reload(Session& s) {
     return missing(s.id);
   }
   if (r->type != REDIS_REPLY_STRING) {
-    return unavailable("re-read session " + py_repr(s.id), RedisDown(r->type == REDIS_REPLY_ERROR ? reply_text(*r) : "odd reply"));
+    return unavailable("re-read session " + py_repr(s.id), odd(*r));
   }
   auto record = decode_record(reply_text(*r), s.id);
   if (!record.ok()) return record.error();

@@ -49,6 +49,8 @@ class RedisStore final : public SessionStore {
  private:
   Result<SessionPtr> read_through(const std::string& id);
   Error missing(const std::string& id);
+  // "session store unavailable (URL: why): " and what became of the call
+  Error down(const std::exception& e, const std::string& outcome) const;
   Error unavailable(const std::string& what, const std::exception& e) const;
   // A step's write went out and its outcome is unknown (numbered: the step named its index).
   Error unconfirmed(const RedisDown& e, bool numbered) const;
