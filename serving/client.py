@@ -67,8 +67,10 @@ class ReplyMismatch(Exception):
 def answers(request: pb.StepRequest, reply: pb.StepResponse) -> bool:
     """Whether ``reply`` is the answer to ``request`` (its session, and its step_index if it named
     one): a reply is acknowledged only then, since a lost step is found only by the next one."""
-    if not reply.session_id or reply.session_id != (request.session_id or reply.session_id):
-        return False  # every reply names its session; a request may leave it to its stream
+    if not reply.session_id:
+        return False  # every reply names its session
+    if request.session_id and reply.session_id != request.session_id:
+        return False  # (a request may leave its session to its stream)
     return not request.HasField("step_index") or reply.step_index == request.step_index
 
 

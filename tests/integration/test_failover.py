@@ -174,8 +174,8 @@ class Load:
         self.recovered: dict[str, list[float]] = {t: [] for t in TRANSPORTS}
         self.retried_later = dict.fromkeys(TRANSPORTS, 0)
         self.retried = dict.fromkeys(TRANSPORTS, 0)  # steps answered by a retry, kill or not
-        # replies that did not answer their request (a proxy's fault: nginx 1.22 can hand a call
-        # it retried on its next upstream an empty message): not acknowledged, sent again
+        # replies that did not answer their request (a proxy's fault: nginx 1.22 can hand a
+        # stream it answers 502 an empty message first): not acknowledged, sent again
         self.mismatched = dict.fromkeys(TRANSPORTS, 0)
         self.errors: list[BaseException] = []
 
