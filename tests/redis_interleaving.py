@@ -19,6 +19,7 @@ import multiprocessing
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from ports import free_ports
@@ -27,6 +28,7 @@ STAGING_PREFIX = b"rnnserve:w:"
 SETTLE_S = 0.05  # after a command is forwarded: Redis has run it before the next one arrives
 NAMES = ("new SET", "late SET", "new CAS", "late CAS")
 HOLD_S = 1.5  # under the server's 2 s Redis timeout: a missed interleaving fails, never hangs
+STALL_S = 4.0  # well past the server's 2 s Redis command timeout, even on a busy machine
 
 
 def read_command(stream: BinaryIO) -> tuple[list[bytes], bytes] | None:
@@ -43,42 +45,28 @@ def read_command(stream: BinaryIO) -> tuple[list[bytes], bytes] | None:
     return words, b"".join(raw)
 
 
-class InterleavingProxy:
-    """The test's handle: ``armed`` to start holding, ``late_held`` once the late SET waits."""
+_SPAWN = multiprocessing.get_context("spawn")
 
-    def __init__(self, redis_port: int, late_index: int, new_index: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
+
+class _ProxyProcess:
+    """A proxy process on a free loopback port: ``serve(port, *args, ready)`` sets ``ready`` once
+    it listens."""
+
+    def __init__(self, name: str, serve: Callable[..., None], *args: Any) -> None:
+        self.name = name
         self.port = free_ports(1)[0]
-        self.armed = ctx.Event()
-        self.late_held = ctx.Event()
-        self._ready = ctx.Event()
-        self._sent = ctx.Array("i", len(NAMES))  # per name: its place in the order forwarded (1..)
-        args = (
-            self.port,
-            redis_port,
-            late_index,
-            new_index,
-            self.armed,
-            self.late_held,
-            self._ready,
-            self._sent,
-        )
-        self._process = ctx.Process(target=serve, args=args, daemon=True)
+        self._ready = _SPAWN.Event()
+        target_args = (self.port, *args, self._ready)
+        self._process = _SPAWN.Process(target=serve, args=target_args, daemon=True)
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    @property
-    def order(self) -> list[str]:
-        """The held writes in the order they were forwarded."""
-        places = {place: name for name, place in zip(NAMES, self._sent[:], strict=True) if place}
-        return [places[p] for p in sorted(places)]
-
     def start(self) -> None:
         self._process.start()
         if not self._ready.wait(30):
-            raise RuntimeError("the interleaving proxy did not start")
+            raise RuntimeError(f"the {self.name} proxy did not start")
 
     def stop(self) -> None:
         if self._process.is_alive():
@@ -86,35 +74,69 @@ class InterleavingProxy:
         self._process.join(10)
 
 
+def _each_connection(port: int, redis_port: int, ready: Any, handle: Callable[..., None]) -> None:
+    """Listens on port; each client connection gets its own to Redis, and handle(client, redis)."""
+    listener = socket.create_server(("127.0.0.1", port))
+    ready.set()
+    while True:
+        client, _ = listener.accept()
+        handle(client, socket.create_connection(("127.0.0.1", redis_port)))
+
+
+def _forward_replies(
+    upstream: socket.socket, client: socket.socket, stall: threading.Event | None = None
+) -> None:
+    """Redis's replies to the client as they come (held for ``STALL_S`` first once ``stall`` is
+    set)."""
+    try:
+        while data := upstream.recv(65536):
+            if stall is not None and stall.is_set():
+                time.sleep(STALL_S)  # the server has given up on this connection by now
+                stall.clear()
+            client.sendall(data)
+    except OSError:
+        pass
+
+
+def _in_threads(*work: tuple[Callable[..., None], tuple]) -> None:
+    for target, args in work:
+        threading.Thread(target=target, args=args, daemon=True).start()
+
+
+class InterleavingProxy(_ProxyProcess):
+    """The test's handle: ``armed`` to start holding, ``late_held`` once the late SET waits."""
+
+    def __init__(self, redis_port: int, late_index: int, new_index: int) -> None:
+        self.armed = _SPAWN.Event()
+        self.late_held = _SPAWN.Event()
+        self._sent = _SPAWN.Array(
+            "i", len(NAMES)
+        )  # per name: its place in the order forwarded (1..)
+        shared = (self.armed, self.late_held, self._sent)
+        super().__init__("interleaving", serve, redis_port, late_index, new_index, *shared)
+
+    @property
+    def order(self) -> list[str]:
+        """The held writes in the order they were forwarded."""
+        places = {place: name for name, place in zip(NAMES, self._sent[:], strict=True) if place}
+        return [places[p] for p in sorted(places)]
+
+
 def serve(port: int, redis_port: int, late_index: int, new_index: int, *shared: Any) -> None:
-    _Proxy(port, redis_port, late_index, new_index, *shared).run()
+    *events, ready = shared
+    proxy = _Proxy(late_index, new_index, *events)
+    _each_connection(port, redis_port, ready, proxy.connected)
 
 
 class _Proxy:
-    def __init__(
-        self, port: int, redis_port: int, late_index: int, new_index: int, *shared: Any
-    ) -> None:
-        self.redis_port = redis_port
+    def __init__(self, late_index: int, new_index: int, *shared: Any) -> None:
         self.late = f"{late_index:016x}".encode()  # the record index the late commit writes
         self.new = f"{new_index:016x}".encode()
-        self.armed, self.late_held, self.ready, self.places = shared
+        self.armed, self.late_held, self.places = shared
         self.sent = {name: threading.Event() for name in NAMES}
-        self.listener = socket.create_server(("127.0.0.1", port))
 
-    def run(self) -> None:
-        self.ready.set()
-        while True:
-            client, _ = self.listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.redis_port))
-            threading.Thread(target=self._replies, args=(upstream, client), daemon=True).start()
-            threading.Thread(target=self._commands, args=(client, upstream), daemon=True).start()
-
-    def _replies(self, upstream: socket.socket, client: socket.socket) -> None:
-        try:
-            while data := upstream.recv(65536):
-                client.sendall(data)
-        except OSError:
-            pass
+    def connected(self, client: socket.socket, upstream: socket.socket) -> None:
+        _in_threads((_forward_replies, (upstream, client)), (self._commands, (client, upstream)))
 
     def _commands(self, client: socket.socket, upstream: socket.socket) -> None:
         stream = client.makefile("rb")
@@ -153,55 +175,31 @@ class _Proxy:
         self.sent[name].set()
 
 
-STALL_S = 4.0  # well past the server's 2 s Redis command timeout, even on a busy machine
-
-
-class StallingProxy:
+class StallingProxy(_ProxyProcess):
     """Once ``armed``, the first connection that writes a staged record (a commit) gets no reply
     from Redis for ``STALL_S``, though Redis has run its commands. ``commits_after_stall`` counts
     the commits seen on other connections since (a resend of the stalled one, say)."""
 
     def __init__(self, redis_port: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.port = free_ports(1)[0]
-        self.armed = ctx.Event()
-        self._after = ctx.Value("i", -1)  # -1 until the stall; then commits seen since
-        self._ready = ctx.Event()
-        args = (self.port, redis_port, self.armed, self._after, self._ready)
-        self._process = ctx.Process(target=serve_stalling, args=args, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        self.armed = _SPAWN.Event()
+        self._after = _SPAWN.Value("i", -1)  # -1 until the stall; then commits seen since
+        super().__init__("stalling", serve_stalling, redis_port, self.armed, self._after)
 
     @property
     def commits_after_stall(self) -> int:
         """-1 while nothing was stalled."""
         return self._after.value
 
-    def start(self) -> None:
-        self._process.start()
-        if not self._ready.wait(30):
-            raise RuntimeError("the stalling proxy did not start")
-
-    def stop(self) -> None:
-        if self._process.is_alive():
-            self._process.kill()
-        self._process.join(10)
-
 
 def serve_stalling(port: int, redis_port: int, armed: Any, after: Any, ready: Any) -> None:
-    listener = socket.create_server(("127.0.0.1", port))
-    ready.set()
-    while True:
-        client, _ = listener.accept()
-        upstream = socket.create_connection(("127.0.0.1", redis_port))
+    def connected(client: socket.socket, upstream: socket.socket) -> None:
         stall = threading.Event()  # this connection's: set when its commit is the one held up
-        threading.Thread(
-            target=_stalled_replies, args=(upstream, client, stall), daemon=True
-        ).start()
-        args = (client, upstream, armed, after, stall)
-        threading.Thread(target=_watched_commands, args=args, daemon=True).start()
+        _in_threads(
+            (_forward_replies, (upstream, client, stall)),
+            (_watched_commands, (client, upstream, armed, after, stall)),
+        )
+
+    _each_connection(port, redis_port, ready, connected)
 
 
 def _watched_commands(client: socket.socket, upstream: socket.socket, *events: Any) -> None:
@@ -219,18 +217,5 @@ def _watched_commands(client: socket.socket, upstream: socket.socket, *events: A
                 with after.get_lock():  # connections have a thread each
                     after.value += 1
             upstream.sendall(raw)
-    except OSError:
-        pass
-
-
-def _stalled_replies(
-    upstream: socket.socket, client: socket.socket, stall: threading.Event
-) -> None:
-    try:
-        while data := upstream.recv(65536):
-            if stall.is_set():
-                time.sleep(STALL_S)  # the server has given up on this connection by now
-                stall.clear()
-            client.sendall(data)
     except OSError:
         pass
